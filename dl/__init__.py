@@ -1,0 +1,1 @@
+"""PyTorch models and the training loop. Nothing here imports Spark, Horovod or MLflow."""

@@ -1,0 +1,3 @@
+from dl.models.cnn import CNN, CNNConfig
+
+__all__ = ["CNN", "CNNConfig"]

@@ -1,0 +1,71 @@
+"""`dlpipe <step> --conf FILE [--set key=value ...] [--summary out.json]`; jobs/*.py call the same
+code under spark-submit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dlpipe.config import ConfigError, load_config
+
+STEPS = ("land-demo-data", "prepare", "train", "evaluate", "score", "demo")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dlpipe", description=__doc__)
+    parser.add_argument("step", choices=STEPS)
+    parser.add_argument("--conf", help="experiment YAML with overrides of conf/base.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train.lr=0.01 (repeatable)")
+    parser.add_argument("--summary", help="write what the step produced as JSON to this path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.conf, args.overrides)  # before Spark starts
+    except ConfigError as exc:
+        print(f"dlpipe: config error: {exc}", file=sys.stderr)
+        return 2
+
+    from dlpipe import steps
+
+    if args.step == "land-demo-data":
+        summary = steps.land_demo_data(cfg)
+    else:
+        from dlpipe.spark import get_session
+
+        spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
+        run = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate,
+               "score": steps.score, "demo": steps.demo}[args.step]
+        summary = run(spark, cfg)
+    if args.step == "demo":
+        print(render_demo(summary), flush=True)
+    else:
+        print(json.dumps(summary, indent=2, default=str), flush=True)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return 0
+
+
+def render_demo(summary: dict) -> str:
+    s = summary["steps"]
+    lines = [f"dlpipe demo on {summary['dataset']}", "tables:"]
+    for name, table in s["prepare"]["tables"].items():
+        lines.append(f"  {table['uri']}  version {table['version']}  ({table['rows']} rows)")
+    pred = s["score"]["predictions"]
+    lines += [
+        f"  {pred['uri']}  version {pred['version']}  ({pred['rows_for_model_version']} rows from this model version)",
+        f"training run: {s['train']['run_id']}  ({s['train']['backend']}, {s['train']['world_size']} workers)",
+        f"test accuracy: {s['evaluate']['metrics']['test_accuracy']:.4f} on {s['evaluate']['metrics']['test_rows']} images",
+        f"registered: models:/{s['evaluate']['model_name']}/{s['evaluate']['model_version']} (alias champion)",
+        f"look at it: {summary['mlflow_ui']}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

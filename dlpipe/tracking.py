@@ -1,0 +1,111 @@
+"""MLflow: experiment set-up, the logged model format, registration and plots."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+from dlpipe.config import MlflowConfig
+
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_SCHEMA = Schema([ColSpec(Array(DataType.float), "pixels")])
+OUTPUT_SCHEMA = Schema(
+    [
+        ColSpec(DataType.long, "prediction"),
+        ColSpec(DataType.string, "label_name"),
+        ColSpec(Array(DataType.float), "probabilities"),
+    ]
+)
+
+
+def setup(cfg: MlflowConfig) -> str:
+    """Point MLflow at the configured store; returns the experiment id."""
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    client = MlflowClient()
+    try:
+        experiment = client.get_experiment_by_name(cfg.experiment)
+    except Exception as exc:
+        raise RuntimeError(f"MLflow tracking store {cfg.tracking_uri} is unreachable: {exc}") from None
+    if experiment is None:
+        location = cfg.artifact_root if "://" in cfg.artifact_root else Path(cfg.artifact_root).as_uri()
+        experiment_id = client.create_experiment(cfg.experiment, artifact_location=f"{location}/{cfg.experiment}")
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def log_classifier(model: torch.nn.Module, input_shape: tuple[int, ...], classes: list[str], example: np.ndarray, config: dict):
+    """Log the trained net as a pyfunc model (exported program + this model's code) with a
+    signature and an input example; also keeps the state dict and the resolved config."""
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1 << 24)
+    program = torch.export.export(model, (torch.zeros(2, *input_shape),), dynamic_shapes={"x": {0: batch}})
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {
+            "program": Path(tmp, "model.pt2"),
+            "meta": Path(tmp, "meta.json"),
+            "state_dict": Path(tmp, "state_dict.pt"),
+            "config": Path(tmp, "config.json"),
+        }
+        torch.export.save(program, paths["program"])
+        paths["meta"].write_text(json.dumps({"input_shape": list(input_shape), "classes": classes}))
+        torch.save(model.state_dict(), paths["state_dict"])
+        paths["config"].write_text(json.dumps(config, indent=2))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PYFUNC_CODE),
+            artifacts={k: str(v) for k, v in paths.items()},
+            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
+            input_example={"pixels": [row.tolist() for row in example.reshape(len(example), -1)]},
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
+        )
+
+
+def curves_figure(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
+    ax_acc.plot(epochs, [h["accuracy"] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 7))
+    shown = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    fig.colorbar(shown, ax=ax)
+    fig.tight_layout()
+    return fig

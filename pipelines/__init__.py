@@ -1,0 +1,1 @@
+"""Spark pipelines: DataFrame in, DataFrame out. Jobs in dlpipe.steps do the I/O."""

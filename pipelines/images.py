@@ -1,0 +1,98 @@
+"""Images in class folders -> decoded, normalized rows with a stable train/val/test split."""
+
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+DECODED_SCHEMA = (
+    "key string, source string, label int, label_name string, pixels array<float>, "
+    "height int, width int, channels int, error string"
+)
+SPLIT_BUCKETS = 10_000
+
+
+def read_image_files(spark: SparkSession, landing_uri: str) -> DataFrame:
+    """Every file under the landing URI as (path, content); hidden and _-prefixed files are
+    skipped, as Spark does. Spark's file scan silently drops zero-byte files, so they are
+    listed here (with pyarrow's filesystems) and come back with empty content, to be rejected."""
+    files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(landing_uri)
+    empty = [(path, b"") for path in _zero_byte_files(landing_uri)]
+    files = files.select("path", "content")
+    if empty:
+        files = files.unionByName(spark.createDataFrame(empty, "path string, content binary"))
+    return files
+
+
+def _zero_byte_files(landing_uri: str) -> list[str]:
+    from pyarrow import fs
+
+    filesystem, root = fs.FileSystem.from_uri(landing_uri if "://" in landing_uri else f"file://{landing_uri}")
+    found = []
+    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root):].lstrip("/")
+        hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
+        if info.type == fs.FileType.File and info.size == 0 and not hidden:
+            scheme = landing_uri.split("://", 1)[0] if "://" in landing_uri else "file"
+            found.append(f"file:{info.path}" if scheme == "file" else f"{scheme}://{info.path}")
+    return found
+
+
+def decode_images(files: DataFrame, landing_uri: str, classes: list[str], size: int, channels: int) -> DataFrame:
+    """Decode on the executors; rows that cannot be used carry the reason in `error`."""
+    root = landing_uri.rstrip("/")
+    label_of = {name: i for i, name in enumerate(classes)}
+    mode = {1: "L", 3: "RGB"}[channels]
+
+    def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        from PIL import Image
+
+        for batch in batches:
+            rows = []
+            for path, content in zip(batch["path"], batch["content"]):
+                key = _relative_key(path, root)
+                folder = key.split("/")[0] if "/" in key else ""
+                row = {"key": key, "source": path, "label": None, "label_name": folder or None, "pixels": None,
+                       "height": size, "width": size, "channels": channels, "error": None}
+                if folder not in label_of:
+                    row["error"] = f"unknown class folder {folder!r} (expected one of {classes})"
+                elif not content:
+                    row["error"] = "empty file"
+                else:
+                    try:
+                        with Image.open(io.BytesIO(content)) as image:
+                            image = image.convert(mode).resize((size, size))
+                            array = np.asarray(image, dtype=np.float32) / 255.0
+                        # channels-first, flattened: (C, H, W) -> C*H*W floats in [0, 1]
+                        row["pixels"] = array.reshape(size, size, channels).transpose(2, 0, 1).ravel()
+                        row["label"] = label_of[folder]
+                    except Exception as exc:  # undecodable input is data, not a crash
+                        row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
+                rows.append(row)
+            yield pd.DataFrame(rows, columns=[c.split()[0] for c in DECODED_SCHEMA.split(", ")])
+
+    return files.select("path", "content").mapInPandas(decode, DECODED_SCHEMA)
+
+
+def _relative_key(path: str, root: str) -> str:
+    """The file path relative to the landing root: stable when the landing zone moves."""
+    for prefix in (root, "file:" + root, "file://" + root):
+        if path.startswith(prefix + "/"):
+            return path[len(prefix) + 1 :]
+    marker = root.split("://", 1)[-1]
+    _, found, rest = path.partition(marker + "/")
+    return rest if found else path
+
+
+def assign_split(df: DataFrame, fractions: dict[str, float]) -> DataFrame:
+    """train/val/test from a hash of the key only: re-runs and new files never move a row."""
+    bucket = F.pmod(F.xxhash64("key"), F.lit(SPLIT_BUCKETS))
+    train_end = round(fractions["train"] * SPLIT_BUCKETS)
+    val_end = train_end + round(fractions["val"] * SPLIT_BUCKETS)
+    split = F.when(bucket < train_end, "train").when(bucket < val_end, "val").otherwise("test")
+    return df.withColumn("split", split)

@@ -1,0 +1,47 @@
+import os
+
+import pytest
+
+os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One local Spark per test run (start-up costs ~15 s on 2 cores)."""
+    from dlpipe.spark import get_session
+
+    session = get_session(
+        "local[2]",
+        "dlpipe-tests",
+        {
+            "spark.sql.shuffle.partitions": "4",
+            "spark.ui.enabled": "false",
+            "spark.driver.memory": "2g",
+            "spark.sql.execution.arrow.pyspark.enabled": "true",
+        },
+    )
+    yield session
+    session.stop()
+
+
+def make_config(root, *overrides, conf=None):
+    """A config whose every output lives under `root` (a tmp dir)."""
+    from dlpipe.config import load_config
+
+    return load_config(conf, [
+        f"paths.landing={root}/landing/fashion_mnist",
+        f"paths.lake={root}/lake",
+        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+        f"mlflow.artifact_root={root}/mlartifacts",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def small_landing(tmp_path_factory):
+    """A small real slice of the demo data, landed as PNG files: (config, land summary)."""
+    from dlpipe import steps
+
+    root = tmp_path_factory.mktemp("small")
+    cfg, _ = steps.demo_config(make_config(root, "data.land_limit_per_class=30"))
+    return cfg, steps.land_demo_data(cfg)
