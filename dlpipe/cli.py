@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
         run = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate,
                "score": steps.score, "demo": steps.demo}[args.step]
-        summary = run(spark, cfg)
+        summary = run(spark, cfg) | {"spark_master": spark.sparkContext.master,
+                                     "spark_app_id": spark.sparkContext.applicationId}
     if args.step == "demo":
         print(render_demo(summary), flush=True)
     else:

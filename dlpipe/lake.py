@@ -1,0 +1,194 @@
+"""Delta table I/O: native Delta on Spark when its JVM classes are there, else Spark + delta-rs.
+
+Without delta-spark, Spark tasks write the parquet files (one per partition, unique names) and
+the driver commits them to the Delta log with delta-rs in ONE transaction. Files of failed or
+retried tasks are never committed: harmless orphans that VACUUM removes.
+Tables are URIs (a local path, which is made absolute, or file://...). Our metadata goes into
+commitInfo.userMetadata as JSON with both engines, so Spark's DESCRIBE HISTORY shows it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import uuid
+import weakref
+from typing import TYPE_CHECKING, Any, Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import DeltaTable, Schema
+from deltalake.exceptions import DeltaError
+from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+from py4j.java_gateway import JavaClass
+from pyspark.sql.types import StructType
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
+
+MODES = ("overwrite", "append")
+_COMMIT_ID = "dlpipe.commit_id"  # lets write_table find the exact version of its own commit
+_FILE_ROWS = "path string, size long, modification_time long, stats string"
+_native_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def native_delta_available(spark: SparkSession) -> bool:
+    """io.delta.tables.DeltaTable loadable on the driver JVM and the Delta SQL extension on."""
+    if spark not in _native_cache:
+        jvm = getattr(spark, "_jvm", None)  # Spark Connect sessions have no JVM handle
+        has_class = jvm is not None and isinstance(jvm.io.delta.tables.DeltaTable, JavaClass)
+        extensions = spark.conf.get("spark.sql.extensions", "") or ""
+        _native_cache[spark] = has_class and "io.delta.sql.DeltaSparkSessionExtension" in extensions
+    return _native_cache[spark]
+
+
+def write_table(
+    df: DataFrame, uri: str, *, mode: str = "overwrite", metadata: dict[str, str] | None = None
+) -> int:
+    """Write df as one atomic commit; return the version of that commit."""
+    uri = _norm(uri)
+    if mode not in MODES:
+        raise ValueError(f"Invalid mode for Delta table {uri}: expected one of {MODES}, got {mode!r}")
+    commit_id = str(uuid.uuid4())
+    user_metadata = json.dumps({**(metadata or {}), _COMMIT_ID: commit_id})
+    before = latest_version(uri)
+    if native_delta_available(df.sparkSession):
+        writer = df.write.format("delta").mode(mode).option("userMetadata", user_metadata)
+        if mode == "overwrite":
+            writer = writer.option("overwriteSchema", "true")
+        writer.save(uri)
+    else:
+        _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None)
+    return _find_commit(uri, commit_id, -1 if before is None else before)
+
+
+def read_table(spark: SparkSession, uri: str, version: int | None = None) -> DataFrame:
+    """The table at `version` (default: the latest, pinned now) as a DataFrame."""
+    uri = _norm(uri)
+    table = _open(uri, version)
+    if native_delta_available(spark):
+        return spark.read.format("delta").option("versionAsOf", table.version()).load(uri)
+    schema = _spark_schema(table)
+    files = table.file_uris()
+    if not files:
+        return spark.createDataFrame([], schema)
+    return spark.read.schema(schema).parquet(*files)
+
+
+def latest_version(uri: str) -> int | None:
+    uri = _norm(uri)
+    if not DeltaTable.is_deltatable(uri):
+        return None
+    return DeltaTable(uri).version()
+
+
+def table_files(uri: str, version: int) -> list[str]:
+    """Absolute locations of the parquet files of one snapshot (plain paths for local tables)."""
+    return _open(_norm(uri), version).file_uris()
+
+
+def history(uri: str) -> list[dict[str, Any]]:
+    """Commits, newest first: version, timestamp (ms since epoch), operation, metadata."""
+    uri = _norm(uri)
+    return [
+        {
+            "version": c["version"],
+            "timestamp": c["timestamp"],
+            "operation": c.get("operation"),
+            "metadata": {k: v for k, v in _user_metadata(c).items() if k != _COMMIT_ID},
+        }
+        for c in _open(uri, None).history()
+    ]
+
+
+def _write_with_delta_rs(
+    df: DataFrame, uri: str, mode: str, user_metadata: str, *, table_exists: bool
+) -> None:
+    schema = Schema.from_json(df.schema.json())  # Delta's schema JSON is Spark's
+    if table_exists and mode == "append":
+        current = _spark_schema(DeltaTable(uri))
+        if current.simpleString() != df.schema.simpleString():  # names and types, not nullability
+            raise ValueError(
+                f"Cannot append to Delta table {uri}: expected schema {current.simpleString()}, "
+                f"received {df.schema.simpleString()}"
+            )
+    rows = df.mapInArrow(functools.partial(_write_files, uri), _FILE_ROWS).collect()
+    actions = [AddAction(r.path, r.size, {}, r.modification_time, True, r.stats) for r in rows]
+    props = CommitProperties(custom_metadata={"userMetadata": user_metadata})
+    if table_exists:
+        DeltaTable(uri).create_write_transaction(actions, mode, schema, commit_properties=props)
+    else:
+        create_table_with_add_actions(uri, schema, actions, mode="error", commit_properties=props)
+
+
+def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """Runs in a Spark task: write its rows to one new parquet file, yield one row about it."""
+    from pyspark import TaskContext
+
+    fs, base = pafs.FileSystem.from_uri(root)
+    name = f"part-{TaskContext.get().partitionId():05d}-{uuid.uuid4()}-c000.snappy.parquet"
+    writer, num_records = None, 0
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if writer is None:
+                fs.create_dir(base, recursive=True)
+                writer = pq.ParquetWriter(f"{base}/{name}", batch.schema, filesystem=fs)
+            writer.write_batch(batch)
+            num_records += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # empty partition: no file
+        return
+    info = fs.get_file_info(f"{base}/{name}")
+    stats = json.dumps({"numRecords": num_records})
+    yield pa.RecordBatch.from_pylist(
+        [{"path": name, "size": info.size, "modification_time": info.mtime_ns // 10**6, "stats": stats}]
+    )
+
+
+def _find_commit(uri: str, commit_id: str, before: int) -> int:
+    """Our commit is one of the versions after `before`; other writers may have committed too."""
+    table = DeltaTable(uri)
+    for commit in table.history(table.version() - before):
+        if _user_metadata(commit).get(_COMMIT_ID) == commit_id:
+            return commit["version"]
+    raise RuntimeError(f"Commit {commit_id} not found in the log of Delta table {uri}")
+
+
+def _open(uri: str, version: int | None) -> DeltaTable:
+    if not DeltaTable.is_deltatable(uri):
+        raise FileNotFoundError(f"no Delta table at {uri}")
+    table = DeltaTable(uri)
+    latest = table.version()
+    if version is None or version == latest:
+        return table
+    if not 0 <= version < latest:
+        raise ValueError(f"Delta table {uri} has no version {version}; the latest is {latest}")
+    try:
+        table.load_as_version(version)
+    except DeltaError as e:  # e.g. the log of old versions was cleaned up
+        raise ValueError(f"Cannot load version {version} of Delta table {uri} (latest {latest}): {e}") from e
+    return table
+
+
+def _spark_schema(table: DeltaTable) -> StructType:
+    return StructType.fromJson(json.loads(table.schema().to_json()))
+
+
+def _user_metadata(commit: dict[str, Any]) -> dict[str, Any]:
+    raw = commit.get("userMetadata")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except ValueError:
+        meta = None
+    return meta if isinstance(meta, dict) else {"userMetadata": raw}
+
+
+def _norm(uri: str) -> str:
+    uri = os.fspath(uri)
+    return uri if "://" in uri else os.path.abspath(uri)

@@ -1,0 +1,74 @@
+import sys
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dl.models import CNNConfig
+from dl.train import FitConfig
+from dlpipe.launch import TrainTask, launch
+from tests.test_train import _blobs
+
+
+def _task(tmp_path, files_per_split=3, rows=600):
+    """Blob images as parquet files shaped like a prepared image table, and a real MLflow run."""
+    files = {}
+    for split, seed in (("train", 1), ("val", 2)):
+        x, y = _blobs(rows if split == "train" else rows // 4, seed)
+        files[split] = []
+        for f, idx in enumerate(np.array_split(np.arange(len(y)), files_per_split)):
+            table = pa.table({"label": pa.array(y[idx], pa.int32()),
+                              "pixels": pa.array(list(x[idx].reshape(len(idx), -1)), pa.list_(pa.float32()))})
+            path = tmp_path / f"{split}-{f}.parquet"
+            pq.write_table(table, path)
+            files[split].append(f"file://{path}")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.create_run(client.create_experiment("launch", artifact_location=(tmp_path / "art").as_uri()))
+    return TrainTask(
+        model=CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
+        fit=FitConfig(epochs=3, batch_size=16, lr=0.01, seed=3), train_files=files["train"], val_files=files["val"],
+        max_rows=0, tracking_uri=uri, run_id=run.info.run_id, threads=1,
+    ), client
+
+
+def test_local_backend_trains_and_logs_every_epoch(tmp_path):
+    task, client = _task(tmp_path)
+    result = launch(None, task, "local", 1)
+    assert result["world_size"] == 1 and result["train_rows"] == 600
+    assert result["history"][-1]["val_accuracy"] > 0.9
+    assert [m.step for m in client.get_metric_history(task.run_id, "val_accuracy")] == [1, 2, 3]
+
+
+def test_missing_horovod_says_so_and_runs_one_process(tmp_path, monkeypatch, capsys):
+    task, _ = _task(tmp_path)
+    monkeypatch.setitem(sys.modules, "horovod", None)  # `import horovod...` raises ImportError
+    monkeypatch.setitem(sys.modules, "horovod.spark", None)
+    result = launch(None, task, "horovod", 2)
+    assert result["world_size"] == 1
+    err = capsys.readouterr().err
+    assert "Horovod is not importable" in err and "ONE local process" in err
+
+
+@pytest.mark.slow
+def test_two_horovod_workers_on_spark(spark, tmp_path, capfd):
+    pytest.importorskip("horovod.torch", reason="Horovod is installed by `make test`; this test needs it")
+    task, client = _task(tmp_path, files_per_split=3, rows=601)  # uneven shards: 3 files over 2 workers
+    result = launch(spark, task, "horovod", 2)
+    assert result["world_size"] == 2
+    assert result["train_rows"] == 601  # every row of the snapshot, read by exactly one worker
+    history = result["history"]
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["val_accuracy"] > 0.9
+    # metrics are logged once per epoch, by the main rank only
+    assert [m.step for m in client.get_metric_history(task.run_id, "loss")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_too_many_workers_is_a_clear_error(spark, tmp_path):
+    pytest.importorskip("horovod.torch")
+    task, _ = _task(tmp_path)
+    with pytest.raises(RuntimeError, match="needs 8 concurrent Spark task slots; this Spark application has 2"):
+        launch(spark, task, "horovod", 8)
