@@ -39,6 +39,16 @@ fi
 "$PY" -c "import torch" >/dev/null 2>&1 \
     || die "torch is not importable in $VENV; install torch first (Horovod is built against it)"
 
+# Horovod is installed with --no-deps: its runtime deps must already be in the venv.
+missing_py="$("$PY" - <<'EOF'
+import importlib.util
+mods = {"cloudpickle": "cloudpickle", "psutil": "psutil", "yaml": "pyyaml", "packaging": "packaging"}
+print(" ".join(pkg for mod, pkg in mods.items() if importlib.util.find_spec(mod) is None))
+EOF
+)"
+[ -z "$missing_py" ] \
+    || die "Horovod's runtime dependencies are missing from $VENV: $missing_py (pip install them first)"
+
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
@@ -85,15 +95,20 @@ if ! pip_install; then
     die "pip failed to build/install horovod==$HOROVOD_VERSION (see the compiler output above)"
 fi
 
-if ! "$PY" -c "import horovod.torch" >/dev/null 2>&1; then
-    log "installed Horovod does not import (stale cached wheel built against another torch?);" \
+if ! err="$("$PY" -c "import horovod.torch" 2>&1)"; then
+    # A wheel from pip's cache that was built against another torch fails to load its
+    # extension (mpi_lib_v2 ... undefined symbol); rebuild it. Anything else is fatal.
+    if ! grep -qE "mpi_lib|undefined symbol" <<<"$err"; then
+        echo "$err" >&2
+        die "horovod==$HOROVOD_VERSION installed but 'import horovod.torch' fails (error above)"
+    fi
+    log "installed Horovod's extension does not load (cached wheel built against another torch?);" \
         "dropping it from pip's cache and rebuilding"
     "$PY" -m pip cache remove horovod >/dev/null 2>&1 || true
     pip_install --force-reinstall \
         || die "pip failed to rebuild horovod==$HOROVOD_VERSION (see the compiler output above)"
-    if ! "$PY" -c "import horovod.torch"; then
-        die "horovod==$HOROVOD_VERSION installed but 'import horovod.torch' fails (error above)"
-    fi
+    "$PY" -c "import horovod.torch" \
+        || die "horovod==$HOROVOD_VERSION rebuilt but 'import horovod.torch' still fails (error above)"
 fi
 
 "$PY" -c "import horovod.torch as hvd; assert hvd.gloo_built(), 'Horovod built without Gloo'" \

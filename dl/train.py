@@ -80,7 +80,7 @@ def fit(
         for step in range(steps):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb, yb = x_train[idx], y_train[idx]
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             logits = model(xb)
             loss = loss_fn(logits, yb)
             loss.backward()

@@ -97,9 +97,9 @@ def train_worker(task: TrainTask, use_horovod: bool):
     model = CNN(task.model)
     on_epoch = _mlflow_logger(task) if dist.rank == 0 else None
     history = fit(model, train, val, task.fit, dist, on_epoch=on_epoch, log=lambda line: print(line, flush=True))
+    rows = dist.sum([len(train[0])])[0]  # a collective: every rank takes part
     if dist.rank != 0:
         return None
-    rows = dist.sum([len(train[0])])[0]
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
             "train_rows": int(rows), "world_size": dist.size}
 

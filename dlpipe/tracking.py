@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -16,7 +17,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from dlpipe.config import MlflowConfig
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-INPUT_SCHEMA = Schema([ColSpec(Array(DataType.float), "pixels")])
+INPUT_SCHEMA = Schema([ColSpec(Array(DataType.double), "pixels")])  # plain Python floats; cast to float32 inside
 OUTPUT_SCHEMA = Schema(
     [
         ColSpec(DataType.long, "prediction"),
@@ -65,7 +66,7 @@ def log_classifier(model: torch.nn.Module, input_shape: tuple[int, ...], classes
             python_model=str(PYFUNC_CODE),
             artifacts={k: str(v) for k, v in paths.items()},
             signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
-            input_example={"pixels": [row.tolist() for row in example.reshape(len(example), -1)]},
+            input_example=pd.DataFrame({"pixels": [row.tolist() for row in example.reshape(len(example), -1)]}),
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
         )
 
