@@ -46,6 +46,7 @@ class FitConfig:
     lr: float
     weight_decay: float = 0.0
     seed: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over all steps)
 
 
 def fit(
@@ -69,6 +70,9 @@ def fit(
     steps = dist.min(len(x_train) // cfg.batch_size)
     if steps == 0:
         raise ValueError(f"a worker's shard holds {len(x_train)} rows, fewer than one batch of {cfg.batch_size}")
+    schedule = None
+    if cfg.lr_schedule == "cosine":
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
     history: list[dict] = []
     started = time.perf_counter()
@@ -85,6 +89,8 @@ def fit(
             loss = loss_fn(logits, yb)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
         seen = steps * cfg.batch_size
@@ -97,6 +103,7 @@ def fit(
             "accuracy": totals[1] / totals[2],
             "val_loss": totals[3] / max(totals[5], 1),
             "val_accuracy": totals[4] / max(totals[5], 1),
+            "lr": optimizer.param_groups[0]["lr"],
             "samples_per_sec": totals[2] / seconds,
             "epoch_seconds": seconds,
         }

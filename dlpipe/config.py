@@ -58,6 +58,7 @@ class TrainConfig:
     epochs: int
     batch_size: int  # per worker
     lr: float
+    lr_schedule: Literal["constant", "cosine"]
     weight_decay: float
     seed: int
     max_rows: int  # 0 = every row of the pinned train table (tests use small slices)

@@ -108,7 +108,7 @@ def train(spark: SparkSession, cfg: Config) -> dict:
         hidden=cfg.model.hidden, dropout=cfg.model.dropout,
     )
     fit_cfg = FitConfig(epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                        weight_decay=cfg.train.weight_decay, seed=cfg.train.seed)
+                        weight_decay=cfg.train.weight_decay, seed=cfg.train.seed, lr_schedule=cfg.train.lr_schedule)
     with mlflow.start_run(run_name=f"{cfg.registry.model_name}-train") as run:
         mlflow.set_tags({"dlpipe.step": "train", "dlpipe.model_name": cfg.registry.model_name})
         mlflow.log_dict(cfg.to_dict(), "config.json")

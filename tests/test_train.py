@@ -58,3 +58,12 @@ def test_shards_are_disjoint_and_complete(tmp_path, row_group_size):
     assert sorted(labels.tolist()) == list(range(100))
     for x, y in shards:
         assert x.flags["C_CONTIGUOUS"] and np.array_equal(x[:, 0, 0, 0], y.astype(np.float32))
+
+
+def test_cosine_schedule_anneals_to_zero():
+    model = CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16))
+    seen = []
+    history = fit(model, _blobs(64, 1), _blobs(32, 2), FitConfig(epochs=2, batch_size=32, lr=0.01, lr_schedule="cosine"),
+                  on_epoch=lambda m: seen.append(m), log=lambda line: None)
+    assert len(history) == 2 and len(seen) == 2
+    assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9) and history[0]["lr"] == pytest.approx(0.005)
