@@ -1,8 +1,17 @@
-"""One training loop for 1 or N processes. The launcher passes a `Dist` (in-process or Horovod);
-nothing here knows which one it got."""
+"""One training loop for 1 or N processes. The launcher passes a `Dist` (in-process, Horovod or
+torch.distributed); nothing here knows which one it got.
+
+Sync modes: "allreduce" averages gradients across workers every step (synchronous SGD);
+"average" lets each worker take `average_every` local optimizer steps on its shard, then averages
+parameters, buffers and optimizer state (parameter averaging, as Deeplearning4j's Spark trainer
+did). Randomness (shuffle order, dropout) is derived from (seed, epoch, rank), so a run resumed
+from a checkpoint replays exactly what the uninterrupted run would have done.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -22,8 +31,11 @@ class Dist(Protocol):
     def min(self, value: int) -> int:
         """Minimum over all workers."""
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Make all workers start equal and return the optimizer to step with."""
+    def average_(self, tensor: torch.Tensor) -> None:
+        """In place: the mean of `tensor` over all workers."""
+
+    def broadcast_(self, tensor: torch.Tensor, root: int = 0) -> None:
+        """In place: `tensor` takes the value it has on `root`."""
 
 
 class SingleProcess:
@@ -35,18 +47,30 @@ class SingleProcess:
     def min(self, value):
         return value
 
-    def prepare(self, model, optimizer):
-        return optimizer
+    def average_(self, tensor):
+        pass
+
+    def broadcast_(self, tensor, root=0):
+        pass
 
 
 @dataclass(frozen=True, kw_only=True)
 class FitConfig:
     epochs: int
-    batch_size: int
+    batch_size: int  # per worker
     lr: float
+    optimizer: str = "adam"  # adam | sgd
+    momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
-    seed: int = 0
     lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over all steps)
+    lr_scaling: str = "none"  # none | linear: lr * world size, reached after warmup_epochs
+    warmup_epochs: int = 0
+    sync: str = "allreduce"  # allreduce | average
+    average_every: int = 1  # local steps between parameter averages (sync: average)
+    shuffle: bool = True
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a gradient scaler)
+    checkpoint_every: int = 0  # epochs; 0 = never
+    seed: int = 0
 
 
 def fit(
@@ -55,46 +79,67 @@ def fit(
     val: tuple[np.ndarray, np.ndarray],
     cfg: FitConfig,
     dist: Dist = SingleProcess(),
+    *,
+    device: torch.device = torch.device("cpu"),
+    resume: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    save_checkpoint: Callable[[dict], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train on this worker's shard; returns per-epoch metrics (the same on every worker).
 
     Every worker takes the same number of steps per epoch (the smallest shard decides), so
-    uneven shards never leave one worker waiting in an allreduce.
+    uneven shards never leave one worker waiting in a collective. `on_epoch` and
+    `save_checkpoint` are called on rank 0 only; `resume` is a state from `save_checkpoint`.
     """
-    torch.manual_seed(cfg.seed)
+    model.to(device)
     x_train, y_train = torch.from_numpy(train[0]), torch.from_numpy(train[1]).long()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    optimizer = dist.prepare(model, optimizer)
+    optimizer = _optimizer(model, cfg)
     steps = dist.min(len(x_train) // cfg.batch_size)
     if steps == 0:
         raise ValueError(f"a worker's shard holds {len(x_train)} rows, fewer than one batch of {cfg.batch_size}")
-    schedule = None
-    if cfg.lr_schedule == "cosine":
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, steps, dist.size))
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    start_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        start_epoch = int(resume["epoch"]) + 1
+    for tensor in model.state_dict().values():  # every worker starts from rank 0's state
+        dist.broadcast_(tensor, 0)
+    history: list[dict] = list(resume.get("history", [])) if resume else []
+    if dist.rank == 0 and resume is not None:
+        log(f"resuming after epoch {start_epoch - 1}/{cfg.epochs}")
     loss_fn = nn.CrossEntropyLoss()
-    history: list[dict] = []
     started = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        order = torch.from_numpy(np.random.default_rng([cfg.seed, epoch, dist.rank]).permutation(len(x_train)))
+        torch.manual_seed(_seed(cfg.seed, epoch, dist.rank))
+        order = np.random.default_rng([cfg.seed, epoch, dist.rank]).permutation(len(x_train)) if cfg.shuffle else np.arange(len(x_train))
+        order = torch.from_numpy(order)
         loss_sum = correct = 0.0
         for step in range(steps):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
+            xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
             optimizer.zero_grad()
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            loss.backward()
-            optimizer.step()
-            if schedule is not None:
-                schedule.step()
+            with _autocast(device, cfg.precision):
+                logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+            _backward_and_step(loss, model, optimizer, scaler, dist, cfg)
+            schedule.step()
+            if cfg.sync == "average" and dist.size > 1 and (step + 1) % cfg.average_every == 0:
+                _average_state(model, optimizer, dist)
             loss_sum += loss.item() * len(yb)
             correct += (logits.argmax(1) == yb).sum().item()
+        if cfg.sync == "average" and dist.size > 1:
+            _average_state(model, optimizer, dist)  # every worker ends the epoch with the same model
         seen = steps * cfg.batch_size
-        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn, device)
         seconds = time.perf_counter() - t0
         totals = dist.sum([loss_sum, correct, seen, val_loss, val_correct, val_n])
         metrics = {
@@ -105,29 +150,115 @@ def fit(
             "val_accuracy": totals[4] / max(totals[5], 1),
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_sec": totals[2] / seconds,
+            "worker_samples_per_sec": seen / train_seconds,  # this rank's training throughput
             "epoch_seconds": seconds,
         }
         history.append(metrics)
         if dist.rank == 0:
-            eta = (time.perf_counter() - started) / epoch * (cfg.epochs - epoch)
+            done = epoch - start_epoch + 1
+            eta = (time.perf_counter() - started) / done * (cfg.epochs - epoch)
             log(
                 f"epoch {epoch}/{cfg.epochs}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
                 f"{metrics['samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s"
             )
+            # checkpoint first: a crash in between loses at most one epoch's metrics, never repeats one
+            if save_checkpoint is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+                save_checkpoint({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch,
+                    "step": epoch * steps, "history": history,
+                })
             if on_epoch is not None:
                 on_epoch(metrics)
     return history
 
 
+def _optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected adam or sgd)")
+
+
+def _lr_factor(cfg: FitConfig, steps_per_epoch: int, world_size: int) -> Callable[[int], float]:
+    """Multiplier of the base lr after `step` steps: linear scaling with warmup, then the schedule."""
+    total = cfg.epochs * steps_per_epoch
+    peak = world_size if cfg.lr_scaling == "linear" else 1.0
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:  # from the single-worker lr up to the scaled lr
+            return 1.0 + (peak - 1.0) * step / warmup
+        if cfg.lr_schedule == "cosine":
+            progress = (step - warmup) / max(total - warmup, 1)
+            return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return peak
+
+    return factor
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _backward_and_step(loss, model, optimizer, scaler, dist: Dist, cfg: FitConfig) -> None:
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if cfg.sync == "allreduce" and dist.size > 1:
+        _average_tensors(grads, dist)
+    if scaler is None:
+        optimizer.step()
+        return
+    # After averaging, grads are identical on every worker, so all workers agree on skipping a
+    # step with inf/nan gradients (each scaler only saw its own, pre-average gradients).
+    if all(torch.isfinite(g).all() for g in grads):
+        scaler.step(optimizer)
+    scaler.update()
+
+
+def _average_tensors(tensors: list[torch.Tensor], dist: Dist) -> None:
+    """One collective for many tensors: flatten, average, copy back."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.average_(flat)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def _average_state(model: nn.Module, optimizer: torch.optim.Optimizer, dist: Dist) -> None:
+    """Parameter averaging: weights, floating buffers (batch-norm statistics) and the optimizer's
+    floating state (momentum, Adam moments) become their mean over workers."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    for state in optimizer.state.values():
+        tensors += [v for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and k != "step"]
+    _average_tensors(tensors, dist)
+
+
+def _seed(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: tuple[np.ndarray, np.ndarray], batch_size: int, loss_fn) -> tuple[float, float, int]:
+def _evaluate(model: nn.Module, data: tuple[np.ndarray, np.ndarray], batch_size: int, loss_fn, device) -> tuple[float, float, int]:
     model.eval()
     x, y = torch.from_numpy(data[0]), torch.from_numpy(data[1]).long()
     loss_sum = correct = 0.0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size])
-        yb = y[start : start + batch_size]
+        logits = model(x[start : start + batch_size].to(device)).float()
+        yb = y[start : start + batch_size].to(device)
         loss_sum += loss_fn(logits, yb).item() * len(yb)
         correct += (logits.argmax(1) == yb).sum().item()
     return loss_sum, correct, len(x)

@@ -49,19 +49,33 @@ class ModelConfig:
     kernel_size: int
     hidden: int
     dropout: float
+    batch_norm: bool
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    backend: Literal["horovod", "local"]
+    backend: Literal["horovod", "torch_distributor", "local"]
     num_workers: int
+    use_gpu: Literal["auto", True, False]
+    precision: Literal["fp32", "bf16", "fp16"]
+    sync: Literal["allreduce", "average"]
+    average_every: int  # local steps between parameter averages (sync: average)
     epochs: int
     batch_size: int  # per worker
+    optimizer: Literal["adam", "sgd"]
+    momentum: float
     lr: float
     lr_schedule: Literal["constant", "cosine"]
+    lr_scaling: Literal["none", "linear"]
+    warmup_epochs: int
     weight_decay: float
+    shuffle: bool
     seed: int
     max_rows: int  # 0 = every row of the pinned train table (tests use small slices)
+    run_name: str  # checkpoints and resume are per run name; "" = registry.model_name
+    checkpoint_uri: str
+    checkpoint_every: int  # epochs; 0 = no checkpoints
+    resume: Literal["auto", "never"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,7 +130,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
-        _merge(raw, _nest(key.strip(), yaml.safe_load(value)))
+        _merge(raw, _nest(_split_key(key.strip()), yaml.safe_load(value)))
     cfg = _build(Config, raw, prefix="")
     return _resolve_paths(cfg)
 
@@ -133,9 +147,24 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def _nest(dotted: str, value: Any) -> dict:
+def _split_key(dotted: str) -> list[str]:
+    """`spark.conf.spark.ui.enabled` -> ["spark", "conf", "spark.ui.enabled"]: below a free-form
+    mapping (such as Spark settings) the rest of the key is one name."""
+    parts, cls = dotted.split("."), Config
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        tp = hints.get(part)
+        if typing.get_origin(tp) is dict:
+            return parts[: i + 1] + ([".".join(parts[i + 1 :])] if i + 1 < len(parts) else [])
+        if tp is None or not dataclasses.is_dataclass(tp):
+            return parts
+        cls = tp
+    return parts
+
+
+def _nest(parts: list[str], value: Any) -> dict:
     out: Any = value
-    for part in reversed(dotted.split(".")):
+    for part in reversed(parts):
         out = {part: out}
     return out
 
@@ -222,6 +251,7 @@ def _validate(cfg: Config) -> None:
     if any(f < 0 for f in fractions.values()) or abs(sum(fractions.values()) - 1.0) > 1e-6:
         raise ConfigError(f"config key 'data.split_fractions': expected non-negative fractions summing to 1, got {fractions}")
     positive = {
+        "train.average_every": cfg.train.average_every,
         "data.image_size": cfg.data.image_size,
         "data.channels": cfg.data.channels,
         "train.num_workers": cfg.train.num_workers,
@@ -234,6 +264,12 @@ def _validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}': expected a positive integer, got {value}")
+    for key, value in {"train.warmup_epochs": cfg.train.warmup_epochs, "train.checkpoint_every": cfg.train.checkpoint_every,
+                       "train.max_rows": cfg.train.max_rows}.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}': expected a non-negative integer, got {value}")
+    if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs:
+        raise ConfigError(f"config key 'train.warmup_epochs': expected fewer than train.epochs={cfg.train.epochs}, got {cfg.train.warmup_epochs}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
     if not 0 <= cfg.model.dropout < 1:
@@ -261,5 +297,7 @@ def _resolve_paths(cfg: Config) -> Config:
     return dataclasses.replace(
         cfg,
         paths=PathsConfig(landing=_absolute_uri(cfg.paths.landing), lake=_absolute_uri(cfg.paths.lake)),
+        train=dataclasses.replace(cfg.train, checkpoint_uri=_absolute_uri(cfg.train.checkpoint_uri),
+                                  run_name=cfg.train.run_name or cfg.registry.model_name),
         mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=tracking, artifact_root=_absolute_uri(cfg.mlflow.artifact_root)),
     )

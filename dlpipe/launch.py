@@ -1,10 +1,12 @@
-"""Launchers for the one training loop in dl.train: in-process, or Horovod on the job's Spark
-executors. Only the launcher differs; the loop, the model and the data path do not."""
+"""Launchers for the one training loop in dl.train: in-process, Horovod on the job's Spark
+executors, or TorchDistributor (DDP-style torch.distributed) on them. Only the launcher differs;
+the loop, the model and the data path do not."""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,13 @@ import torch
 
 from dl.models import CNN, CNNConfig
 from dl.train import FitConfig, SingleProcess, fit
+from dlpipe import checkpoints
+
+BACKENDS = ("horovod", "torch_distributor", "local")
+
+
+class WorkerError(RuntimeError):
+    """A training worker raised; the message names its rank and the exception."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,6 +37,9 @@ class TrainTask:
     tracking_uri: str
     run_id: str
     threads: int
+    use_gpu: str | bool = "auto"
+    checkpoint_dir: str = ""  # where the main rank writes checkpoints ("" = none)
+    resume_from: str = ""  # checkpoint URI to continue from ("" = start fresh)
 
 
 class HorovodDist:
@@ -41,10 +53,50 @@ class HorovodDist:
     def min(self, value):
         return int(self.hvd.allreduce(torch.tensor([value]), op=self.hvd.Min).item())
 
-    def prepare(self, model, optimizer):
-        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-        self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+    def average_(self, tensor):
+        self.hvd.allreduce_(tensor, op=self.hvd.Average)
+
+    def broadcast_(self, tensor, root=0):
+        self.hvd.broadcast_(tensor, root_rank=root)
+
+
+class TorchDist:
+    """torch.distributed: NCCL on GPU workers, Gloo on CPU workers."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.td, self.device = td, device
+        self.rank, self.size = td.get_rank(), td.get_world_size()
+
+    def sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.td.all_reduce(t)
+        return t.tolist()
+
+    def min(self, value):
+        t = torch.tensor([value], device=self.device)
+        self.td.all_reduce(t, op=self.td.ReduceOp.MIN)
+        return int(t.item())
+
+    def average_(self, tensor):
+        self.td.all_reduce(tensor)
+        tensor.div_(self.size)
+
+    def broadcast_(self, tensor, root=0):
+        self.td.broadcast(tensor, root)
+
+
+def pick_device(use_gpu: str | bool, local_rank: int) -> torch.device:
+    """CUDA device `local_rank` (modulo the visible devices) when asked for and present."""
+    available = torch.cuda.is_available()
+    if use_gpu is True and not available:
+        raise RuntimeError("train.use_gpu=true but this worker sees no CUDA device")
+    if use_gpu is False or not available:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def load_shard(files: list[str], shape: tuple[int, int, int], rank: int, size: int, max_rows: int = 0):
@@ -57,18 +109,22 @@ def load_shard(files: list[str], shape: tuple[int, int, int], rank: int, size: i
     if len(pieces) >= size:
         for i, (f, g) in enumerate(pieces):
             if i % size == rank:
-                tables.append(pq.ParquetFile(_local(f)).read_row_group(g, columns=["label", "pixels"]))
+                tables.append((pq.ParquetFile(_local(f)).read_row_group(g, columns=["label", "pixels"]), f"{f} row group {g}"))
     else:
         for f in files:
             table = pq.read_table(_local(f), columns=["label", "pixels"])
-            tables.append(table.take(np.arange(rank, table.num_rows, size)))
-    rows = sum(t.num_rows for t in tables)
+            tables.append((table.take(np.arange(rank, table.num_rows, size)), f))
+    rows = sum(t.num_rows for t, _ in tables)
     x = np.empty((rows, *shape), dtype=np.float32)
     y = np.empty(rows, dtype=np.int64)
     at = 0
-    for t in tables:
+    for t, where in tables:
         n = t.num_rows
-        x[at : at + n] = pc.list_flatten(t.column("pixels")).to_numpy().reshape(n, *shape)
+        values = pc.list_flatten(t.column("pixels")).to_numpy()
+        if values.size != n * int(np.prod(shape)):
+            raise ValueError(f"{where}: pixels hold {values.size} values for {n} rows, expected {int(np.prod(shape))} "
+                             f"per row (channels x height x width = {shape})")
+        x[at : at + n] = values.reshape(n, *shape)
         y[at : at + n] = t.column("label").to_numpy()
         at += n
     if max_rows:
@@ -81,27 +137,54 @@ def _local(uri: str) -> str:
     return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
-def train_worker(task: TrainTask, use_horovod: bool):
-    """Runs on every worker (a Spark task under Horovod). Rank 0 returns the weights."""
-    torch.set_num_threads(task.threads)
-    if use_horovod:
+def _connect(backend: str):
+    """(Dist, local rank) for this worker process."""
+    if backend == "horovod":
         import horovod.torch as hvd
 
         hvd.init()
-        dist = HorovodDist(hvd)
-    else:
-        dist = SingleProcess()
-    shape = (task.model.in_channels, task.model.image_size, task.model.image_size)
-    train = load_shard(task.train_files, shape, dist.rank, dist.size, task.max_rows)
-    val = load_shard(task.val_files, shape, dist.rank, dist.size, task.max_rows)
-    model = CNN(task.model)
-    on_epoch = _mlflow_logger(task) if dist.rank == 0 else None
-    history = fit(model, train, val, task.fit, dist, on_epoch=on_epoch, log=lambda line: print(line, flush=True))
-    rows = dist.sum([len(train[0])])[0]  # a collective: every rank takes part
-    if dist.rank != 0:
-        return None
-    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
-            "train_rows": int(rows), "world_size": dist.size}
+        return HorovodDist(hvd), hvd.local_rank()
+    if backend == "torch_distributor":
+        return None, int(os.environ.get("LOCAL_RANK", "0"))  # the Dist needs the device first
+    return SingleProcess(), 0
+
+
+def train_worker(task: TrainTask, backend: str):
+    """Runs on every worker. Rank 0 returns the weights and history; an exception is returned
+    (not raised) with the rank, so the driver can name the worker that failed."""
+    rank = os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "?"))
+    try:
+        torch.set_num_threads(task.threads)
+        dist, local_rank = _connect(backend)
+        device = pick_device(task.use_gpu, local_rank)
+        dist = dist or TorchDist(device)
+        rank = dist.rank
+        shape = (task.model.in_channels, task.model.image_size, task.model.image_size)
+        train = load_shard(task.train_files, shape, dist.rank, dist.size, task.max_rows)
+        val = load_shard(task.val_files, shape, dist.rank, dist.size, task.max_rows)
+        model = CNN(task.model)
+        main = dist.rank == 0
+        history = fit(
+            model, train, val, task.fit, dist, device=device,
+            resume=checkpoints.load(task.resume_from) if task.resume_from else None,
+            on_epoch=_mlflow_logger(task) if main else None,
+            save_checkpoint=(lambda state: checkpoints.save(task.checkpoint_dir, state)) if main and task.checkpoint_dir else None,
+            log=lambda line: print(line, flush=True),
+        )
+        mine = history[-1]["worker_samples_per_sec"] if history else 0.0
+        per_worker = dist.sum([mine if i == dist.rank else 0.0 for i in range(dist.size)])
+        rows = dist.sum([len(train[0])])[0]  # a collective: every rank takes part
+        if not main:
+            return None
+        return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
+                "train_rows": int(rows), "world_size": dist.size, "device": str(device),
+                "worker_samples_per_sec": per_worker}
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver with the rank
+        print(f"dlpipe: worker rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}", "rank": rank, "traceback": traceback.format_exc()}
+    finally:
+        if backend == "torch_distributor" and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _mlflow_logger(task: TrainTask):
@@ -120,8 +203,23 @@ def _mlflow_logger(task: TrainTask):
     return log
 
 
+def task_slots(spark) -> int:
+    """How many tasks the application can run at once: by cores (spark.task.cpus each) and, when
+    tasks ask for GPUs (spark.task.resource.gpu.amount), by the GPUs of the executors."""
+    sc = spark.sparkContext
+    conf = sc.getConf()
+    slots = sc.defaultParallelism // int(conf.get("spark.task.cpus", "1"))
+    gpus_per_task = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    if gpus_per_task > 0 and not sc.master.startswith("local["):
+        executors = len(sc._jsc.sc().statusTracker().getExecutorInfos()) - 1  # minus the driver
+        gpus_per_executor = float(conf.get("spark.executor.resource.gpu.amount", "0"))
+        if executors > 0:  # none registered yet (dynamic allocation): Spark itself will wait
+            slots = min(slots, executors * int(gpus_per_executor // gpus_per_task))
+    return slots
+
+
 def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
-    """Run train_worker on `num_workers` Horovod workers (Spark tasks), or in this process."""
+    """Run train_worker on `num_workers` workers (one per Spark task), or in this process."""
     if backend == "horovod":
         try:
             import horovod.spark
@@ -130,12 +228,28 @@ def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
             print(f"dlpipe: Horovod is not importable ({exc}); training in ONE local process instead of "
                   f"{num_workers} Horovod workers", file=sys.stderr, flush=True)
             backend = "local"
+    if backend != "local":
+        slots = task_slots(spark)
+        if num_workers > slots:
+            raise RuntimeError(f"train.num_workers={num_workers} needs {num_workers} concurrent Spark task slots; "
+                               f"this Spark application has {slots}")
     if backend == "local":
-        return train_worker(task, use_horovod=False)
-    slots = spark.sparkContext.defaultParallelism
-    if num_workers > slots:
-        raise RuntimeError(f"train.num_workers={num_workers} needs {num_workers} concurrent Spark task slots; "
-                           f"this Spark application has {slots}")
-    results = horovod.spark.run(train_worker, args=(task, True), num_proc=num_workers, use_gloo=True,
-                                 use_mpi=False, verbose=1, env=dict(os.environ))
-    return next(r for r in results if r is not None)
+        results = [train_worker(task, "local")]
+    elif backend == "horovod":
+        results = horovod.spark.run(train_worker, args=(task, "horovod"), num_proc=num_workers,
+                                    use_gloo=True, use_mpi=False)
+    elif backend == "torch_distributor":
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        gpus = spark.conf.get("spark.task.resource.gpu.amount", None) is not None
+        use_gpu = task.use_gpu is True or (task.use_gpu == "auto" and gpus)
+        results = [TorchDistributor(num_processes=num_workers, local_mode=False, use_gpu=use_gpu)
+                   .run(train_worker, task, "torch_distributor")]
+    else:
+        raise ValueError(f"unknown train.backend {backend!r} (expected one of {BACKENDS})")
+    failures = [r for r in results if r and "error" in r]
+    if failures:
+        # a rank that failed first makes the others fail in their next collective: report the cause
+        cause = next((f for f in failures if "shut down" not in f["error"] and "Connection" not in f["error"]), failures[0])
+        raise WorkerError(f"training failed on worker rank {cause['rank']}: {cause['error']}\n{cause['traceback']}")
+    return next(r for r in results if r is not None) | {"backend": backend}

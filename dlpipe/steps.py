@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 
 from dl.models import CNN, CNNConfig
 from dl.train import FitConfig
-from dlpipe import demo_data, lake, tracking
+from dlpipe import checkpoints, demo_data, lake, tracking
 from dlpipe.config import Config
 from dlpipe.launch import TrainTask, launch
 from dlpipe.scoring import confusion_and_metrics, predict
@@ -100,48 +100,86 @@ def pinned_tables(cfg: Config) -> dict[str, dict]:
 
 
 def train(spark: SparkSession, cfg: Config) -> dict:
-    tables = pinned_tables(cfg)  # pinned once: the whole run reads exactly these versions
+    """Train on the pinned table versions; with train.resume=auto, continue the latest
+    unfinished run of train.run_name from its last checkpoint (same MLflow run, same versions)."""
     tracking.setup(cfg.mlflow)
-    model_cfg = CNNConfig(
-        in_channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes),
-        conv_channels=tuple(cfg.model.conv_channels), kernel_size=cfg.model.kernel_size,
-        hidden=cfg.model.hidden, dropout=cfg.model.dropout,
+    client = MlflowClient()
+    resumable = None
+    if cfg.train.resume == "auto" and cfg.train.checkpoint_every:
+        resumable = checkpoints.find_resumable(cfg.train.checkpoint_uri, cfg.train.run_name,
+                                               finished=lambda run_id: _run_finished(client, run_id))
+    if resumable:
+        run_id, resume_from = resumable
+        params = client.get_run(run_id).data.params
+        tables = {s: {"uri": params[f"table.{s}.uri"], "version": int(params[f"table.{s}.version"])} for s in SPLITS}
+        say(f"resuming MLflow run {run_id} from {resume_from}")
+    else:
+        run_id, resume_from, tables = None, "", pinned_tables(cfg)  # pinned once for the whole run
+    model_cfg = model_config(cfg)
+    t = cfg.train
+    fit_cfg = FitConfig(
+        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, momentum=t.momentum,
+        weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, lr_scaling=t.lr_scaling,
+        warmup_epochs=t.warmup_epochs, sync=t.sync, average_every=t.average_every, shuffle=t.shuffle,
+        precision=t.precision, checkpoint_every=t.checkpoint_every, seed=t.seed,
     )
-    fit_cfg = FitConfig(epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                        weight_decay=cfg.train.weight_decay, seed=cfg.train.seed, lr_schedule=cfg.train.lr_schedule)
-    with mlflow.start_run(run_name=f"{cfg.registry.model_name}-train") as run:
-        mlflow.set_tags({"dlpipe.step": "train", "dlpipe.model_name": cfg.registry.model_name})
-        mlflow.log_dict(cfg.to_dict(), "config.json")
-        mlflow.log_params({k: v for k, v in _flatten(cfg.to_dict()).items() if not k.startswith("spark.conf")})
-        for split, table in tables.items():
-            mlflow.log_params({f"table.{split}.uri": table["uri"], f"table.{split}.version": table["version"]})
-        workers = cfg.train.num_workers if cfg.train.backend == "horovod" else 1
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{t.run_name}-train") as run:
+        if not resumable:
+            mlflow.set_tags({"dlpipe.step": "train", "dlpipe.model_name": cfg.registry.model_name,
+                             "dlpipe.run_name": t.run_name})
+            mlflow.log_dict(cfg.to_dict(), "config.json")
+            mlflow.log_params({k: v for k, v in _flatten(cfg.to_dict()).items() if not k.startswith("spark.conf")})
+            for split, table in tables.items():
+                mlflow.log_params({f"table.{split}.uri": table["uri"], f"table.{split}.version": table["version"]})
+        workers = 1 if t.backend == "local" else t.num_workers
         task = TrainTask(
             model=model_cfg, fit=fit_cfg,
             train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
             val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
-            max_rows=cfg.train.max_rows, tracking_uri=cfg.mlflow.tracking_uri, run_id=run.info.run_id,
-            threads=max(1, (os.cpu_count() or 1) // workers),
+            max_rows=t.max_rows, tracking_uri=cfg.mlflow.tracking_uri, run_id=run.info.run_id,
+            threads=max(1, (os.cpu_count() or 1) // workers), use_gpu=t.use_gpu,
+            checkpoint_dir=checkpoints.run_dir(t.checkpoint_uri, t.run_name, run.info.run_id) if t.checkpoint_every else "",
+            resume_from=resume_from,
         )
-        say(f"training {cfg.model.name} with backend={cfg.train.backend}, {workers} worker(s), {cfg.train.epochs} epochs")
-        result = launch(spark, task, cfg.train.backend, cfg.train.num_workers)
-        mlflow.log_params({"train.world_size": result["world_size"], "train.rows": result["train_rows"]})
+        say(f"training {cfg.model.name} with backend={t.backend}, {workers} worker(s), sync={t.sync}, {t.epochs} epochs")
+        result = launch(spark, task, t.backend, t.num_workers)
+        if not resumable:
+            mlflow.log_params({"train.world_size": result["world_size"], "train.rows": result["train_rows"]})
+        mlflow.log_metrics({f"worker_{i}_samples_per_sec": v for i, v in enumerate(result["worker_samples_per_sec"])})
         mlflow.log_figure(tracking.curves_figure(result["history"]), "plots/training_curves.png")
 
         model = CNN(model_cfg)
         model.load_state_dict(result["state_dict"])
-        example = lake.read_table(spark, tables["val"]["uri"], tables["val"]["version"]).select("pixels").limit(2).toPandas()
+        val = lake.read_table(spark, tables["val"]["uri"], tables["val"]["version"])
+        example = val.select("pixels").limit(2).toPandas()
         info = tracking.log_classifier(model, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
                                        cfg.data.classes, np.stack(example["pixels"].to_numpy()), cfg.to_dict())
         mlflow.set_tag("dlpipe.model_uri", info.model_uri)
-        val = lake.read_table(spark, tables["val"]["uri"], tables["val"]["version"])
-        matrix, val_metrics = confusion_and_metrics(predict(spark, val, info.model_uri), len(cfg.data.classes))
+        matrix, _ = confusion_and_metrics(predict(spark, val, info.model_uri), len(cfg.data.classes))
         mlflow.log_figure(tracking.confusion_figure(matrix, cfg.data.classes, "Validation confusion matrix"),
                           "plots/confusion_matrix_val.png")
     final = result["history"][-1]
     return {"step": "train", "run_id": run.info.run_id, "model_uri": info.model_uri, "tables": tables,
-            "backend": cfg.train.backend, "world_size": result["world_size"],
+            "backend": result["backend"],
+            "world_size": result["world_size"], "sync": t.sync, "resumed_from": resume_from or None,
+            "device": result["device"],
             "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
+
+
+def model_config(cfg: Config) -> CNNConfig:
+    m = cfg.model
+    return CNNConfig(
+        in_channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes),
+        conv_channels=tuple(m.conv_channels), kernel_size=m.kernel_size, hidden=m.hidden, dropout=m.dropout,
+        batch_norm=m.batch_norm,
+    )
+
+
+def _run_finished(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.status == "FINISHED"
+    except Exception:  # a checkpoint whose run this tracking store does not know: not ours to resume
+        return True
 
 
 def latest_training_run(cfg: Config) -> str:

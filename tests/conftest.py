@@ -39,9 +39,28 @@ def make_config(root, *overrides, conf=None):
 
 @pytest.fixture(scope="session")
 def small_landing(tmp_path_factory):
-    """A small real slice of the demo data, landed as PNG files: (config, land summary)."""
+    """A small real slice of the demo data (30 images per class), landed as PNG files, and a
+    config for it with a small, fast model: (config, land summary)."""
+    import json
+
     from dlpipe import steps
 
     root = tmp_path_factory.mktemp("small")
     cfg, _ = steps.demo_config(make_config(root, "data.land_limit_per_class=30"))
-    return cfg, steps.land_demo_data(cfg)
+    landed = steps.land_demo_data(cfg)
+    cfg = make_config(
+        root, f"paths.landing={cfg.paths.landing}", f"data.name={cfg.data.name}",
+        f"data.classes={json.dumps(cfg.data.classes)}", "train.epochs=3", "train.batch_size=16",
+        "model.conv_channels=[8, 16]", "model.hidden=32", "registry.min_accuracy=0.3",
+        "registry.model_name=e2e_cnn", f"train.checkpoint_uri={root}/checkpoints",
+    )
+    return cfg, landed
+
+
+@pytest.fixture(scope="session")
+def prepared_small(spark, small_landing):
+    """The small slice prepared into Delta tables once per test run: (config, prepare summary)."""
+    from dlpipe import steps
+
+    cfg, _ = small_landing
+    return cfg, steps.prepare(spark, cfg)

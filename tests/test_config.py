@@ -18,6 +18,12 @@ def test_set_overrides_file_and_base():
     assert cfg.train.lr == 0.01 and cfg.model.conv_channels == [8, 16] and cfg.train.epochs == 1
 
 
+def test_set_spark_conf_key_with_dots():
+    cfg = load_config(None, ["spark.conf.spark.ui.enabled=false", "spark.conf.spark.executor.memory=2g"])
+    assert cfg.spark.conf["spark.ui.enabled"] == "false" and cfg.spark.conf["spark.executor.memory"] == "2g"
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"  # merged with base.yaml, not replaced
+
+
 def test_int_accepted_for_float():
     assert load_config(None, ["train.lr=1"]).train.lr == 1.0
 
@@ -29,7 +35,9 @@ def test_int_accepted_for_float():
         ("trian.lr=0.1", "unknown config key 'trian'"),
         ("train.lr=fast", "config key 'train.lr': expected a number, got 'fast'"),
         ("train.epochs=2.5", "config key 'train.epochs': expected an integer, got 2.5"),
-        ("train.backend=mpi", "config key 'train.backend': expected one of ['horovod', 'local'], got 'mpi'"),
+        ("train.backend=mpi", "config key 'train.backend': expected one of ['horovod', 'torch_distributor', 'local'], got 'mpi'"),
+        ("train.use_gpu=maybe", "config key 'train.use_gpu': expected one of ['auto', True, False], got 'maybe'"),
+        ("train.warmup_epochs=10", "config key 'train.warmup_epochs': expected fewer than train.epochs=6"),
         ("model.conv_channels=[8, x]", "config key 'model.conv_channels[1]': expected an integer, got 'x'"),
         ("data.split_fractions={train: 0.9, val: 0.2, test: 0.1}", "config key 'data.split_fractions'"),
         ("model.dropout=1.5", "config key 'model.dropout': expected a number in [0, 1)"),

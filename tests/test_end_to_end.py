@@ -14,21 +14,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dlpipe import lake, steps
-from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pipeline(spark, small_landing):
-    cfg, landed = small_landing
-    cfg = make_config(
-        Path(cfg.paths.lake).parent, f"paths.landing={cfg.paths.landing}", f"data.name={cfg.data.name}",
-        f"data.classes={json.dumps(cfg.data.classes)}", "train.epochs=3", "train.batch_size=16",
-        "model.conv_channels=[8, 16]", "model.hidden=32", "registry.min_accuracy=0.3",
-        "registry.model_name=e2e_cnn",
-    )
-    prepared = steps.prepare(spark, cfg)
+def pipeline(spark, small_landing, prepared_small):
+    _, landed = small_landing
+    cfg, prepared = prepared_small
     trained = steps.train(spark, cfg)
     evaluated = steps.evaluate(spark, cfg)  # finds the latest training run by itself
     scored = steps.score(spark, cfg)

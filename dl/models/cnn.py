@@ -18,6 +18,7 @@ class CNNConfig:
     kernel_size: int = 3
     hidden: int = 128
     dropout: float = 0.25
+    batch_norm: bool = True
 
 
 class CNN(nn.Module):
@@ -29,7 +30,7 @@ class CNN(nn.Module):
         for out in cfg.conv_channels:
             blocks += [
                 nn.Conv2d(channels, out, cfg.kernel_size, padding=cfg.kernel_size // 2),
-                nn.BatchNorm2d(out),
+                nn.BatchNorm2d(out) if cfg.batch_norm else nn.Identity(),
                 nn.ReLU(),
                 nn.MaxPool2d(2),
             ]

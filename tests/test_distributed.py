@@ -1,0 +1,138 @@
+"""Data-parallel training on real worker processes: Horovod and TorchDistributor on the local
+Spark, both sync modes, failures and resume."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dl.models import CNNConfig
+from dl.train import FitConfig
+from dlpipe import lake, steps
+from dlpipe.launch import TrainTask, WorkerError, launch
+from tests.test_train import _blobs
+
+pytestmark = pytest.mark.slow
+BACKENDS = ["horovod", "torch_distributor"]
+
+
+def _files(tmp_path, name, x, y, row_groups=1):
+    table = pa.table({"label": pa.array(y, pa.int32()), "pixels": pa.array(list(x.reshape(len(y), -1)), pa.list_(pa.float32()))})
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(table, path, row_group_size=-(-len(y) // row_groups))
+    return [str(path)]
+
+
+def _task(tmp_path, fit: FitConfig, train_files=None, **model):
+    x, y = _blobs(600, 1)
+    vx, vy = _blobs(100, 2)
+    return TrainTask(
+        model=CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0,
+                        batch_norm=False) if not model else CNNConfig(**model),
+        fit=fit, train_files=train_files or _files(tmp_path, "train", x, y), val_files=_files(tmp_path, "val", vx, vy),
+        max_rows=0, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", run_id="", threads=1,
+    )
+
+
+def _close(a: dict, b: dict, atol=1e-5):
+    return all(torch.allclose(a[k], b[k], atol=atol) for k in a)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_workers_match_one_worker_with_the_global_batch(spark, tmp_path, backend):
+    """Gradient allreduce: 2 workers x batch 16 == 1 worker x batch 32 (no shuffle, plain SGD)."""
+    sgd = dict(epochs=2, lr=0.1, optimizer="sgd", shuffle=False, sync="allreduce")
+    single = launch(spark, _task(tmp_path, FitConfig(batch_size=32, **sgd)), "local", 1)
+    double = launch(spark, _task(tmp_path, FitConfig(batch_size=16, **sgd)), backend, 2)
+    assert double["world_size"] == 2 and double["backend"] == backend
+    assert _close(single["state_dict"], double["state_dict"])
+    assert double["history"][-1]["loss"] < double["history"][0]["loss"]
+    assert len(double["worker_samples_per_sec"]) == 2 and min(double["worker_samples_per_sec"]) > 0
+
+
+def test_parameter_averaging_every_step_equals_allreduce_for_sgd(spark, tmp_path):
+    base = dict(epochs=2, batch_size=16, lr=0.1, optimizer="sgd", shuffle=True, seed=5)
+    allreduce = launch(spark, _task(tmp_path, FitConfig(sync="allreduce", **base)), "horovod", 2)
+    averaged = launch(spark, _task(tmp_path, FitConfig(sync="average", average_every=1, **base)), "horovod", 2)
+    assert _close(allreduce["state_dict"], averaged["state_dict"])
+
+
+def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepared_small):
+    cfg, prepared = prepared_small
+    tables = prepared["tables"]
+    task = TrainTask(
+        model=steps.model_config(cfg),
+        fit=FitConfig(epochs=6, batch_size=8, lr=0.003, sync="average", average_every=8, seed=1),
+        train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
+        val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
+        max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1,
+    )
+    result = launch(spark, task, "horovod", 2)
+    history = result["history"]
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    assert history[-1]["val_accuracy"] > 0.4  # 10 classes: chance is 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uneven_shards_finish_and_a_failing_worker_is_named(spark, tmp_path, backend):
+    # 3 row groups over 2 workers: rank 0 gets two, rank 1 one; everyone takes the same steps
+    x, y = _blobs(601, 3)
+    uneven = _task(tmp_path, FitConfig(epochs=1, batch_size=16, lr=0.05), train_files=_files(tmp_path, "uneven", x, y, 3))
+    assert launch(spark, uneven, backend, 2)["train_rows"] == 601
+    # rank 1's row group holds 3 values per image instead of 144: it fails while loading its shard
+    good = _files(tmp_path, "good", *_blobs(64, 4))
+    bad = pa.table({"label": pa.array([0, 1], pa.int32()), "pixels": pa.array([[0.0] * 3] * 2, pa.list_(pa.float32()))})
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    broken = _task(tmp_path, FitConfig(epochs=1, batch_size=16, lr=0.05), train_files=good + [str(tmp_path / "bad.parquet")])
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"rank 1: ValueError: .*bad.parquet row group 0: pixels hold 6 values for 2 rows"):
+        launch(spark, broken, backend, 2)
+    assert time.monotonic() - started < 180  # reported, not hung until some timeout
+
+
+def test_killed_worker_then_resume_continues_the_run(prepared_small, tmp_path):
+    cfg, _ = prepared_small
+    epochs = 40
+    args = [sys.executable, "-m", "dlpipe.cli", "train", "--set", f"paths.lake={cfg.paths.lake}",
+            "--set", f"data.name={cfg.data.name}", "--set", f"data.classes=[{','.join(cfg.data.classes)}]",
+            "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "--set", f"mlflow.artifact_root={cfg.mlflow.artifact_root}",
+            "--set", f"train.checkpoint_uri={tmp_path}/ckpt", "--set", "train.run_name=resume_test",
+            "--set", f"train.epochs={epochs}", "--set", "train.batch_size=16", "--set", "model.conv_channels=[4]",
+            "--set", "model.hidden=16", "--set", "spark.master=local[2]", "--set", "spark.conf.spark.ui.enabled=false",
+            "--summary", str(tmp_path / "train.json")]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    killed = None
+    while first.poll() is None and time.monotonic() < deadline and killed is None:
+        if list((tmp_path / "ckpt" / "resume_test").glob("*/epoch-0002.pt")):
+            workers = [p for p in psutil.Process(first.pid).children(recursive=True)
+                       if "gloo_exec_fn" in " ".join(p.cmdline())]
+            if workers:
+                killed = workers[-1]
+                killed.send_signal(signal.SIGKILL)
+        time.sleep(0.2)
+    output = first.communicate(timeout=300)[0]
+    assert killed is not None, output[-3000:]
+    assert first.returncode != 0, "the job must fail when a worker dies"
+    second = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming MLflow run" in second.stdout
+    import json
+
+    summary = json.loads((tmp_path / "train.json").read_text())
+    resumed_epoch = int(summary["resumed_from"].rsplit("epoch-", 1)[1].split(".")[0])
+    assert 2 <= resumed_epoch < epochs
+    history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(summary["run_id"], "loss")
+    steps_logged = [m.step for m in history]
+    assert len(steps_logged) == len(set(steps_logged)), "an epoch was logged twice: epochs were repeated"
+    assert max(steps_logged) == epochs and summary["metrics"]["epochs"] == epochs
+    assert "resume_test" in summary["resumed_from"] and summary["run_id"] in summary["resumed_from"]
