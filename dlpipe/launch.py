@@ -4,19 +4,25 @@ the loop, the model and the data path do not."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sys
+import tempfile
 import traceback
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from pyarrow import fs
 
 from dl.models import CNN, CNNConfig
 from dl.train import FitConfig, SingleProcess, fit
 from dlpipe import checkpoints
+from dlpipe.storage import filesystem, join
 
 BACKENDS = ("horovod", "torch_distributor", "local")
 
@@ -35,11 +41,12 @@ class TrainTask:
     val_files: list[str]
     max_rows: int  # per split, 0 = all
     tracking_uri: str
-    run_id: str
+    run_id: str  # MLflow run the main rank logs epoch metrics to ("" = none)
     threads: int
     use_gpu: str | bool = "auto"
     checkpoint_dir: str = ""  # where the main rank writes checkpoints ("" = none)
     resume_from: str = ""  # checkpoint URI to continue from ("" = start fresh)
+    error_dir: str = ""  # where a failing worker leaves its report for the driver (set by launch)
 
 
 class HorovodDist:
@@ -162,12 +169,13 @@ def train_worker(task: TrainTask, backend: str):
         shape = (task.model.in_channels, task.model.image_size, task.model.image_size)
         train = load_shard(task.train_files, shape, dist.rank, dist.size, task.max_rows)
         val = load_shard(task.val_files, shape, dist.rank, dist.size, task.max_rows)
+        torch.manual_seed(task.fit.seed)  # the same initial weights for any world size
         model = CNN(task.model)
         main = dist.rank == 0
         history = fit(
             model, train, val, task.fit, dist, device=device,
             resume=checkpoints.load(task.resume_from) if task.resume_from else None,
-            on_epoch=_mlflow_logger(task) if main else None,
+            on_epoch=_mlflow_logger(task) if main and task.run_id else None,
             save_checkpoint=(lambda state: checkpoints.save(task.checkpoint_dir, state)) if main and task.checkpoint_dir else None,
             log=lambda line: print(line, flush=True),
         )
@@ -179,12 +187,38 @@ def train_worker(task: TrainTask, backend: str):
         return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
                 "train_rows": int(rows), "world_size": dist.size, "device": str(device),
                 "worker_samples_per_sec": per_worker}
-    except BaseException as exc:  # noqa: BLE001 - reported to the driver with the rank
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver with the rank, then re-raised
         print(f"dlpipe: worker rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return {"error": f"{type(exc).__name__}: {exc}", "rank": rank, "traceback": traceback.format_exc()}
+        _report_failure(task.error_dir, rank, exc)
+        raise
     finally:
         if backend == "torch_distributor" and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _report_failure(error_dir: str, rank, exc: BaseException) -> None:
+    """Best effort: the launchers' own errors do not carry the worker's exception."""
+    try:
+        filesys, path = filesystem(error_dir)
+        filesys.create_dir(path, recursive=True)
+        with filesys.open_output_stream(f"{path}/rank-{rank}.txt") as out:
+            out.write(f"{rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}".encode())
+    except Exception:  # noqa: BLE001 - never hide the original error
+        pass
+
+
+def _failure_cause(error_dir: str) -> str | None:
+    """The report of the worker that failed first: the others fail in their next collective
+    because it left ("Horovod has been shut down", "Connection closed by peer")."""
+    filesys, path = filesystem(error_dir)
+    reports = []
+    for info in filesys.get_file_info(fs.FileSelector(path, allow_not_found=True)):
+        with filesys.open_input_stream(info.path) as f:
+            reports.append((info.mtime_ns or 0, f.read().decode()))
+    if not reports:
+        return None
+    reports.sort()
+    return next((r for _, r in reports if not re.search(r"shut down|Connection closed|closed by peer", r.splitlines()[0])), reports[0][1])
 
 
 def _mlflow_logger(task: TrainTask):
@@ -233,23 +267,26 @@ def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
         if num_workers > slots:
             raise RuntimeError(f"train.num_workers={num_workers} needs {num_workers} concurrent Spark task slots; "
                                f"this Spark application has {slots}")
-    if backend == "local":
-        results = [train_worker(task, "local")]
-    elif backend == "horovod":
-        results = horovod.spark.run(train_worker, args=(task, "horovod"), num_proc=num_workers,
-                                    use_gloo=True, use_mpi=False)
-    elif backend == "torch_distributor":
-        from pyspark.ml.torch.distributor import TorchDistributor
+    errors = join(task.checkpoint_dir, "errors", uuid.uuid4().hex) if task.checkpoint_dir else tempfile.mkdtemp(prefix="dlpipe-errors-")
+    task = dataclasses.replace(task, error_dir=errors)
+    try:
+        if backend == "local":
+            results = [train_worker(task, "local")]
+        elif backend == "horovod":
+            results = horovod.spark.run(train_worker, args=(task, "horovod"), num_proc=num_workers,
+                                        use_gloo=True, use_mpi=False)
+        elif backend == "torch_distributor":
+            from pyspark.ml.torch.distributor import TorchDistributor
 
-        gpus = spark.conf.get("spark.task.resource.gpu.amount", None) is not None
-        use_gpu = task.use_gpu is True or (task.use_gpu == "auto" and gpus)
-        results = [TorchDistributor(num_processes=num_workers, local_mode=False, use_gpu=use_gpu)
-                   .run(train_worker, task, "torch_distributor")]
-    else:
-        raise ValueError(f"unknown train.backend {backend!r} (expected one of {BACKENDS})")
-    failures = [r for r in results if r and "error" in r]
-    if failures:
-        # a rank that failed first makes the others fail in their next collective: report the cause
-        cause = next((f for f in failures if "shut down" not in f["error"] and "Connection" not in f["error"]), failures[0])
-        raise WorkerError(f"training failed on worker rank {cause['rank']}: {cause['error']}\n{cause['traceback']}")
+            gpus = spark.conf.get("spark.task.resource.gpu.amount", None) is not None
+            use_gpu = task.use_gpu is True or (task.use_gpu == "auto" and gpus)
+            results = [TorchDistributor(num_processes=num_workers, local_mode=False, use_gpu=use_gpu)
+                       .run(train_worker, task, "torch_distributor")]
+        else:
+            raise ValueError(f"unknown train.backend {backend!r} (expected one of {BACKENDS})")
+    except Exception as exc:
+        cause = _failure_cause(errors)
+        if cause is None:
+            raise
+        raise WorkerError(f"training failed on worker rank {cause}") from exc
     return next(r for r in results if r is not None) | {"backend": backend}
