@@ -149,7 +149,7 @@ def fit(
             "val_loss": totals[3] / max(totals[5], 1),
             "val_accuracy": totals[4] / max(totals[5], 1),
             "lr": optimizer.param_groups[0]["lr"],
-            "samples_per_sec": totals[2] / seconds,
+            "samples_per_sec": totals[2] / train_seconds,  # all workers, training only
             "worker_samples_per_sec": seen / train_seconds,  # this rank's training throughput
             "epoch_seconds": seconds,
         }

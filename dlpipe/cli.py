@@ -10,12 +10,14 @@ from pathlib import Path
 
 from dlpipe.config import ConfigError, load_config
 
-STEPS = ("land-demo-data", "prepare", "train", "evaluate", "score", "demo")
+STEPS = ("land-demo-data", "prepare", "train", "evaluate", "score", "demo", "bench")
+BENCHMARKS = ("training",)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dlpipe", description=__doc__)
     parser.add_argument("step", choices=STEPS)
+    parser.add_argument("benchmark", nargs="?", choices=BENCHMARKS, help="with `bench`: what to measure")
     parser.add_argument("--conf", help="experiment YAML with overrides of conf/base.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set train.lr=0.01 (repeatable)")
@@ -25,6 +27,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if (args.step == "bench") != (args.benchmark is not None):
+        print(f"dlpipe: error: `dlpipe bench` takes one of {BENCHMARKS}; other steps take none", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.conf, args.overrides)  # before Spark starts
     except ConfigError as exc:
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
         run = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate,
-               "score": steps.score, "demo": steps.demo}[args.step]
+               "score": steps.score, "demo": steps.demo, "bench": steps.bench_training}[args.step]
         summary = run(spark, cfg) | {"spark_master": spark.sparkContext.master,
                                      "spark_app_id": spark.sparkContext.applicationId}
     if args.step == "demo":

@@ -279,6 +279,19 @@ def demo(spark: SparkSession, cfg: Config) -> dict:
             "mlflow_ui": f"mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"}
 
 
+def bench_training(spark: SparkSession, cfg: Config) -> dict:
+    from dlpipe import bench
+
+    summary = bench.training(spark, cfg, model_config(cfg))
+    for name, run in summary["runs"].items():
+        reached = "not reached" if run["time_to_target_s"] is None else f"{run['time_to_target_s']:.0f} s"
+        say(f"{name}: {run['samples_per_sec']:.0f} samples/s, test accuracy {run['test_accuracy']:.4f}, "
+            f"time to {summary['target_test_accuracy']}: {reached}")
+    for name, ratio in summary["ratios"].items():
+        say(f"{name} = {ratio:.2f} (goal {summary['goals'][name]})")
+    return summary
+
+
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

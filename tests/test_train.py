@@ -67,3 +67,70 @@ def test_cosine_schedule_anneals_to_zero():
                   on_epoch=lambda m: seen.append(m), log=lambda line: None)
     assert len(history) == 2 and len(seen) == 2
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9) and history[0]["lr"] == pytest.approx(0.005)
+
+
+def test_linear_lr_scaling_warms_up_then_follows_the_schedule():
+    from dl.train import _lr_factor
+
+    factor = _lr_factor(FitConfig(epochs=4, batch_size=8, lr=0.1, lr_scaling="linear", warmup_epochs=1,
+                                  lr_schedule="cosine"), steps_per_epoch=10, world_size=4)
+    assert factor(0) == 1.0 and factor(5) == pytest.approx(2.5)  # halfway from 1x to 4x
+    assert factor(10) == pytest.approx(4.0)  # warm-up done: lr x world size
+    assert factor(40) == pytest.approx(0.0, abs=1e-9)  # cosine to zero at the end
+    constant = _lr_factor(FitConfig(epochs=2, batch_size=8, lr=0.1), steps_per_epoch=10, world_size=4)
+    assert constant(0) == constant(19) == 1.0  # lr_scaling none: the world size does not matter
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu(precision):
+    model = CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0))
+    history = fit(model, _blobs(512, 1), _blobs(128, 2), FitConfig(epochs=3, batch_size=32, lr=0.01, precision=precision),
+                  log=lambda line: None)
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["val_accuracy"] > 0.9
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+def test_checkpoint_resume_replays_the_uninterrupted_run(tmp_path):
+    from dlpipe import checkpoints
+
+    cfg = FitConfig(epochs=4, batch_size=32, lr=0.01, checkpoint_every=1, seed=7)
+    data = (_blobs(256, 1), _blobs(64, 2))
+
+    def model():
+        torch.manual_seed(0)
+        return CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16))
+
+    full = model()
+    fit(full, *data, cfg, log=lambda line: None)
+    saved = []
+    interrupted = model()
+    fit(interrupted, *data, cfg, log=lambda line: None,
+        save_checkpoint=lambda state: saved.append(checkpoints.save(str(tmp_path / "run"), state)))
+    assert [p.rsplit("/", 1)[1] for p in saved] == [f"epoch-000{i}.pt" for i in range(1, 5)]
+    state = checkpoints.load(saved[1])  # as if killed after epoch 2; weights_only=True load
+    resumed = model()
+    history = fit(resumed, *data, cfg, resume=state, log=lambda line: None)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert all(torch.allclose(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+    assert checkpoints.latest(str(tmp_path / "run")).endswith("epoch-0004.pt")
+
+
+def test_find_resumable_skips_finished_runs(tmp_path):
+    from dlpipe import checkpoints
+
+    for run in ("done", "crashed"):
+        checkpoints.save(checkpoints.run_dir(str(tmp_path), "nightly", run), {"epoch": 1})
+    found = checkpoints.find_resumable(str(tmp_path), "nightly", finished=lambda run_id: run_id == "done")
+    assert found == ("crashed", f"{tmp_path}/nightly/crashed/epoch-0001.pt")
+    assert checkpoints.find_resumable(str(tmp_path), "nightly", finished=lambda run_id: True) is None
+    assert checkpoints.find_resumable(str(tmp_path), "other", finished=lambda run_id: False) is None
+
+
+def test_gpu_requested_without_cuda_is_a_clear_error():
+    from dlpipe.launch import pick_device
+
+    assert pick_device("auto", 3).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device(False, 0).type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="train.use_gpu=true but this worker sees no CUDA device"):
+            pick_device(True, 0)

@@ -1,0 +1,106 @@
+"""`dlpipe bench training`: samples/s and time to a target test accuracy of the CNN on the
+prepared tables, for a bare PyTorch loop written here and for each dlpipe launcher, all in one run
+with one torch thread per worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+from dl.models import CNN, CNNConfig
+from dl.train import FitConfig
+from dlpipe import lake
+from dlpipe.config import Config
+from dlpipe.launch import TrainTask, launch
+
+TARGET_ACCURACY = 0.88
+
+
+def _read(files: list[str], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    table = pq.ParquetDataset(files).read(columns=["label", "pixels"])
+    x = pc.list_flatten(table.column("pixels")).to_numpy().reshape(-1, *shape)
+    return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
+
+
+def bare_loop(model_cfg: CNNConfig, fit: FitConfig, train_files: list[str], test_files: list[str]) -> dict:
+    """(a) the baseline: a plain single-process PyTorch loop, no dlpipe code on the hot path."""
+    torch.set_num_threads(1)
+    torch.manual_seed(fit.seed)
+    started = time.perf_counter()
+    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    x, y = _read(train_files, shape)
+    xt, yt = _read(test_files, shape)
+    model = CNN(model_cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=fit.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    train_seconds, samples, reached, accuracy = 0.0, 0, None, 0.0
+    for _ in range(fit.epochs):
+        model.train()
+        order = torch.randperm(len(x))
+        t0 = time.perf_counter()
+        for start in range(0, len(x) - fit.batch_size + 1, fit.batch_size):
+            idx = order[start : start + fit.batch_size]
+            optimizer.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+            samples += len(idx)
+        train_seconds += time.perf_counter() - t0
+        model.eval()
+        with torch.no_grad():
+            accuracy = float(sum((model(xt[i : i + 1024]).argmax(1) == yt[i : i + 1024]).sum() for i in range(0, len(xt), 1024)) / len(xt))
+        if reached is None and accuracy >= TARGET_ACCURACY:
+            reached = time.perf_counter() - started
+    return {"samples_per_sec": samples / train_seconds, "time_to_target_s": reached, "test_accuracy": accuracy,
+            "wall_s": time.perf_counter() - started}
+
+
+def _dlpipe_run(spark, task: TrainTask, backend: str, workers: int) -> dict:
+    started = time.perf_counter()
+    result = launch(spark, task, backend, workers)
+    wall = time.perf_counter() - started
+    history = result["history"]
+    startup = wall - sum(h["epoch_seconds"] for h in history)
+    reached, elapsed = None, startup
+    for h in history:
+        elapsed += h["epoch_seconds"]
+        if reached is None and h["val_accuracy"] >= TARGET_ACCURACY:
+            reached = elapsed
+    return {"samples_per_sec": float(np.mean([h["samples_per_sec"] for h in history])), "time_to_target_s": reached,
+            "test_accuracy": history[-1]["val_accuracy"], "wall_s": wall, "startup_s": startup,
+            "world_size": result["world_size"]}
+
+
+def training(spark, cfg: Config, model_cfg: CNNConfig) -> dict:
+    tables = {s: (cfg.table_uri(s), lake.latest_version(cfg.table_uri(s))) for s in ("train", "test")}
+    for split, (uri, version) in tables.items():
+        if version is None:
+            raise FileNotFoundError(f"no Delta table at {uri}: run `dlpipe prepare` first")
+    train_files = lake.table_files(*tables["train"])
+    test_files = lake.table_files(*tables["test"])
+    t = cfg.train
+    fit = FitConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed)  # constant lr, Adam
+    task = TrainTask(model=model_cfg, fit=fit, train_files=train_files, val_files=test_files,  # "val" = test set
+                     max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1)
+    averaging = dataclasses.replace(task, fit=dataclasses.replace(fit, sync="average", average_every=8))
+    runs = {"a_bare_pytorch_1_process": bare_loop(model_cfg, fit, train_files, test_files)}
+    runs["b_dlpipe_local"] = _dlpipe_run(spark, task, "local", 1)
+    runs["c_horovod_2_workers"] = _dlpipe_run(spark, task, "horovod", 2)
+    runs["d_torch_distributor_2_workers"] = _dlpipe_run(spark, task, "torch_distributor", 2)
+    runs["e_horovod_average_k8_2_workers"] = _dlpipe_run(spark, averaging, "horovod", 2)
+    bare = runs["a_bare_pytorch_1_process"]["samples_per_sec"]
+    return {
+        "step": "bench training", "target_test_accuracy": TARGET_ACCURACY, "epochs": t.epochs,
+        "batch_size_per_worker": t.batch_size, "torch_threads_per_worker": 1,
+        "tables": {s: {"uri": u, "version": v} for s, (u, v) in tables.items()}, "runs": runs,
+        "ratios": {
+            "local_over_bare": runs["b_dlpipe_local"]["samples_per_sec"] / bare,
+            "horovod_2_over_2x_bare": runs["c_horovod_2_workers"]["samples_per_sec"] / (2 * bare),
+        },
+        "goals": {"local_over_bare": ">= 0.95", "horovod_2_over_2x_bare": ">= 0.85"},
+    }
