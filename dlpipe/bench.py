@@ -40,7 +40,7 @@ def bare_loop(model_cfg: CNNConfig, fit: FitConfig, train_files: list[str], test
     optimizer = torch.optim.Adam(model.parameters(), lr=fit.lr)
     loss_fn = nn.CrossEntropyLoss()
     train_seconds, samples, reached, accuracy = 0.0, 0, None, 0.0
-    for _ in range(fit.epochs):
+    for epoch in range(1, fit.epochs + 1):
         model.train()
         order = torch.randperm(len(x))
         t0 = time.perf_counter()
@@ -56,6 +56,7 @@ def bare_loop(model_cfg: CNNConfig, fit: FitConfig, train_files: list[str], test
             accuracy = float(sum((model(xt[i : i + 1024]).argmax(1) == yt[i : i + 1024]).sum() for i in range(0, len(xt), 1024)) / len(xt))
         if reached is None and accuracy >= TARGET_ACCURACY:
             reached = time.perf_counter() - started
+        print(f"bare loop: epoch {epoch}/{fit.epochs}  test_acc {accuracy:.4f}  {samples / train_seconds:.0f} samples/s", flush=True)
     return {"samples_per_sec": samples / train_seconds, "time_to_target_s": reached, "test_accuracy": accuracy,
             "wall_s": time.perf_counter() - started}
 
