@@ -157,8 +157,8 @@ def _connect(backend: str):
 
 
 def train_worker(task: TrainTask, backend: str):
-    """Runs on every worker. Rank 0 returns the weights and history; an exception is returned
-    (not raised) with the rank, so the driver can name the worker that failed."""
+    """Runs on every worker. Rank 0 returns the weights and history. A worker that fails leaves a
+    report naming its rank in task.error_dir before re-raising, so the driver can name it."""
     rank = os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "?"))
     try:
         torch.set_num_threads(task.threads)
@@ -267,7 +267,8 @@ def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
         if num_workers > slots:
             raise RuntimeError(f"train.num_workers={num_workers} needs {num_workers} concurrent Spark task slots; "
                                f"this Spark application has {slots}")
-    errors = join(task.checkpoint_dir, "errors", uuid.uuid4().hex) if task.checkpoint_dir else tempfile.mkdtemp(prefix="dlpipe-errors-")
+    # created only by a worker that fails; on a cluster only shared storage (the checkpoint URI) is seen by all
+    errors = join(task.checkpoint_dir or tempfile.gettempdir(), "errors", f"dlpipe-{uuid.uuid4().hex}")
     task = dataclasses.replace(task, error_dir=errors)
     try:
         if backend == "local":

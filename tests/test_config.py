@@ -63,3 +63,12 @@ def test_cli_config_error_exits_2_with_one_line_before_spark(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["dlpipe: config error: config key 'train.batch_size': expected an integer, got 'big'"]
+
+
+def test_mnist_fallback_file_matches_what_the_demo_switches_to(monkeypatch):
+    from dlpipe import demo_data, steps
+
+    monkeypatch.setattr(demo_data, "available_dataset", lambda: demo_data.MNIST_5K)
+    switched, dataset = steps.demo_config(load_config("conf/fashion_cnn.yaml"))
+    assert dataset == demo_data.MNIST_5K
+    assert switched == load_config("conf/mnist_5k_cnn.yaml")
