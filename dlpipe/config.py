@@ -40,6 +40,7 @@ class DataConfig:
     channels: int
     split_fractions: dict[str, float]  # train/val/test; assigned from a hash of the file path
     land_limit_per_class: int  # land-demo-data: images per class to land, 0 = all
+    max_rejected_fraction: float  # prepare fails, writing no new train/val/test version, above this
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,6 +275,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"config key 'model.dropout': expected a number in [0, 1), got {cfg.model.dropout}")
+    if not 0 <= cfg.data.max_rejected_fraction <= 1:
+        raise ConfigError(f"config key 'data.max_rejected_fraction': expected a number in [0, 1], got {cfg.data.max_rejected_fraction}")
     if not 0 <= cfg.registry.min_accuracy <= 1:
         raise ConfigError(f"config key 'registry.min_accuracy': expected a number in [0, 1], got {cfg.registry.min_accuracy}")
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):

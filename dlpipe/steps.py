@@ -67,21 +67,29 @@ def prepare(spark: SparkSession, cfg: Config) -> dict:
                   decoded.groupBy("split", F.col("error").isNull().alias("ok")).count().collect()}
         accepted = sum(n for (_, ok), n in counts.items() if ok)
         rejected = sum(n for (_, ok), n in counts.items() if not ok)
-        if accepted == 0:
-            raise ValueError(f"no usable images under {cfg.paths.landing} ({rejected} files rejected)")
+        total = accepted + rejected
         metadata = {"dlpipe.step": "prepare", "dlpipe.job_id": job_id, "dlpipe.source": cfg.paths.landing}
-        tables = {}
+        # rejects first: whatever happens next, the reasons are kept and readable
+        rejects = decoded.where(F.col("error").isNotNull()).select("key", "source", F.col("error").alias("reason"))
+        rejected_uri = cfg.table_uri("rejected")
+        tables = {"rejected": {"uri": rejected_uri, "version": lake.write_table(rejects, rejected_uri, metadata=metadata),
+                               "rows": rejected}}
+        if rejected:
+            say(f"{rejected} of {total} files rejected, reasons in {rejected_uri}")
+        if accepted == 0 or rejected > cfg.data.max_rejected_fraction * total:
+            reasons = rejects.groupBy("reason").count().orderBy(F.desc("count")).limit(3).collect()
+            raise ValueError(
+                f"{rejected} of {total} files under {cfg.paths.landing} were rejected ({rejected / total:.1%}), more than "
+                f"data.max_rejected_fraction={cfg.data.max_rejected_fraction}; no new version of the train/val/test "
+                f"tables was written. Reasons are in {rejected_uri}@{tables['rejected']['version']}; most common: "
+                + "; ".join(f"{r['count']} x {r['reason']}" for r in reasons)
+            )
         good = decoded.where(F.col("error").isNull()).drop("error")
         for split in SPLITS:
             uri = cfg.table_uri(split)
             version = lake.write_table(good.where(F.col("split") == split).drop("split"), uri, metadata=metadata)
             tables[split] = {"uri": uri, "version": version, "rows": counts.get((split, True), 0)}
             say(f"wrote {uri} version {version}: {tables[split]['rows']} rows")
-        rejects = decoded.where(F.col("error").isNotNull()).select("key", "source", F.col("error").alias("reason"))
-        uri = cfg.table_uri("rejected")
-        tables["rejected"] = {"uri": uri, "version": lake.write_table(rejects, uri, metadata=metadata), "rows": rejected}
-        if rejected:
-            say(f"{rejected} files rejected, reasons in {uri}")
     finally:
         decoded.unpersist()
     return {"step": "prepare", "job_id": job_id, "source": cfg.paths.landing, "input_files": accepted + rejected,
@@ -89,14 +97,25 @@ def prepare(spark: SparkSession, cfg: Config) -> dict:
 
 
 def pinned_tables(cfg: Config) -> dict[str, dict]:
-    tables = {}
-    for split in SPLITS:
-        uri = cfg.table_uri(split)
-        version = lake.latest_version(uri)
-        if version is None:
+    """The newest train/val/test versions written by the same prepare job. prepare commits the
+    three tables one after the other, so a job that died half-way must not be mixed with the
+    tables of the job before it."""
+    uris = {split: cfg.table_uri(split) for split in SPLITS}
+    versions_by_job: dict[str, dict[str, int]] = {}
+    for split, uri in uris.items():
+        if lake.latest_version(uri) is None:
             raise FileNotFoundError(f"no Delta table at {uri}: run the prepare step first")
-        tables[split] = {"uri": uri, "version": version}
-    return tables
+        for commit in lake.history(uri):  # newest first
+            job = commit["metadata"].get("dlpipe.job_id")
+            if job:
+                versions_by_job.setdefault(job, {}).setdefault(split, commit["version"])
+    for commit in lake.history(uris["train"]):
+        job = commit["metadata"].get("dlpipe.job_id")
+        if job and len(versions_by_job.get(job, {})) == len(SPLITS):
+            return {split: {"uri": uri, "version": versions_by_job[job][split], "prepare_job": job}
+                    for split, uri in uris.items()}
+    # tables written by something other than `dlpipe prepare`: their latest versions
+    return {split: {"uri": uri, "version": lake.latest_version(uri)} for split, uri in uris.items()}
 
 
 def train(spark: SparkSession, cfg: Config) -> dict:

@@ -50,7 +50,7 @@ def decode_images(files: DataFrame, landing_uri: str, classes: list[str], size: 
     mode = {1: "L", 3: "RGB"}[channels]
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         for batch in batches:
             rows = []
@@ -71,6 +71,8 @@ def decode_images(files: DataFrame, landing_uri: str, classes: list[str], size: 
                         # channels-first, flattened: (C, H, W) -> C*H*W floats in [0, 1]
                         row["pixels"] = array.reshape(size, size, channels).transpose(2, 0, 1).ravel()
                         row["label"] = label_of[folder]
+                    except UnidentifiedImageError:  # its message names an in-memory buffer: say it plainly
+                        row["error"] = "cannot decode image: UnidentifiedImageError: not an image format Pillow reads"
                     except Exception as exc:  # undecodable input is data, not a crash
                         row["error"] = f"cannot decode image: {type(exc).__name__}: {exc}"
                 rows.append(row)

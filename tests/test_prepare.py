@@ -1,0 +1,70 @@
+"""The prepare job on a landing zone with planted bad files: counts reconcile, reasons are kept,
+too many rejects write nothing, and a job that dies half-way is never mixed into a training set."""
+
+import deltalake
+import pytest
+from PIL import Image
+
+from dlpipe import lake, steps
+from tests.conftest import make_config
+
+CLASSES = ["cat", "dog"]
+
+
+def _landing(root, good=16):
+    for i in range(good):
+        path = root / "landing" / CLASSES[i % 2] / f"img_{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (6, 6), color=i * 10).save(path)
+    (root / "landing" / "cat" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (root / "landing" / "dog" / "empty.png").write_bytes(b"")
+
+
+def _config(root, *overrides):
+    return make_config(root, f"paths.landing={root}/landing", "data.name=pets", f"data.classes={CLASSES}",
+                       "data.image_size=4", "data.split_fractions={train: 0.5, val: 0.25, test: 0.25}", *overrides)
+
+
+def test_counts_reconcile_and_reasons_are_kept(spark, tmp_path):
+    _landing(tmp_path)
+    summary = steps.prepare(spark, _config(tmp_path, "data.max_rejected_fraction=0.2"))
+    assert summary["input_files"] == 18 == summary["accepted"] + summary["rejected"]
+    assert summary["rejected"] == 2
+    assert sum(summary["tables"][s]["rows"] for s in steps.SPLITS) == 16
+    rejected = deltalake.DeltaTable(summary["tables"]["rejected"]["uri"]).to_pandas().set_index("key")["reason"]
+    assert rejected["cat/corrupt.png"].startswith("cannot decode image")
+    assert rejected["dog/empty.png"] == "empty file"
+
+
+def test_too_many_rejects_fail_and_write_no_new_version(spark, tmp_path):
+    _landing(tmp_path)
+    cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
+    first = steps.prepare(spark, cfg)
+    for i in range(3):  # now 5 bad files of 21: 24% > 20%
+        (tmp_path / "landing" / "dog" / f"bad_{i}.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"5 of 21 files .* were rejected \(23.8%\), more than data.max_rejected_fraction=0.2; "
+                                         r"no new version .* most common: 3 x cannot decode image: UnidentifiedImageError: not an image format"):
+        steps.prepare(spark, cfg)
+    for split in steps.SPLITS:
+        assert lake.latest_version(cfg.table_uri(split)) == first["tables"][split]["version"]
+    assert lake.latest_version(cfg.table_uri("rejected")) == first["tables"]["rejected"]["version"] + 1
+
+
+def test_a_job_that_died_half_way_is_not_pinned(spark, tmp_path, monkeypatch):
+    _landing(tmp_path)
+    cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
+    first = steps.prepare(spark, cfg)
+    write = lake.write_table
+
+    def dies_on_val(df, uri, **kwargs):
+        if uri.endswith("_val"):
+            raise RuntimeError("executor lost")
+        return write(df, uri, **kwargs)
+
+    monkeypatch.setattr(lake, "write_table", dies_on_val)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        steps.prepare(spark, cfg)
+    assert lake.latest_version(cfg.table_uri("train")) == first["tables"]["train"]["version"] + 1  # half-written job
+    pinned = steps.pinned_tables(cfg)
+    assert {s: pinned[s]["version"] for s in steps.SPLITS} == {s: first["tables"][s]["version"] for s in steps.SPLITS}
+    assert {pinned[s]["prepare_job"] for s in steps.SPLITS} == {first["job_id"]}
