@@ -17,13 +17,14 @@ import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
 from py4j.java_gateway import JavaClass
 from pyspark.sql.types import StructType
+
+from dlpipe.storage import filesystem
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -127,7 +128,7 @@ def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Re
     """Runs in a Spark task: write its rows to one new parquet file, yield one row about it."""
     from pyspark import TaskContext
 
-    fs, base = pafs.FileSystem.from_uri(root)
+    fs, base = filesystem(root)
     name = f"part-{TaskContext.get().partitionId():05d}-{uuid.uuid4()}-c000.snappy.parquet"
     writer, num_records = None, 0
     try:

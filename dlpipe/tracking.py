@@ -71,12 +71,17 @@ def log_classifier(model: torch.nn.Module, input_shape: tuple[int, ...], classes
         )
 
 
-def curves_figure(history: list[dict]):
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def curves_figure(history: list[dict]):
+    plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], "o-", label="train")
@@ -93,11 +98,7 @@ def curves_figure(history: list[dict]):
 
 
 def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 7))
     shown = ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")

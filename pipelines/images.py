@@ -32,9 +32,11 @@ def read_image_files(spark: SparkSession, landing_uri: str) -> DataFrame:
 def _zero_byte_files(landing_uri: str) -> list[str]:
     from pyarrow import fs
 
-    filesystem, root = fs.FileSystem.from_uri(landing_uri if "://" in landing_uri else f"file://{landing_uri}")
+    from dlpipe.storage import filesystem
+
+    landing_fs, root = filesystem(landing_uri)
     found = []
-    for info in filesystem.get_file_info(fs.FileSelector(root, recursive=True)):
+    for info in landing_fs.get_file_info(fs.FileSelector(root, recursive=True)):
         relative = info.path[len(root):].lstrip("/")
         hidden = any(part.startswith((".", "_")) for part in relative.split("/"))
         if info.type == fs.FileType.File and info.size == 0 and not hidden:
