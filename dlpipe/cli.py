@@ -64,7 +64,7 @@ def render_demo(summary: dict) -> str:
         lines.append(f"  {table['uri']}  version {table['version']}  ({table['rows']} rows)")
     pred = s["score"]["predictions"]
     lines += [
-        f"  {pred['uri']}  version {pred['version']}  ({pred['rows_for_model_version']} rows from this model version)",
+        f"  {pred['uri']}  version {pred['version']}  ({pred['rows_appended']} predictions appended)",
         f"training run: {s['train']['run_id']}  ({s['train']['backend']}, {s['train']['world_size']} workers)",
         f"test accuracy: {s['evaluate']['metrics']['test_accuracy']:.4f} on {s['evaluate']['metrics']['test_rows']} images",
         f"registered: models:/{s['evaluate']['model_name']}/{s['evaluate']['model_version']} (alias champion)",

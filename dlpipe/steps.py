@@ -278,11 +278,13 @@ def score(spark: SparkSession, cfg: Config) -> dict:
     out_uri = cfg.table_uri("predictions")
     out_version = lake.write_table(predictions, out_uri, mode="append", metadata={
         "dlpipe.step": "score", "dlpipe.model_uri": model_uri, "dlpipe.source": f"{test_uri}@{test_version}"})
-    rows = lake.read_table(spark, out_uri, out_version).where(F.col("model_version") == int(version)).count()
+    rows = lake.read_table(spark, out_uri, out_version).count()  # rows this job appended:
+    if out_version > 0:
+        rows -= lake.read_table(spark, out_uri, out_version - 1).count()
     say(f"scored {test_uri}@{test_version} with {model_uri} into {out_uri} version {out_version}")
     return {"step": "score", "model_uri": model_uri, "model_name": name, "model_version": int(version),
             "input": {"uri": test_uri, "version": test_version},
-            "predictions": {"uri": out_uri, "version": out_version, "rows_for_model_version": rows}}
+            "predictions": {"uri": out_uri, "version": out_version, "rows_appended": rows}}
 
 
 def demo(spark: SparkSession, cfg: Config) -> dict:

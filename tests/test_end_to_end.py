@@ -78,8 +78,8 @@ def test_evaluate_registers_champion(pipeline):
 def test_score_appends_predictions_with_model_version(spark, pipeline):
     cfg, _, prepared, _, evaluated, scored = pipeline
     assert scored["model_uri"] == f"models:/e2e_cnn/{evaluated['model_version']}"
-    predictions = deltalake.DeltaTable(scored["predictions"]["uri"]).to_pandas()
-    assert len(predictions) == prepared["tables"]["test"]["rows"] == scored["predictions"]["rows_for_model_version"]
+    predictions = deltalake.DeltaTable(scored["predictions"]["uri"], version=scored["predictions"]["version"]).to_pandas()
+    assert len(predictions) == prepared["tables"]["test"]["rows"] == scored["predictions"]["rows_appended"]
     assert set(predictions["model_version"]) == {evaluated["model_version"]}
     assert sorted(predictions["key"]) == sorted(deltalake.DeltaTable(prepared["tables"]["test"]["uri"]).to_pandas()["key"])
     probabilities = predictions["probabilities"].iloc[0]
@@ -112,6 +112,14 @@ CONSUMER = textwrap.dedent("""
     print(json.dumps({"prediction": out["prediction"].tolist(), "label_name": out["label_name"].tolist(),
                       "signature": model.metadata.signature.inputs.input_names()}))
 """)
+
+
+def test_scoring_again_appends_a_new_version(spark, pipeline):
+    cfg, _, prepared, _, _, scored = pipeline
+    again = steps.score(spark, cfg)
+    assert again["predictions"]["version"] == scored["predictions"]["version"] + 1
+    assert again["predictions"]["rows_appended"] == prepared["tables"]["test"]["rows"]
+    assert len(deltalake.DeltaTable(scored["predictions"]["uri"]).to_pandas()) == 2 * prepared["tables"]["test"]["rows"]
 
 
 def test_consumer_loads_champion_without_dlpipe(pipeline, tmp_path):
