@@ -111,15 +111,17 @@ def load_shard(files: list[str], shape: tuple[int, int, int], rank: int, size: i
 
     Row groups are dealt out round-robin by rank; with fewer row groups than workers every
     worker strides over the rows instead. The driver never touches the data."""
-    pieces = [(f, g) for f in files for g in range(pq.ParquetFile(_local(f)).num_row_groups)]
+    columns = ["label", "pixels"]
+    parquet = {f: _open_parquet(f) for f in files}  # footers read once
+    pieces = [(f, g) for f, handle in parquet.items() for g in range(handle.num_row_groups)]
     tables = []
     if len(pieces) >= size:
         for i, (f, g) in enumerate(pieces):
             if i % size == rank:
-                tables.append((pq.ParquetFile(_local(f)).read_row_group(g, columns=["label", "pixels"]), f"{f} row group {g}"))
+                tables.append((parquet[f].read_row_group(g, columns=columns), f"{f} row group {g}"))
     else:
-        for f in files:
-            table = pq.read_table(_local(f), columns=["label", "pixels"])
+        for f, handle in parquet.items():
+            table = handle.read(columns=columns)
             tables.append((table.take(np.arange(rank, table.num_rows, size)), f))
     rows = sum(t.num_rows for t, _ in tables)
     x = np.empty((rows, *shape), dtype=np.float32)
@@ -140,8 +142,9 @@ def load_shard(files: list[str], shape: tuple[int, int, int], rank: int, size: i
     return x, y
 
 
-def _local(uri: str) -> str:
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+def _open_parquet(uri: str) -> pq.ParquetFile:
+    filesys, path = filesystem(uri)  # local, file://, s3://, hdfs://
+    return pq.ParquetFile(filesys.open_input_file(path))
 
 
 def _connect(backend: str):

@@ -101,21 +101,24 @@ def pinned_tables(cfg: Config) -> dict[str, dict]:
     three tables one after the other, so a job that died half-way must not be mixed with the
     tables of the job before it."""
     uris = {split: cfg.table_uri(split) for split in SPLITS}
-    versions_by_job: dict[str, dict[str, int]] = {}
+    histories = {}
     for split, uri in uris.items():
         if lake.latest_version(uri) is None:
             raise FileNotFoundError(f"no Delta table at {uri}: run the prepare step first")
-        for commit in lake.history(uri):  # newest first
+        histories[split] = lake.history(uri)  # newest first
+    versions_by_job: dict[str, dict[str, int]] = {}
+    for split, history in histories.items():
+        for commit in history:
             job = commit["metadata"].get("dlpipe.job_id")
             if job:
                 versions_by_job.setdefault(job, {}).setdefault(split, commit["version"])
-    for commit in lake.history(uris["train"]):
+    for commit in histories["train"]:
         job = commit["metadata"].get("dlpipe.job_id")
         if job and len(versions_by_job.get(job, {})) == len(SPLITS):
             return {split: {"uri": uri, "version": versions_by_job[job][split], "prepare_job": job}
                     for split, uri in uris.items()}
     # tables written by something other than `dlpipe prepare`: their latest versions
-    return {split: {"uri": uri, "version": lake.latest_version(uri)} for split, uri in uris.items()}
+    return {split: {"uri": uri, "version": histories[split][0]["version"]} for split, uri in uris.items()}
 
 
 def train(spark: SparkSession, cfg: Config) -> dict:
