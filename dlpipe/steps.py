@@ -21,7 +21,8 @@ from dlpipe import checkpoints, demo_data, lake, tracking
 from dlpipe.config import Config
 from dlpipe.launch import TrainTask, launch
 from dlpipe.scoring import confusion_and_metrics, predict
-from pipelines.images import assign_split, decode_images, read_image_files
+from pipelines.images import assign_split, decode_images
+from pipelines.sources import read_files
 
 SPLITS = ("train", "val", "test")
 
@@ -55,7 +56,7 @@ def prepare(spark: SparkSession, cfg: Config) -> dict:
     """Raw image files -> <name>_train/_val/_test Delta tables (+ <name>_rejected with reasons)."""
     job_id = uuid.uuid4().hex
     try:
-        files = read_image_files(spark, cfg.paths.landing)
+        files = read_files(spark, cfg.paths.landing)
     except AnalysisException as exc:
         raise FileNotFoundError(f"cannot read raw images under {cfg.paths.landing}: {exc.getMessage()}") from None
     decoded = assign_split(
