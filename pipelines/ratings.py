@@ -1,0 +1,76 @@
+"""data.kind: ratings. (user, item, rating) rows -> <name>_train/_val/_test with
+`key string (user:item), source string, user string, item string, rating float`, split by a hash
+of the key (data.ratings.split_by: rating) or of the user (split_by: user: all of a user's
+ratings in one split). Derived from those, rebuilt by every job:
+- <name>_items `item string, index int`: the position of each item in the rating vectors
+  (items in numeric order when every id is a number);
+- <name>_vectors_train/_val/_test `user string, ratings array<float>`: one dense vector per
+  user of the ratings in that split, 0 for unrated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from dlpipe import lake
+from pipelines import records
+from pipelines.prepare import hash_split, parse_files
+
+BASE = ("train", "val", "test")
+STATE = None
+UNIT = "rows"
+
+
+def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
+    r = cfg.data.ratings
+
+    def convert(record: dict) -> dict:
+        user, item = records.text(record, r.user), records.text(record, r.item)
+        rating = records.number(record, r.rating)
+        if not r.min_rating <= rating <= r.max_rating:
+            raise records.Invalid(f"column {r.rating!r}: {rating:g} is outside [{r.min_rating:g}, {r.max_rating:g}]")
+        return {"key": f"{user}:{item}", "user": user, "item": item, "rating": rating}
+
+    return parse_files(files, root, r.format, "utf-8", "", "user string, item string, rating float", convert)
+
+
+def assign_split(df: DataFrame, cfg) -> DataFrame:
+    return hash_split(df, cfg, "key" if cfg.data.ratings.split_by == "rating" else "user")
+
+
+def to_base(accepted: DataFrame, cfg, state) -> DataFrame:
+    return accepted.select("key", "source", "user", "item", "rating", "split")
+
+
+def derive(spark, cfg, state, written: dict) -> dict:
+    splits = {s: lake.read_table(spark, written[s]["uri"], written[s]["version"]) for s in BASE}
+    everything = splits["train"].unionByName(splits["val"]).unionByName(splits["test"])
+    items = [r["item"] for r in everything.select("item").distinct().collect()]
+    numeric = all(i.lstrip("-").isdigit() for i in items)
+    items.sort(key=(lambda i: int(i)) if numeric else None)
+    index = spark.createDataFrame(pd.DataFrame({"item": items, "index": np.arange(len(items), dtype=np.int32)}),
+                                  "item string, index int")
+    width = len(items)
+
+    def dense(batches):
+        for batch in batches:
+            vectors = []
+            for positions, ratings in zip(batch["positions"], batch["ratings"]):
+                v = np.zeros(width, dtype=np.float32)
+                v[np.asarray(positions, dtype=np.int64)] = ratings
+                vectors.append(v)
+            yield pd.DataFrame({"user": batch["user"], "ratings": vectors})
+
+    out = {"items": index}
+    for split, df in splits.items():
+        grouped = df.join(F.broadcast(index), "item").groupBy("user").agg(
+            F.collect_list("index").alias("positions"), F.collect_list("rating").alias("ratings"))
+        out[f"vectors_{split}"] = grouped.mapInPandas(dense, "user string, ratings array<float>")
+    return out
+
+
+def report(spark, cfg, state, written) -> dict:
+    return {"items": written["items"]["rows"], "users_per_split": {s: written[f"vectors_{s}"]["rows"] for s in BASE}}
