@@ -48,6 +48,23 @@ def join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
 
 
+def spark_uri(spark, uri: str) -> str | None:
+    """The URI as Spark's JVM reads it (s3:// as s3a:// where only S3A is there), or None when
+    the JVM has no Hadoop FileSystem for the scheme (then dlpipe reads it with pyarrow)."""
+    jvm = getattr(spark, "_jvm", None)  # Spark Connect sessions have no JVM handle
+    if jvm is None:
+        return None
+    given = scheme(uri)
+    conf = spark._jsc.hadoopConfiguration()
+    for candidate in [given] + (["s3a"] if given == "s3" else []):
+        try:
+            jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(candidate, conf)
+        except Exception:  # UnsupportedFileSystemException: no connector on the classpath
+            continue
+        return uri if candidate == given or "://" not in uri else candidate + uri[len(given):]
+    return None
+
+
 def delta_options(uri: str) -> dict[str, str] | None:
     """delta-rs storage options for a table URI: where the S3 server is, never the credentials
     (delta-rs reads those from the same variables and profiles itself). Commits to S3 need no

@@ -27,7 +27,7 @@ SOURCE_NAME = "dlpipe_files"
 def read_files(spark: SparkSession, landing_uri: str) -> DataFrame:
     """Every file under the landing URI as (path, content)."""
     uri = landing_uri if "://" in landing_uri else "file://" + _abspath(landing_uri)
-    spark_uri = _spark_readable(spark, uri)
+    spark_uri = storage.spark_uri(spark, uri)
     if spark_uri is None:
         files = list_files(uri)
         if not files:
@@ -116,23 +116,6 @@ class _FilesReader(DataSourceReader):
                     raise storage.clear_error(path, exc) from None
             yield pa.RecordBatch.from_arrays([pa.array(chunk, pa.string()), pa.array(contents, pa.binary())],
                                              names=["path", "content"])
-
-
-def _spark_readable(spark: SparkSession, uri: str) -> str | None:
-    """The URI as Spark's JVM reads it (s3:// as s3a:// where only S3A is there), or None when
-    the JVM has no Hadoop FileSystem for the scheme."""
-    jvm = getattr(spark, "_jvm", None)  # Spark Connect sessions have no JVM handle
-    if jvm is None:
-        return None
-    scheme = storage.scheme(uri)
-    conf = spark._jsc.hadoopConfiguration()
-    for candidate in [scheme] + (["s3a"] if scheme == "s3" else []):
-        try:
-            jvm.org.apache.hadoop.fs.FileSystem.getFileSystemClass(candidate, conf)
-        except Exception:  # UnsupportedFileSystemException: no connector on the classpath
-            continue
-        return uri if candidate == scheme else candidate + uri[len(scheme):]
-    return None
 
 
 def _zero_byte_files(spark: SparkSession, uri: str) -> list[str]:
