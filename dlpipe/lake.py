@@ -3,8 +3,10 @@
 Without delta-spark, Spark tasks write the parquet files (one per partition, unique names) and
 the driver commits them to the Delta log with delta-rs in ONE transaction. Files of failed or
 retried tasks are never committed: harmless orphans that VACUUM removes.
-Tables are URIs (a local path, which is made absolute, or file://...). Our metadata goes into
-commitInfo.userMetadata as JSON with both engines, so Spark's DESCRIBE HISTORY shows it too.
+Tables are URIs: a local path (made absolute), file://, s3:// or s3a:// (delta-rs reaches S3
+with dlpipe.storage.delta_options and commits with conditional puts, no lock needed), hdfs:// with
+native Delta. Our metadata goes into commitInfo.userMetadata as JSON with both engines, so Spark's
+DESCRIBE HISTORY shows it too. Credentials are never part of it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
 from py4j.java_gateway import JavaClass
+from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.types import StructType
 
-from dlpipe.storage import filesystem
+from dlpipe import storage
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -75,14 +78,17 @@ def read_table(spark: SparkSession, uri: str, version: int | None = None) -> Dat
     files = table.file_uris()
     if not files:
         return spark.createDataFrame([], schema)
-    return spark.read.schema(schema).parquet(*files)
+    if storage.spark_uri(spark, files[0]) is None:  # e.g. s3:// without hadoop-aws: pyarrow on the executors
+        spark.dataSource.register(ParquetFilesDataSource)
+        return spark.read.format(ParquetFilesDataSource.name()).schema(schema).option("files", json.dumps(files)).load()
+    return spark.read.schema(schema).parquet(*[storage.spark_uri(spark, f) for f in files])
 
 
 def latest_version(uri: str) -> int | None:
     uri = _norm(uri)
-    if not DeltaTable.is_deltatable(uri):
+    if not _is_table(uri):
         return None
-    return DeltaTable(uri).version()
+    return _delta(uri).version()
 
 
 def table_files(uri: str, version: int) -> list[str]:
@@ -104,12 +110,58 @@ def history(uri: str) -> list[dict[str, Any]]:
     ]
 
 
+def vacuum(uri: str, retain_hours: int, *, dry_run: bool = False, spark: SparkSession | None = None) -> list[str]:
+    """Delete the files that no version of the last `retain_hours` hours needs: files removed by
+    older commits, and files no commit ever named (orphans of failed or killed writes) older than
+    that. Returns those files (with dry_run, only lists them). Versions older than the retention
+    can no longer be read afterwards. Native VACUUM when `spark` has delta-spark, else delta-rs."""
+    uri = _norm(uri)
+    if retain_hours < 0:
+        raise ValueError(f"retain_hours for VACUUM of Delta table {uri} must be >= 0, got {retain_hours}")
+    _open(uri, None)  # names the table when it is not one
+    if spark is not None and native_delta_available(spark):
+        # below the 7-day default the native engine wants this check off, as delta-rs below
+        spark.conf.set("spark.databricks.delta.retentionDurationCheck.enabled", "false")
+        sql = f"VACUUM delta.`{uri}` RETAIN {int(retain_hours)} HOURS"
+        files = [row[0] for row in spark.sql(sql + " DRY RUN").collect()]
+        if not dry_run and files:
+            spark.sql(sql).collect()
+        return files
+    return _delta(uri).vacuum(retention_hours=int(retain_hours), dry_run=dry_run, enforce_retention_duration=False,
+                              full=True)
+
+
+class ParquetFilesDataSource(DataSource):
+    """Reads a snapshot's parquet files with pyarrow on the executors, one task per file: for
+    tables on a filesystem that Spark's JVM cannot open (s3:// without hadoop-aws)."""
+
+    @classmethod
+    def name(cls) -> str:
+        return "dlpipe_parquet"
+
+    def reader(self, schema: StructType) -> DataSourceReader:
+        return _ParquetReader(json.loads(self.options["files"]))
+
+
+class _ParquetReader(DataSourceReader):
+    def __init__(self, files: list[str]) -> None:
+        self.files = files
+
+    def partitions(self) -> list[InputPartition]:
+        return [InputPartition(f) for f in self.files]
+
+    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
+        fs, path = storage.filesystem(partition.value)
+        with fs.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches()
+
+
 def _write_with_delta_rs(
     df: DataFrame, uri: str, mode: str, user_metadata: str, *, table_exists: bool
 ) -> None:
     schema = Schema.from_json(df.schema.json())  # Delta's schema JSON is Spark's
     if table_exists and mode == "append":
-        current = _spark_schema(DeltaTable(uri))
+        current = _spark_schema(_delta(uri))
         if current.simpleString() != df.schema.simpleString():  # names and types, not nullability
             raise ValueError(
                 f"Cannot append to Delta table {uri}: expected schema {current.simpleString()}, "
@@ -119,16 +171,17 @@ def _write_with_delta_rs(
     actions = [AddAction(r.path, r.size, {}, r.modification_time, True, r.stats) for r in rows]
     props = CommitProperties(custom_metadata={"userMetadata": user_metadata})
     if table_exists:
-        DeltaTable(uri).create_write_transaction(actions, mode, schema, commit_properties=props)
+        _delta(uri).create_write_transaction(actions, mode, schema, commit_properties=props)
     else:
-        create_table_with_add_actions(uri, schema, actions, mode="error", commit_properties=props)
+        create_table_with_add_actions(uri, schema, actions, mode="error", storage_options=storage.delta_options(uri),
+                                      commit_properties=props)
 
 
 def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     """Runs in a Spark task: write its rows to one new parquet file, yield one row about it."""
     from pyspark import TaskContext
 
-    fs, base = filesystem(root)
+    fs, base = storage.filesystem(root)
     name = f"part-{TaskContext.get().partitionId():05d}-{uuid.uuid4()}-c000.snappy.parquet"
     writer, num_records = None, 0
     try:
@@ -136,7 +189,8 @@ def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Re
             if batch.num_rows == 0:
                 continue
             if writer is None:
-                fs.create_dir(base, recursive=True)
+                if storage.scheme(root) not in storage.S3_SCHEMES:  # object stores have no folders
+                    fs.create_dir(base, recursive=True)
                 writer = pq.ParquetWriter(f"{base}/{name}", batch.schema, filesystem=fs)
             writer.write_batch(batch)
             num_records += batch.num_rows
@@ -154,7 +208,7 @@ def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Re
 
 def _find_commit(uri: str, commit_id: str, before: int) -> int:
     """Our commit is one of the versions after `before`; other writers may have committed too."""
-    table = DeltaTable(uri)
+    table = _delta(uri)
     for commit in table.history(table.version() - before):
         if _user_metadata(commit).get(_COMMIT_ID) == commit_id:
             return commit["version"]
@@ -162,9 +216,9 @@ def _find_commit(uri: str, commit_id: str, before: int) -> int:
 
 
 def _open(uri: str, version: int | None) -> DeltaTable:
-    if not DeltaTable.is_deltatable(uri):
+    if not _is_table(uri):
         raise FileNotFoundError(f"no Delta table at {uri}")
-    table = DeltaTable(uri)
+    table = _delta(uri)
     latest = table.version()
     if version is None or version == latest:
         return table
@@ -175,6 +229,17 @@ def _open(uri: str, version: int | None) -> DeltaTable:
     except DeltaError as e:  # e.g. the log of old versions was cleaned up
         raise ValueError(f"Cannot load version {version} of Delta table {uri} (latest {latest}): {e}") from e
     return table
+
+
+def _is_table(uri: str) -> bool:
+    try:
+        return DeltaTable.is_deltatable(uri, storage.delta_options(uri))
+    except OSError as exc:  # missing bucket, wrong credentials: say so, naming the table
+        raise storage.clear_error(uri, exc) from None
+
+
+def _delta(uri: str, version: int | None = None) -> DeltaTable:
+    return DeltaTable(uri, version=version, storage_options=storage.delta_options(uri))
 
 
 def _spark_schema(table: DeltaTable) -> StructType:
