@@ -235,6 +235,8 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-01-02 as a date
+            value = value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return value
