@@ -1,10 +1,11 @@
 """`dlpipe bench training`: samples/s and time to a target test accuracy of the CNN on the
 prepared tables, for a bare PyTorch loop written here and for each dlpipe launcher, all in one run
-with one torch thread per worker."""
+with one torch thread per worker. `dlpipe bench score`: see score() below."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -104,4 +105,75 @@ def training(spark, cfg: Config, model_cfg: CNNConfig) -> dict:
             "horovod_2_over_2x_bare": runs["c_horovod_2_workers"]["samples_per_sec"] / (2 * bare),
         },
         "goals": {"local_over_bare": ">= 0.95", "horovod_2_over_2x_bare": ">= 0.85"},
+    }
+
+
+def score(spark, cfg: Config) -> dict:
+    """`dlpipe bench score`: rows/s of the score job's path (predict with the model shipped once
+    per executor process, whole Arrow batches, Delta write) against (a) a plain in-process
+    PyTorch loop over the same rows and (b) mlflow.pyfunc.spark_udf with default settings, which
+    also writes the same Delta output. All on the pinned train table (the most rows), one run."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    from pyspark.sql import functions as F
+
+    from dlpipe import tracking
+    from dlpipe.scoring import predict
+
+    tracking.setup(cfg.mlflow)
+    model_uri = cfg.score.model_uri or f"models:/{cfg.registry.model_name}@champion"
+    uri = cfg.table_uri("train")
+    version = lake.latest_version(uri)
+    if version is None:
+        raise FileNotFoundError(f"no Delta table at {uri}: run `dlpipe prepare` first")
+    local = mlflow.artifacts.download_artifacts(model_uri, dst_path=tempfile.mkdtemp(prefix="dlpipe-bench-"))
+    out = Path(tempfile.mkdtemp(prefix="dlpipe-bench-out-"))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.score.batch_size))
+    runs = {}
+
+    # (a) plain PyTorch: read the same parquet files, run the exported program batch by batch
+    started = time.perf_counter()
+    meta = json.loads(Path(local, "artifacts", "meta.json").read_text())
+    module = torch.export.load(str(Path(local, "artifacts", "model.pt2"))).module()
+    x, _ = _read(lake.table_files(uri, version), tuple(meta["input_shape"]))
+    predicted = []
+    with torch.no_grad():
+        for i in range(0, len(x), cfg.score.batch_size):
+            predicted.append(torch.softmax(module(x[i : i + cfg.score.batch_size]), dim=1).argmax(1))
+    rows = len(torch.cat(predicted))
+    runs["a_plain_pytorch_in_process"] = {"rows": rows, "seconds": time.perf_counter() - started}
+    print(f"bench score: (a) plain PyTorch {rows} rows in {runs['a_plain_pytorch_in_process']['seconds']:.1f} s", flush=True)
+
+    # the score job's path: dlpipe.scoring.predict + one Delta commit
+    started = time.perf_counter()
+    frame = predict(spark, lake.read_table(spark, uri, version), local).select(
+        "key", "prediction", "label_name", "probabilities")
+    lake.write_table(frame, str(out / "dlpipe"), mode="overwrite")
+    runs["dlpipe_score"] = {"rows": lake.read_table(spark, str(out / "dlpipe")).count(),
+                            "seconds": time.perf_counter() - started}
+    print(f"bench score: dlpipe score {runs['dlpipe_score']['rows']} rows in {runs['dlpipe_score']['seconds']:.1f} s", flush=True)
+
+    # (b) mlflow.pyfunc.spark_udf, default settings (result type from the signature)
+    started = time.perf_counter()
+    udf = mlflow.pyfunc.spark_udf(spark, local)
+    images = lake.read_table(spark, uri, version)
+    scored = images.select("key", udf(F.struct("pixels")).alias("out")).select(
+        "key", "out.prediction", "out.label_name", "out.probabilities")
+    lake.write_table(scored, str(out / "spark_udf"), mode="overwrite")
+    runs["b_mlflow_spark_udf"] = {"rows": lake.read_table(spark, str(out / "spark_udf")).count(),
+                                  "seconds": time.perf_counter() - started}
+    print(f"bench score: (b) spark_udf {runs['b_mlflow_spark_udf']['rows']} rows in "
+          f"{runs['b_mlflow_spark_udf']['seconds']:.1f} s", flush=True)
+    for run in runs.values():
+        run["rows_per_sec"] = run["rows"] / run["seconds"]
+    ours = runs["dlpipe_score"]["rows_per_sec"]
+    return {
+        "step": "bench score", "model_uri": model_uri, "table": {"uri": uri, "version": version},
+        "batch_size": cfg.score.batch_size, "spark_master": spark.sparkContext.master,
+        "torch_threads_in_process": torch.get_num_threads(), "runs": runs,
+        "ratios": {"score_over_plain_pytorch": ours / runs["a_plain_pytorch_in_process"]["rows_per_sec"],
+                   "score_over_spark_udf": ours / runs["b_mlflow_spark_udf"]["rows_per_sec"]},
+        "goals": {"score_over_plain_pytorch": ">= 0.8", "score_over_spark_udf": "> 1.0"},
     }

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from dlpipe.config import ConfigError, load_config
 
-STEPS = ("land-demo-data", "land", "prepare", "train", "evaluate", "score", "demo", "bench")
-BENCHMARKS = ("training",)
+STEPS = ("land-demo-data", "land", "prepare", "train", "evaluate", "score", "demo", "bench", "retrain")
+BENCHMARKS = ("training", "score")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -26,7 +26,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["models"]:
+        return models_main(argv[1:])
+    args = parse_args(argv)
     if (args.step == "bench") != (args.benchmark is not None):
         print(f"dlpipe: error: `dlpipe bench` takes one of {BENCHMARKS}; other steps take none", file=sys.stderr)
         return 2
@@ -43,17 +46,61 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "land":
         summary = steps.land(cfg)
     else:
+        from dlpipe import registry, retrain
         from dlpipe.spark import get_session
 
+        try:
+            if args.step != "prepare":  # an unreachable tracking server fails in one line, before Spark starts
+                registry.check_reachable(cfg.mlflow.tracking_uri)
+        except registry.TrackingUnreachable as exc:
+            print(f"dlpipe: error: {exc}", file=sys.stderr)
+            return 1
         spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
         run = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate,
-               "score": steps.score, "demo": steps.demo, "bench": steps.bench_training}[args.step]
+               "score": steps.score, "demo": steps.demo, "retrain": retrain.retrain,
+               "bench": {"training": steps.bench_training, "score": steps.bench_score}.get(args.benchmark)}[args.step]
         summary = run(spark, cfg) | {"spark_master": spark.sparkContext.master,
                                      "spark_app_id": spark.sparkContext.applicationId}
     if args.step == "demo":
         print(render_demo(summary), flush=True)
     else:
         print(json.dumps(summary, indent=2, default=str), flush=True)
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return 0
+
+
+def models_main(argv: list[str]) -> int:
+    """`dlpipe models describe|rollback [NAME] [--conf F] [--set k=v] [--summary out.json]`."""
+    parser = argparse.ArgumentParser(prog="dlpipe models", description=models_main.__doc__)
+    parser.add_argument("action", choices=("describe", "rollback"))
+    parser.add_argument("name", nargs="?", help="registered model name (default: registry.model_name)")
+    parser.add_argument("--conf", help="experiment YAML with overrides of conf/base.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--summary", help="write the result as JSON to this path")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+    except ConfigError as exc:
+        print(f"dlpipe: config error: {exc}", file=sys.stderr)
+        return 2
+    from mlflow.tracking import MlflowClient
+
+    from dlpipe import registry
+
+    name = args.name or cfg.registry.model_name
+    try:
+        registry.check_reachable(cfg.mlflow.tracking_uri)
+        client = MlflowClient(cfg.mlflow.tracking_uri)
+        if args.action == "describe":
+            summary = registry.describe(client, name)
+            print(registry.render(summary), flush=True)
+        else:
+            summary = registry.rollback(client, name, cfg.registry.lock_ttl_s, cfg.registry.lock_wait_s)
+            print(json.dumps(summary, indent=2), flush=True)
+    except (registry.TrackingUnreachable, LookupError, TimeoutError) as exc:
+        print(f"dlpipe: error: {exc}", file=sys.stderr)
+        return 1
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from dataclasses import dataclass
@@ -144,6 +145,10 @@ class TrainConfig:
 class RegistryConfig:
     model_name: str
     min_accuracy: float  # the new version becomes `champion` only at or above this test accuracy
+    metric: Literal["test_accuracy", "test_log_loss"]  # retrain compares challenger and champion on this
+    min_improvement: float  # retrain promotes a challenger only if it beats the champion by at least this
+    lock_ttl_s: int  # a promotion lock older than this was left by a crashed job and is broken
+    lock_wait_s: int  # how long a job waits for the promotion lock before failing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +167,7 @@ class EvaluateConfig:
 class ScoreConfig:
     model_uri: str  # "" = models:/<registry.model_name>@champion
     batch_size: int
+    run_date: str  # YYYY-MM-DD the predictions are for; "" = today (UTC). Rerun = same slice replaced
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -290,6 +296,8 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-01-02 as a date
+            value = value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return value
@@ -340,6 +348,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.max_rejected_fraction': expected a number in [0, 1], got {cfg.data.max_rejected_fraction}")
     if not 0 <= cfg.registry.min_accuracy <= 1:
         raise ConfigError(f"config key 'registry.min_accuracy': expected a number in [0, 1], got {cfg.registry.min_accuracy}")
+    if cfg.registry.min_improvement < 0:
+        raise ConfigError(f"config key 'registry.min_improvement': expected a non-negative number, got {cfg.registry.min_improvement}")
+    for key, value in {"registry.lock_ttl_s": cfg.registry.lock_ttl_s, "registry.lock_wait_s": cfg.registry.lock_wait_s}.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}': expected a positive integer, got {value}")
+    if cfg.score.run_date:
+        try:
+            datetime.date.fromisoformat(cfg.score.run_date)
+        except ValueError:
+            raise ConfigError(f"config key 'score.run_date': expected YYYY-MM-DD or \"\", got {cfg.score.run_date!r}") from None
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError("config key 'data.classes': expected at least two distinct class folder names")
     if not cfg.model.conv_channels or any(c <= 0 for c in cfg.model.conv_channels):

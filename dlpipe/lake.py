@@ -14,15 +14,17 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import uuid
 import weakref
 from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError
-from deltalake.transaction import AddAction, CommitProperties, create_table_with_add_actions
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 from py4j.java_gateway import JavaClass
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.types import StructType
@@ -258,3 +260,51 @@ def _user_metadata(commit: dict[str, Any]) -> dict[str, Any]:
 def _norm(uri: str) -> str:
     uri = os.fspath(uri)
     return uri if "://" in uri else os.path.abspath(uri)
+
+
+def replace_where(df: DataFrame, uri: str, where: dict[str, Any], *, metadata: dict[str, str] | None = None) -> int:
+    """Replace the rows with `column == value` for every item of `where` by df, in ONE commit
+    (Delta's replaceWhere), so a rerun of the same slice never duplicates it; creates the table
+    if needed. Returns the version of that commit."""
+    uri = _norm(uri)
+    before = latest_version(uri)
+    if before is None:
+        return write_table(df, uri, mode="append", metadata=metadata)
+    commit_id = str(uuid.uuid4())
+    user_metadata = json.dumps({**(metadata or {}), _COMMIT_ID: commit_id})
+    if native_delta_available(df.sparkSession):
+        condition = " AND ".join(f"`{col}` = '{value}'" for col, value in where.items())
+        (df.write.format("delta").mode("overwrite").option("replaceWhere", condition)
+         .option("userMetadata", user_metadata).save(uri))
+        return _find_commit(uri, commit_id, before)
+    table = DeltaTable(uri)
+    current = _spark_schema(table)
+    if current.simpleString() != df.schema.simpleString():
+        raise ValueError(f"Cannot write to Delta table {uri}: expected schema {current.simpleString()}, "
+                         f"received {df.schema.simpleString()}")
+    removes = [RemoveAction(path, True, int(time.time() * 1000), size)
+               for path, size in _files_where(uri, table, where)]
+    rows = df.mapInArrow(functools.partial(_write_files, uri), _FILE_ROWS).collect()
+    adds = [AddAction(r.path, r.size, {}, r.modification_time, True, r.stats) for r in rows]
+    table.create_write_transaction(adds + removes, "append", Schema.from_json(df.schema.json()),
+                                   commit_properties=CommitProperties(custom_metadata={"userMetadata": user_metadata}))
+    return _find_commit(uri, commit_id, before)
+
+
+def _files_where(uri: str, table: DeltaTable, where: dict[str, Any]) -> list[tuple[str, int]]:
+    """(path, size) of the data files whose rows all match `where`. Each job writes its own
+    files, so a file is wholly inside or outside a slice; a file that mixes both is an error."""
+    fs, base = filesystem(uri)
+    actions = table.get_add_actions(flatten=True).to_pydict()
+    matching = []
+    for path, size in zip(actions["path"], actions["size_bytes"]):
+        data = pq.ParquetFile(f"{base}/{path}", filesystem=fs).read(columns=list(where))
+        mask = functools.reduce(pc.and_, [pc.equal(data.column(c), pa.scalar(v, data.schema.field(c).type))
+                                          for c, v in where.items()])
+        inside = pc.sum(pc.cast(mask, pa.int64())).as_py() or 0
+        if inside and inside == data.num_rows:
+            matching.append((path, size))
+        elif inside:
+            raise ValueError(f"file {path} of Delta table {uri} holds rows inside and outside the slice {where}: "
+                             "cannot replace the slice file by file")
+    return matching

@@ -5,6 +5,7 @@ schedulers can chain steps by URI."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 
 import mlflow
@@ -15,7 +16,7 @@ from pyspark.sql import functions as F
 
 from dl.models import CNN, CNNConfig
 from dl.train import FitConfig
-from dlpipe import checkpoints, demo_data, lake, tracking
+from dlpipe import checkpoints, demo_data, lake, registry, tracking
 from dlpipe.config import Config
 from dlpipe.launch import TrainTask, launch
 from dlpipe.scoring import confusion_and_metrics, predict
@@ -189,8 +190,9 @@ def latest_training_run(cfg: Config) -> str:
     return runs[0].info.run_id
 
 
-def evaluate(spark: SparkSession, cfg: Config) -> dict:
-    """Test-set metrics for a training run, then register it; `champion` if it is good enough."""
+def evaluate(spark: SparkSession, cfg: Config, *, promote: bool = True) -> dict:
+    """Test-set metrics for a training run, then register it with its lineage; `champion` if it
+    is good enough (and `promote`: retrain registers without promoting and decides itself)."""
     tracking.setup(cfg.mlflow)
     client = MlflowClient()
     run_id = cfg.evaluate.run_id or latest_training_run(cfg)
@@ -205,21 +207,19 @@ def evaluate(spark: SparkSession, cfg: Config) -> dict:
                           "plots/confusion_matrix_test.png")
     say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['rows']} rows of {test['uri']}@{test['version']}")
     name = cfg.registry.model_name
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version = existing[0].version
-    else:
-        version = mlflow.register_model(model_uri, name, tags={
-            "dlpipe.run_id": run_id, "dlpipe.test_accuracy": f"{metrics['accuracy']:.6f}",
-            **{f"dlpipe.table.{s}": f"{run.data.params[f'table.{s}.uri']}@{run.data.params[f'table.{s}.version']}" for s in SPLITS},
-        }).version
-    champion = metrics["accuracy"] >= cfg.registry.min_accuracy
+    tables = {s: {"uri": run.data.params[f"table.{s}.uri"], "version": int(run.data.params[f"table.{s}.version"])}
+              for s in SPLITS}
+    scores = {"test_accuracy": metrics["accuracy"], "test_log_loss": metrics["log_loss"]}
+    version = registry.register(client, name, model_uri, run_id,
+                                registry.lineage_tags(client, run_id, tables, scores)).version
+    champion = promote and metrics["accuracy"] >= cfg.registry.min_accuracy
     if champion:
-        client.set_registered_model_alias(name, "champion", version)
+        with registry.lock(client, name, cfg.registry.lock_ttl_s, cfg.registry.lock_wait_s):
+            registry.promote(client, name, version)
         say(f"registered {name} version {version} and set alias champion")
     else:
-        say(f"registered {name} version {version}; NOT champion: test accuracy {metrics['accuracy']:.4f} "
-            f"< registry.min_accuracy {cfg.registry.min_accuracy}")
+        say(f"registered {name} version {version}" + ("" if not promote else
+            f"; NOT champion: test accuracy {metrics['accuracy']:.4f} < registry.min_accuracy {cfg.registry.min_accuracy}"))
     return {"step": "evaluate", "run_id": run_id, "test_table": test, "metrics": {"test_accuracy": metrics["accuracy"],
             "test_log_loss": metrics["log_loss"], "test_rows": metrics["rows"]},
             "model_name": name, "model_version": int(version), "champion": champion}
@@ -245,21 +245,28 @@ def score(spark: SparkSession, cfg: Config) -> dict:
     if test_version is None:
         raise FileNotFoundError(f"no Delta table at {test_uri}: run the prepare step first")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.score.batch_size))
+    run_date = datetime.date.fromisoformat(cfg.score.run_date) if cfg.score.run_date else datetime.datetime.now(datetime.UTC).date()
     predictions = predict(spark, lake.read_table(spark, test_uri, test_version), model_uri).select(
         "key", "prediction", "label_name", "probabilities",
         F.lit(name).alias("model_name"), F.lit(int(version)).alias("model_version"),
-        F.current_timestamp().alias("scored_at"),
+        F.lit(run_date).alias("run_date"), F.current_timestamp().alias("scored_at"),
     )
     out_uri = cfg.table_uri("predictions")
-    out_version = lake.write_table(predictions, out_uri, mode="append", metadata={
-        "dlpipe.step": "score", "dlpipe.model_uri": model_uri, "dlpipe.source": f"{test_uri}@{test_version}"})
-    rows = lake.read_table(spark, out_uri, out_version).count()  # rows this job appended:
-    if out_version > 0:
-        rows -= lake.read_table(spark, out_uri, out_version - 1).count()
-    say(f"scored {test_uri}@{test_version} with {model_uri} into {out_uri} version {out_version}")
+    # one commit replaces this (model version, run date) slice: a rerun never duplicates rows
+    out_version = lake.replace_where(predictions, out_uri, {"model_version": int(version), "run_date": run_date}, metadata={
+        "dlpipe.step": "score", "dlpipe.model_uri": model_uri, "dlpipe.source": f"{test_uri}@{test_version}",
+        "dlpipe.run_date": run_date.isoformat()})
+
+    def slice_rows(v: int) -> int:
+        table = lake.read_table(spark, out_uri, v)
+        return table.where((F.col("model_version") == int(version)) & (F.col("run_date") == F.lit(run_date))).count()
+
+    rows, replaced = slice_rows(out_version), (slice_rows(out_version - 1) if out_version > 0 else 0)
+    say(f"scored {test_uri}@{test_version} with {model_uri} into {out_uri} version {out_version} "
+        f"(run date {run_date}; {replaced} earlier rows of this model version and date replaced)")
     return {"step": "score", "model_uri": model_uri, "model_name": name, "model_version": int(version),
-            "input": {"uri": test_uri, "version": test_version},
-            "predictions": {"uri": out_uri, "version": out_version, "rows_appended": rows}}
+            "run_date": run_date.isoformat(), "input": {"uri": test_uri, "version": test_version},
+            "predictions": {"uri": out_uri, "version": out_version, "rows_appended": rows, "rows_replaced": replaced}}
 
 
 def demo(spark: SparkSession, cfg: Config) -> dict:
@@ -283,6 +290,17 @@ def bench_training(spark: SparkSession, cfg: Config) -> dict:
         reached = "not reached" if run["time_to_target_s"] is None else f"{run['time_to_target_s']:.0f} s"
         say(f"{name}: {run['samples_per_sec']:.0f} samples/s, test accuracy {run['test_accuracy']:.4f}, "
             f"time to {summary['target_test_accuracy']}: {reached}")
+    for name, ratio in summary["ratios"].items():
+        say(f"{name} = {ratio:.2f} (goal {summary['goals'][name]})")
+    return summary
+
+
+def bench_score(spark: SparkSession, cfg: Config) -> dict:
+    from dlpipe import bench
+
+    summary = bench.score(spark, cfg)
+    for name, run in summary["runs"].items():
+        say(f"{name}: {run['rows_per_sec']:.0f} rows/s ({run['rows']} rows in {run['seconds']:.1f} s)")
     for name, ratio in summary["ratios"].items():
         say(f"{name} = {ratio:.2f} (goal {summary['goals'][name]})")
     return summary

@@ -34,8 +34,11 @@ def setup(cfg: MlflowConfig) -> str:
     try:
         experiment = client.get_experiment_by_name(cfg.experiment)
     except Exception as exc:
-        raise RuntimeError(f"MLflow tracking store {cfg.tracking_uri} is unreachable: {exc}") from None
-    if experiment is None:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(f"MLflow tracking store {cfg.tracking_uri} is unreachable: {type(exc).__name__}: {first_line}") from None
+    if experiment is None and cfg.tracking_uri.startswith(("http://", "https://")):
+        experiment_id = client.create_experiment(cfg.experiment)  # the server's artifact store (--serve-artifacts)
+    elif experiment is None:
         location = cfg.artifact_root if "://" in cfg.artifact_root else Path(cfg.artifact_root).as_uri()
         experiment_id = client.create_experiment(cfg.experiment, artifact_location=f"{location}/{cfg.experiment}")
     else:

@@ -1,0 +1,112 @@
+"""`dlpipe retrain`: the nightly job. Retrains only when the training tables have a version the
+champion was not trained on, and promotes the challenger only if it beats the champion on the
+same pinned holdout by registry.min_improvement on registry.metric. Safe to run twice and to
+run concurrently: the decision and every alias move happen under the registry lock, and one set
+of table versions is promoted at most once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mlflow.tracking import MlflowClient
+from pyspark.sql import SparkSession
+
+from dlpipe import lake, registry, steps, tracking
+from dlpipe.config import Config
+from dlpipe.registry import CHALLENGER, CHAMPION
+from dlpipe.scoring import confusion_and_metrics, predict
+
+OUTCOME = "dlpipe.retrain.outcome"  # tag on a version once retrain has decided about it
+
+
+def say(message: str) -> None:
+    print(f"dlpipe: {message}", flush=True)
+
+
+def holdout_metrics(spark: SparkSession, cfg: Config, model_uri: str, test: dict) -> dict[str, float]:
+    predictions = predict(spark, lake.read_table(spark, test["uri"], test["version"]), model_uri)
+    _, m = confusion_and_metrics(predictions, len(cfg.data.classes))
+    return {"test_accuracy": m["accuracy"], "test_log_loss": m["log_loss"]}
+
+
+def retrain(spark: SparkSession, cfg: Config) -> dict:
+    registry.check_reachable(cfg.mlflow.tracking_uri)  # before anything is trained
+    tracking.setup(cfg.mlflow)
+    client = MlflowClient()
+    r, name = cfg.registry, cfg.registry.model_name
+    current = {s: {"uri": t["uri"], "version": t["version"]} for s, t in steps.pinned_tables(cfg).items()}
+    champion = registry.alias_version(client, name, CHAMPION)
+    summary = {"step": "retrain", "model_name": name, "metric": r.metric, "tables": current,
+               "champion_before": int(champion.version) if champion else None}
+    wanted = {s: (t["uri"], t["version"]) for s, t in current.items()}
+    if champion and registry.tables_of(champion) == wanted:
+        reason = (f"no new data: champion version {champion.version} was trained on "
+                  f"{current['train']['uri']}@{current['train']['version']}, the newest version")
+        say(reason)
+        return summary | {"action": "none", "reason": reason, "champion_after": int(champion.version)}
+    earlier = registry.versions_trained_on(client, name, current)
+    decided = [v for v in earlier if v.tags.get(OUTCOME)]
+    if decided:
+        v = decided[-1]
+        reason = f"version {v.version} was already trained on these table versions ({v.tags[OUTCOME]})"
+        say(f"nothing to do: {reason}")
+        return summary | {"action": "none", "reason": reason, "challenger_version": int(v.version),
+                          "champion_after": summary["champion_before"]}
+
+    if earlier:  # registered by a job that died before deciding: decide now, do not retrain
+        challenger = earlier[-1]
+        say(f"version {challenger.version} was trained on these tables but never decided about: deciding now")
+    else:
+        say(f"new data: training a challenger on {current['train']['uri']}@{current['train']['version']}"
+            + (f" (champion version {champion.version} was trained on {registry.tables_of(champion).get('train')})"
+               if champion else " (no champion yet)"))
+        trained = steps.train(spark, cfg)
+        current = {s: {"uri": t["uri"], "version": t["version"]} for s, t in trained["tables"].items()}
+        evaluated = steps.evaluate(spark, dataclasses.replace(
+            cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=trained["run_id"])), promote=False)
+        challenger = client.get_model_version(name, str(evaluated["model_version"]))
+    challenger_score = registry.metric_of(challenger, r.metric)
+    summary |= {"tables": current, "challenger_version": int(challenger.version), "challenger_run_id": challenger.run_id,
+                "challenger_metrics": {k: registry.metric_of(challenger, k) for k in registry.HIGHER_IS_BETTER}}
+
+    on_holdout: dict[str, dict[str, float]] = {}
+
+    def champion_metrics(version) -> dict[str, float]:
+        if version.version not in on_holdout:
+            say(f"evaluating champion version {version.version} on the same holdout "
+                f"{current['test']['uri']}@{current['test']['version']}")
+            on_holdout[version.version] = holdout_metrics(spark, cfg, f"models:/{name}/{version.version}", current["test"])
+        return on_holdout[version.version]
+
+    if champion:
+        champion_metrics(champion)  # outside the lock; re-checked below
+    with registry.lock(client, name, r.lock_ttl_s, r.lock_wait_s):
+        champion = registry.alias_version(client, name, CHAMPION)  # may have moved while we trained
+        rivals = [v for v in registry.versions_trained_on(client, name, current)
+                  if v.version != challenger.version and v.tags.get(OUTCOME, "").startswith("promoted")]
+        if champion and champion.version == challenger.version:
+            wins, why = True, "it is already champion"
+        elif rivals:
+            wins, why = False, (f"version {rivals[0].version}, trained on the same table versions, was promoted "
+                                "by another retrain")
+        elif champion is None:
+            accuracy = registry.metric_of(challenger, "test_accuracy")
+            wins = accuracy >= r.min_accuracy
+            why = (f"no champion yet; test_accuracy {accuracy:.4f} "
+                   f"{'>=' if wins else '<'} registry.min_accuracy {r.min_accuracy}")
+        else:
+            reference = champion_metrics(champion)
+            summary["champion_metrics_on_holdout"] = reference
+            wins, why = registry.beats(r.metric, challenger_score, reference[r.metric], r.min_improvement)
+        if wins:
+            registry.promote(client, name, challenger.version)
+        else:
+            registry.set_aliases(client, name, [(CHALLENGER, challenger.version)])
+        outcome = ("promoted: " if wins else "not promoted: ") + why
+        client.set_model_version_tag(name, challenger.version, OUTCOME, outcome)
+    if wins:
+        say(f"promoted {name} version {challenger.version} to champion: {why}")
+    else:
+        say(f"{name} version {challenger.version} is NOT promoted (alias challenger): {why}")
+    return summary | {"action": "promoted" if wins else "not promoted", "reason": why,
+                      "champion_after": int(challenger.version) if wins else (int(champion.version) if champion else None)}
