@@ -93,14 +93,21 @@ def land(dataset: str, landing: str, shards: int) -> dict:
         load, fmt = TABULAR[dataset]
         df = load()
         rows = len(df)
-        for i, part in enumerate(np.array_split(np.arange(len(df)), shards)):
-            chunk = df.iloc[part]
-            done = _write(root / f"part-{i:05d}.{fmt}", lambda tmp, c=chunk: _save(c, tmp, fmt))
-            written, existing = written + done, existing + (not done)
+        written = write_shards(df, root, shards, fmt)
+        existing = shards - written
     else:
         raise ValueError(f"unknown dataset {dataset!r} (config key data.dataset): expected one of {list(DATASETS)}")
     return {"step": "land", "dataset": dataset, "landing": str(root), "rows": rows,
             "files_written": written, "files_already_there": existing}
+
+
+def write_shards(df: pd.DataFrame, root: Path, shards: int, fmt: str, prefix: str = "part") -> int:
+    """df as `shards` files <prefix>-00000.<fmt>, ... of consecutive rows; returns files written."""
+    written = 0
+    for i, part in enumerate(np.array_split(np.arange(len(df)), shards)):
+        chunk = df.iloc[part]
+        written += _write(Path(root) / f"{prefix}-{i:05d}.{fmt}", lambda tmp, c=chunk: _save(c, tmp, fmt))
+    return written
 
 
 def _write(path: Path, save) -> bool:

@@ -5,8 +5,9 @@ Delta tables. The contract handling is the same for every kind and lives here:
   columns; rows with an error, and every repeat of a key, go to `<name>_rejected` with the reason;
 - input = accepted + rejected, exactly; above data.max_rejected_fraction the job fails after
   writing the rejects and before writing any output table;
-- data.mode: overwrite, append (only source files no earlier job took in; keys never repeat)
-  or merge (upsert by key, one overwrite commit per table: atomic on both Delta engines);
+- data.mode: overwrite; append (only source files no finished job took in, as listed in
+  <name>_sources; a key already in the tables is rejected) or merge (the same new files, upserted
+  by key: one overwrite commit per table, atomic on both Delta engines);
 - fitted state (standardization statistics, vocabularies) comes from the train split only, is
   written as its own Delta table and is reused, not refitted, by append and merge;
 - every commit carries the job id, kind, mode and source URIs in its metadata.
@@ -23,7 +24,6 @@ import json
 import uuid
 from types import ModuleType
 
-import deltalake
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -56,8 +56,9 @@ def run(spark: SparkSession, cfg: Config) -> dict:
         raise FileNotFoundError(f"cannot read raw files under {landing}: {exc.getMessage()}") from None
     base_uris = {suffix: cfg.table_uri(suffix) for suffix in kind.BASE}
     rejected_uri = cfg.table_uri("rejected")
-    if data.mode == "append":
-        done = ingested_sources(spark, base_uris, rejected_uri)
+    sources_uri = cfg.table_uri("sources")
+    if data.mode != "overwrite":  # append and merge take in only files no finished job took in
+        done = ingested_sources(spark, sources_uri)
         if done:
             seen = spark.createDataFrame([(s,) for s in done], "source string")
             files = files.join(F.broadcast(seen), files["path"] == seen["source"], "left_anti")
@@ -66,26 +67,27 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     if kind.STATE and data.mode != "overwrite" and lake.latest_version(cfg.table_uri(kind.STATE)) is not None:
         uri = cfg.table_uri(kind.STATE)
         version = lake.latest_version(uri)
-        state = kind.state_from_rows(deltalake.DeltaTable(uri, version=version).to_pandas())
+        state = kind.state_from_rows(lake.read_table(spark, uri, version).toPandas())
         state_table = {"uri": uri, "version": version, "fitted_by_this_job": False}
 
     parsed = kind.assign_split(kind.parse(files, cfg, landing, state), cfg)
-    existing = _existing_keys(spark, base_uris) if data.mode == "append" else None
+    existing = _existing_keys(spark, base_uris) if data.mode == "append" else None  # merge updates them
     parsed = reject_duplicate_keys(parsed, existing).persist()
     try:
-        return _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri)
+        return _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri)
     finally:
         parsed.unpersist()
 
 
-def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri) -> dict:
+def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri) -> dict:
     data, landing = cfg.data, cfg.paths.landing
     counts = {(r["split"], r["ok"]): r["count"] for r in
               parsed.groupBy("split", F.col("error").isNull().alias("ok")).count().collect()}
     accepted = sum(n for (_, ok), n in counts.items() if ok)
     rejected = sum(n for (_, ok), n in counts.items() if not ok)
     total = accepted + rejected
-    sources = sorted(r["source"] for r in parsed.select("source").distinct().collect())
+    per_file = {r["source"]: r["count"] for r in parsed.groupBy("source").count().collect()}
+    sources = sorted(per_file)
     summary = {"step": "prepare", "kind": data.kind, "mode": data.mode, "job_id": job_id, "source": landing,
                "input_files": len(sources), "input_rows": total, "accepted": accepted, "rejected": rejected,
                "tables": {}}
@@ -143,6 +145,10 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
         say(f"wrote {uri} version {written[suffix]['version']}")
     for table in written.values():
         table["rows"] = lake.read_table(spark, table["uri"], table["version"]).count()
+    # last: the files this job took in, so that append and merge never take them in again
+    taken = spark.createDataFrame([(s, job_id, n) for s, n in per_file.items()], "source string, job_id string, rows long")
+    written["sources"] = {"uri": sources_uri, "rows_written": len(per_file), "version": lake.write_table(
+        taken, sources_uri, mode="overwrite" if data.mode == "overwrite" else "append", metadata=metadata)}
     summary["tables"].update(written)
     summary.update(kind.report(spark, cfg, state, written) if hasattr(kind, "report") else {})
     return summary
@@ -185,20 +191,11 @@ def _existing_keys(spark: SparkSession, base_uris: dict[str, str]) -> DataFrame 
     return out
 
 
-def ingested_sources(spark: SparkSession, base_uris: dict[str, str], rejected_uri: str) -> set[str]:
-    """Source files that a finished prepare job took in: they hold accepted rows, or their rows
-    were all rejected by a job that went on to write its output tables."""
-    present = [uri for uri in base_uris.values() if lake.latest_version(uri) is not None]
-    if not present:
+def ingested_sources(spark: SparkSession, sources_uri: str) -> set[str]:
+    """Source files that a finished prepare job took in (listed in <name>_sources)."""
+    if lake.latest_version(sources_uri) is None:
         return set()
-    done = set()
-    for uri in present:
-        done |= {r["source"] for r in lake.read_table(spark, uri).select("source").distinct().collect()}
-    finished = {c["metadata"].get("dlpipe.job_id") for c in lake.history(present[0])}
-    if lake.latest_version(rejected_uri) is not None:
-        rejects = deltalake.DeltaTable(rejected_uri).to_pandas(columns=["source", "job_id"])
-        done |= set(rejects.loc[rejects["job_id"].isin(finished), "source"].dropna())
-    return done
+    return {r["source"] for r in lake.read_table(spark, sources_uri).select("source").distinct().collect()}
 
 
 def hash_split(df: DataFrame, cfg: Config, column: str = "key") -> DataFrame:
@@ -239,7 +236,8 @@ def parse_files(files: DataFrame, root: str, fmt: str, encoding: str, key_column
                         except Invalid as exc:
                             item["error"] = f"{where} {row}: {exc}"
                     out.append(item)
-            yield pd.DataFrame(out, columns=columns)
+            # object columns: a missing value stays None (null), never NaN
+            yield pd.DataFrame({c: pd.Series([item.get(c) for item in out], dtype=object) for c in columns})
 
     return files.select("path", "content").mapInPandas(
         run, f"key string, source string, row long, {schema}, error string")
