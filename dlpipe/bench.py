@@ -1,14 +1,21 @@
 """`dlpipe bench training`: samples/s and time to a target test accuracy of the CNN on the
 prepared tables, for a bare PyTorch loop written here and for each dlpipe launcher, all in one run
-with one torch thread per worker. `dlpipe bench score`: see score() below."""
+with one torch thread per worker. `dlpipe bench score`: see score() below.
+`dlpipe bench prepare`: rows/s and MB/s of each prepare pipeline on Spark against a plain
+single-process script doing the same decode and normalize over the same landed files."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
+import shutil
+import tempfile
 import time
+from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
@@ -16,7 +23,7 @@ from torch import nn
 
 from dl.models import CNN, CNNConfig
 from dl.train import FitConfig
-from dlpipe import lake
+from dlpipe import lake, storage
 from dlpipe.config import Config
 from dlpipe.launch import TrainTask, launch
 
@@ -177,3 +184,96 @@ def score(spark, cfg: Config) -> dict:
                    "score_over_spark_udf": ours / runs["b_mlflow_spark_udf"]["rows_per_sec"]},
         "goals": {"score_over_plain_pytorch": ">= 0.8", "score_over_spark_udf": "> 1.0"},
     }
+
+
+# --- `dlpipe bench prepare` -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareCase:
+    """One prepare pipeline to measure: `dlpipe` runs it on Spark and returns its summary;
+    `baseline` does the same decode and normalize in one plain process (no Spark, no dlpipe)
+    over the same files, writes one parquet file and returns the rows it wrote."""
+
+    name: str
+    dlpipe: Callable[[Any, Config], dict]
+    baseline: Callable[[Config, list[tuple[str, int]], str], int]
+
+
+def _images_baseline(cfg: Config, files: list[tuple[str, int]], out: str) -> int:
+    """PIL + numpy + pyarrow, single process: decode, resize, scale to [0, 1], channels-first."""
+    from PIL import Image
+
+    size, channels, label_of = cfg.data.image_size, cfg.data.channels, {c: i for i, c in enumerate(cfg.data.classes)}
+    mode = {1: "L", 3: "RGB"}[channels]
+    root = cfg.paths.landing.rstrip("/")
+    keys, labels, pixels = [], [], []
+    for path, _ in files:
+        key = path.split(root.split("://", 1)[-1] + "/", 1)[-1]
+        folder = key.split("/")[0]
+        if folder not in label_of:
+            continue
+        with open(storage.path_of(path), "rb") as f, Image.open(io.BytesIO(f.read())) as image:
+            array = np.asarray(image.convert(mode).resize((size, size)), dtype=np.float32) / 255.0
+        keys.append(key)
+        labels.append(label_of[folder])
+        pixels.append(array.reshape(size, size, channels).transpose(2, 0, 1).ravel())
+    flat = pa.array(np.concatenate(pixels)) if pixels else pa.array([], pa.float32())
+    offsets = pa.array(np.arange(0, len(pixels) + 1, dtype=np.int32) * (size * size * channels))
+    table = pa.table({"key": keys, "label": pa.array(labels, pa.int32()),
+                      "pixels": pa.ListArray.from_arrays(offsets, flat)})
+    pq.write_table(table, out)
+    return table.num_rows
+
+
+def _images_dlpipe(spark, cfg: Config) -> dict:
+    from dlpipe import steps
+
+    return steps.prepare(spark, cfg)
+
+
+PREPARE_CASES = [PrepareCase("images", _images_dlpipe, _images_baseline)]
+
+
+def prepare(spark, cfg: Config, cases: list[PrepareCase] | None = None) -> dict:
+    """Each case on the same landed files: dlpipe's Spark pipeline (decode + normalize + Delta
+    writes, into a scratch lake) against the single-process baseline, in this one run."""
+    from pipelines.sources import list_files
+
+    results = {}
+    for case in cases or PREPARE_CASES:
+        files = list_files(cfg.paths.landing if "://" in cfg.paths.landing else "file://" + cfg.paths.landing)
+        megabytes = sum(size for _, size in files) / 1e6
+        for path, _ in files:  # warm the page cache: neither run pays for the first disk read
+            with open(storage.path_of(path), "rb") as f:
+                f.read()
+        scratch = tempfile.mkdtemp(prefix=f"dlpipe-bench-prepare-{case.name}-")
+        try:
+            print(f"bench prepare {case.name}: baseline, 1 process, {len(files)} files ({megabytes:.1f} MB)", flush=True)
+            started = time.perf_counter()
+            base_rows = case.baseline(cfg, files, f"{scratch}/baseline.parquet")
+            base_s = time.perf_counter() - started
+            print(f"bench prepare {case.name}: dlpipe on {spark.sparkContext.master}", flush=True)
+            run_cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, lake=f"{scratch}/lake"))
+            started = time.perf_counter()
+            summary = case.dlpipe(spark, run_cfg)
+            spark_s = time.perf_counter() - started
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        rows = summary["input_files"] if "input_files" in summary else summary["accepted"] + summary["rejected"]
+        results[case.name] = {
+            "files": len(files), "megabytes": megabytes,
+            "baseline_1_process": {"rows": base_rows, "seconds": base_s, "rows_per_sec": base_rows / base_s,
+                                   "mb_per_sec": megabytes / base_s},
+            "dlpipe_spark": {"rows": rows, "accepted": summary["accepted"], "seconds": spark_s,
+                             "rows_per_sec": rows / spark_s, "mb_per_sec": megabytes / spark_s,
+                             "tables": {k: v["version"] for k, v in summary["tables"].items()}},
+            "speedup": base_s / spark_s,
+        }
+        r = results[case.name]
+        print(f"bench prepare {case.name}: baseline {r['baseline_1_process']['rows_per_sec']:.0f} rows/s "
+              f"({r['baseline_1_process']['mb_per_sec']:.1f} MB/s), dlpipe {r['dlpipe_spark']['rows_per_sec']:.0f} rows/s "
+              f"({r['dlpipe_spark']['mb_per_sec']:.1f} MB/s): {r['speedup']:.2f}x (goal >= 1.5x)", flush=True)
+    return {"step": "bench prepare", "spark_master": spark.sparkContext.master,
+            "cores": spark.sparkContext.defaultParallelism, "landing": cfg.paths.landing, "cases": results,
+            "goal": "speedup >= 1.5 on 2 cores"}

@@ -1,5 +1,5 @@
-"""`dlpipe <step> --conf FILE [--set key=value ...] [--summary out.json]`; jobs/*.py call the same
-code under spark-submit."""
+"""`dlpipe <command> --conf FILE [--set key=value ...] [--summary out.json]`; jobs/*.py call the
+same code under spark-submit. Every config is loaded and validated before Spark starts."""
 
 from __future__ import annotations
 
@@ -10,59 +10,80 @@ from pathlib import Path
 
 from dlpipe.config import ConfigError, load_config
 
-STEPS = ("land-demo-data", "land", "prepare", "train", "evaluate", "score", "demo", "bench", "retrain")
-BENCHMARKS = ("training", "score")
+# command -> one line of help; all take --conf/--set/--summary
+COMMANDS = {
+    "land-demo-data": "land the demo images as PNG files in class folders",
+    "land": "land a packaged real dataset (data.kind) as raw files under paths.landing",
+    "prepare": "raw files under paths.landing -> validated, versioned Delta tables",
+    "train": "train on the pinned Delta versions (Horovod, TorchDistributor or local)",
+    "evaluate": "evaluate a training run, register the model, set `champion` when good enough",
+    "score": "append predictions of models:/<name>@champion to <name>_predictions",
+    "retrain": "train a challenger on new data; promote it only if it beats the champion",
+    "demo": "land, prepare, train, evaluate and score the demo dataset end to end",
+    "bench": "benchmarks: training | prepare | score | models",
+    "lake": "Delta table maintenance: vacuum | history",
+    "models": "registry: describe | rollback",
+    "explain": "occlusion heatmap of one image (PNG)",
+    "embed": "embeddings of an image table into <name>_embeddings, with KMeans purity",
+    "similar": "the k nearest images to one image by cosine similarity of embeddings",
+}
+STEPS = tuple(COMMANDS)
+BENCHMARKS = ("training", "prepare", "score", "models")
+FAMILIES = ("feedforward",)
+NO_TRACKING = {"land-demo-data", "land", "prepare", "lake"}  # commands that never talk to MLflow
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="dlpipe", description=__doc__)
-    parser.add_argument("step", choices=STEPS)
-    parser.add_argument("benchmark", nargs="?", choices=BENCHMARKS, help="with `bench`: what to measure")
-    parser.add_argument("--conf", help="experiment YAML with overrides of conf/base.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--conf", help="experiment YAML with overrides of conf/base.yaml")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set train.lr=0.01 (repeatable)")
-    parser.add_argument("--summary", help="write what the step produced as JSON to this path")
-    return parser.parse_args(argv)
+    common.add_argument("--summary", help="write what the command produced as JSON to this path")
+    parser = argparse.ArgumentParser(prog="dlpipe", description=__doc__)
+    sub = parser.add_subparsers(dest="step", required=True, metavar="command")
+    cmds = {name: sub.add_parser(name, parents=[common], help=text, description=text) for name, text in COMMANDS.items()}
+    cmds["bench"].add_argument("benchmark", choices=BENCHMARKS)
+    cmds["bench"].add_argument("--family", choices=FAMILIES, default="feedforward", help="bench models: which family")
+    cmds["lake"].add_argument("action", choices=("vacuum", "history"))
+    cmds["lake"].add_argument("--table", required=True, help="the Delta table URI (path, file://, s3://, hdfs://)")
+    cmds["lake"].add_argument("--retain-hours", type=int, help="vacuum: keep the files versions of the last N hours need")
+    cmds["lake"].add_argument("--dry-run", action="store_true", help="vacuum: only list the files")
+    cmds["models"].add_argument("action", choices=("describe", "rollback"))
+    cmds["models"].add_argument("name", nargs="?", help="registered model name (default: registry.model_name)")
+    for name in ("explain", "embed"):
+        cmds[name].add_argument("--model", default="", help="model URI (default models:/<registry.model_name>@champion)")
+    for name in ("explain", "similar"):
+        cmds[name].add_argument("--image", required=True, help="the image file (path or URI)")
+    cmds["explain"].add_argument("--out", default="heatmap.png", help="where to write the heatmap PNG")
+    cmds["similar"].add_argument("--k", type=int, default=10, help="how many nearest images")
+    args = parser.parse_args(argv)
+    if args.step == "lake" and args.action == "vacuum" and args.retain_hours is None:
+        parser.error("`dlpipe lake vacuum` needs --retain-hours N")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["models"]:
-        return models_main(argv[1:])
-    args = parse_args(argv)
-    if (args.step == "bench") != (args.benchmark is not None):
-        print(f"dlpipe: error: `dlpipe bench` takes one of {BENCHMARKS}; other steps take none", file=sys.stderr)
-        return 2
+    args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.conf, args.overrides)  # before Spark starts
     except ConfigError as exc:
         print(f"dlpipe: config error: {exc}", file=sys.stderr)
         return 2
+    from dlpipe import registry
 
-    from dlpipe import steps
-
-    if args.step == "land-demo-data":
-        summary = steps.land_demo_data(cfg)
-    elif args.step == "land":
-        summary = steps.land(cfg)
-    else:
-        from dlpipe import registry, retrain
-        from dlpipe.spark import get_session
-
-        try:
-            if args.step != "prepare":  # an unreachable tracking server fails in one line, before Spark starts
-                registry.check_reachable(cfg.mlflow.tracking_uri)
-        except registry.TrackingUnreachable as exc:
-            print(f"dlpipe: error: {exc}", file=sys.stderr)
-            return 1
-        spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
-        run = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate,
-               "score": steps.score, "demo": steps.demo, "retrain": retrain.retrain,
-               "bench": {"training": steps.bench_training, "score": steps.bench_score}.get(args.benchmark)}[args.step]
-        summary = run(spark, cfg) | {"spark_master": spark.sparkContext.master,
-                                     "spark_app_id": spark.sparkContext.applicationId}
+    try:
+        if args.step not in NO_TRACKING:  # an unreachable tracking server fails in one line, before Spark starts
+            registry.check_reachable(cfg.mlflow.tracking_uri)
+        summary = run(args, cfg)
+    except (registry.TrackingUnreachable, LookupError, TimeoutError, OSError, ValueError) as exc:
+        if args.step not in ("lake", "models"):
+            raise
+        print(f"dlpipe: error: {exc}", file=sys.stderr)  # no such table, bucket, version or alias: one line
+        return 1
     if args.step == "demo":
         print(render_demo(summary), flush=True)
+    elif args.step == "models" and args.action == "describe":
+        print(registry.render(summary), flush=True)
     else:
         print(json.dumps(summary, indent=2, default=str), flush=True)
     if args.summary:
@@ -70,40 +91,66 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def models_main(argv: list[str]) -> int:
-    """`dlpipe models describe|rollback [NAME] [--conf F] [--set k=v] [--summary out.json]`."""
-    parser = argparse.ArgumentParser(prog="dlpipe models", description=models_main.__doc__)
-    parser.add_argument("action", choices=("describe", "rollback"))
-    parser.add_argument("name", nargs="?", help="registered model name (default: registry.model_name)")
-    parser.add_argument("--conf", help="experiment YAML with overrides of conf/base.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--summary", help="write the result as JSON to this path")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.conf, args.overrides)
-    except ConfigError as exc:
-        print(f"dlpipe: config error: {exc}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace, cfg) -> dict:
+    from dlpipe import steps
+
+    if args.step == "land-demo-data":
+        return steps.land_demo_data(cfg)
+    if args.step == "land":
+        return steps.land(cfg)
+    if args.step == "lake":
+        return lake_command(args, cfg)
+    if args.step == "models":
+        return models_command(args, cfg)
+    if args.step == "explain":  # one image, no Spark
+        from dlpipe import explain, tracking
+
+        tracking.setup(cfg.mlflow)
+        return explain.explain(args.model or f"models:/{cfg.registry.model_name}@champion", args.image, args.out)
+
+    from dlpipe import bench, retrain, similar
+    from dlpipe.spark import get_session
+
+    spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
+    if args.step == "bench":
+        job = {"training": steps.bench_training, "prepare": bench.prepare, "score": steps.bench_score,
+               "models": lambda spark, cfg: bench.models(spark, cfg, args.family)}[args.benchmark]
+    else:
+        job = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate, "score": steps.score,
+               "retrain": retrain.retrain, "demo": steps.demo,
+               "embed": lambda spark, cfg: similar.embed(spark, cfg, args.model),
+               "similar": lambda spark, cfg: similar.similar(spark, cfg, args.image, args.k)}[args.step]
+    return job(spark, cfg) | {"spark_master": spark.sparkContext.master,
+                              "spark_app_id": spark.sparkContext.applicationId}
+
+
+def lake_command(args: argparse.Namespace, cfg) -> dict:
+    """delta-rs, no Spark, unless the config turns native Delta on (spark.sql.extensions)."""
+    from dlpipe import lake
+
+    if args.action == "history":
+        return {"step": "lake history", "table": args.table, "history": lake.history(args.table)}
+    spark = None
+    if "DeltaSparkSessionExtension" in str(cfg.spark.conf.get("spark.sql.extensions", "")):
+        from dlpipe.spark import get_session
+
+        spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-lake", cfg.spark.conf)
+    files = lake.vacuum(args.table, args.retain_hours, dry_run=args.dry_run, spark=spark)
+    return {"step": "lake vacuum", "table": args.table, "retain_hours": args.retain_hours, "dry_run": args.dry_run,
+            "files_to_delete" if args.dry_run else "files_deleted": files,
+            "latest_version": lake.latest_version(args.table)}
+
+
+def models_command(args: argparse.Namespace, cfg) -> dict:
     from mlflow.tracking import MlflowClient
 
     from dlpipe import registry
 
     name = args.name or cfg.registry.model_name
-    try:
-        registry.check_reachable(cfg.mlflow.tracking_uri)
-        client = MlflowClient(cfg.mlflow.tracking_uri)
-        if args.action == "describe":
-            summary = registry.describe(client, name)
-            print(registry.render(summary), flush=True)
-        else:
-            summary = registry.rollback(client, name, cfg.registry.lock_ttl_s, cfg.registry.lock_wait_s)
-            print(json.dumps(summary, indent=2), flush=True)
-    except (registry.TrackingUnreachable, LookupError, TimeoutError) as exc:
-        print(f"dlpipe: error: {exc}", file=sys.stderr)
-        return 1
-    if args.summary:
-        Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return 0
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    if args.action == "describe":
+        return registry.describe(client, name)
+    return registry.rollback(client, name, cfg.registry.lock_ttl_s, cfg.registry.lock_wait_s)
 
 
 def render_demo(summary: dict) -> str:

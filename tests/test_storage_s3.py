@@ -1,0 +1,164 @@
+"""Raw data and Delta tables on S3: a real S3-compatible server (moto) on 127.0.0.1 that checks
+credentials (an IAM user with a real access key), reached through the standard AWS variables
+and AWS_ENDPOINT_URL; `dlpipe prepare` reads s3:// and writes s3:// in a separate process, as a
+scheduler would run it."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import deltalake
+import pytest
+from pyarrow import fs
+
+from dlpipe import lake
+from pipelines.sources import list_files, read_files
+
+REGION = "us-east-1"
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto with authentication on after the 3 IAM calls that create our user and its key:
+    (endpoint, access key id, secret access key)."""
+    import boto3
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("moto_server did not start")
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",
+                       aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="dlpipe")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="dlpipe", PolicyName="all", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="dlpipe")["AccessKey"]
+    yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
+    server.terminate()
+    server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def aws_env(s3_server):
+    endpoint, key_id, secret = s3_server
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": REGION}
+
+
+@pytest.fixture
+def aws(monkeypatch, aws_env):
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in aws_env.items():
+        monkeypatch.setenv(name, value)
+    return aws_env
+
+
+@pytest.fixture(scope="module")
+def s3_landing(small_landing, aws_env):
+    """5 real PNGs per class, one zero-byte PNG, and a hidden and a _-prefixed file that must be
+    skipped, uploaded to s3://landing-zone/fashion: (config, landing URI)."""
+    cfg, _ = small_landing
+    e = aws_env
+    s3 = fs.S3FileSystem(endpoint_override=e["AWS_ENDPOINT_URL"], access_key=e["AWS_ACCESS_KEY_ID"],
+                         secret_key=e["AWS_SECRET_ACCESS_KEY"], region=REGION, allow_bucket_creation=True)
+    s3.create_dir("landing-zone")
+    s3.create_dir("lake-bucket")
+    local = Path(cfg.paths.landing)
+    for folder in cfg.data.classes:
+        for png in sorted((local / folder).glob("*.png"))[:5]:
+            with s3.open_output_stream(f"landing-zone/fashion/{folder}/{png.name}") as out:
+                out.write(png.read_bytes())
+    for name in (f"{cfg.data.classes[0]}/empty.png", f"{cfg.data.classes[0]}/.partial.png", "_SUCCESS"):
+        with s3.open_output_stream(f"landing-zone/fashion/{name}"):
+            pass
+    return cfg, "s3://landing-zone/fashion"
+
+
+def test_listing_skips_hidden_files_and_keeps_zero_byte_ones(aws, s3_landing):
+    cfg, uri = s3_landing
+    for given in (uri, uri.replace("s3://", "s3a://") + "/"):
+        files = dict(list_files(given))
+        scheme = given.split("://")[0]
+        assert len(files) == 51 and all(p.startswith(f"{scheme}://landing-zone/fashion/") for p in files)
+        assert files[f"{scheme}://landing-zone/fashion/{cfg.data.classes[0]}/empty.png"] == 0
+        assert not [p for p in files if "/." in p or "/_" in p]
+
+
+def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_path):
+    """The whole step in its own process (its executors get the credentials the way a cluster's
+    do: from their environment), reading the landing zone as s3a://, which Spark has no connector
+    for here; every table read back with delta-rs; the secret is nowhere."""
+    cfg, uri = s3_landing
+    uri = uri.replace("s3://", "s3a://")
+    lake_uri = "s3://lake-bucket/lake"
+    summary_path = tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "dlpipe.cli", "prepare", "--summary", str(summary_path),
+           "--set", f"paths.landing={uri}", "--set", f"paths.lake={lake_uri}", "--set", "spark.master=local[2]",
+           "--set", f"data.classes={json.dumps(cfg.data.classes)}", "--set", "data.max_rejected_fraction=0.05"]
+    env = {**os.environ, **aws, "PYTHONPATH": os.getcwd()}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert (summary["input_files"], summary["accepted"], summary["rejected"]) == (51, 50, 1)
+    options = {"AWS_ENDPOINT_URL": aws["AWS_ENDPOINT_URL"], "AWS_ALLOW_HTTP": "true", "AWS_REGION": REGION,
+               "AWS_ACCESS_KEY_ID": aws["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": aws["AWS_SECRET_ACCESS_KEY"]}
+    for name, table in summary["tables"].items():
+        assert table["uri"] == f"{lake_uri}/fashion_mnist_{name}"
+        arrow = deltalake.DeltaTable(table["uri"], version=table["version"], storage_options=options).to_pyarrow_table()
+        assert arrow.num_rows == table["rows"], name
+        if name == "rejected":
+            assert arrow.column("reason").to_pylist() == ["empty file"]
+            assert arrow.column("source").to_pylist() == [f"{uri}/{cfg.data.classes[0]}/empty.png"]
+        else:
+            assert {len(p) for p in arrow.column("pixels").to_pylist()} <= {28 * 28}
+    assert sum(summary["tables"][s]["rows"] for s in ("train", "val", "test")) == 50
+    # the secret reached no log line, no summary and no object in the lake (Delta log, metadata, data)
+    s3 = fs.S3FileSystem(endpoint_override=aws["AWS_ENDPOINT_URL"], access_key=aws["AWS_ACCESS_KEY_ID"],
+                         secret_key=aws["AWS_SECRET_ACCESS_KEY"], region=REGION)
+    objects = [i.path for i in s3.get_file_info(fs.FileSelector("lake-bucket", recursive=True)) if i.type == fs.FileType.File]
+    assert any("/_delta_log/" in o for o in objects)
+    secret = aws["AWS_SECRET_ACCESS_KEY"]
+    for path in objects:
+        with s3.open_input_stream(path) as f:
+            assert secret.encode() not in f.read(), path
+    assert secret not in done.stdout + done.stderr + summary_path.read_text()
+    assert lake.history(f"{lake_uri}/fashion_mnist_train")[0]["metadata"]["dlpipe.source"] == uri
+
+
+def test_wrong_credentials_are_a_clear_error_naming_the_uri(spark, aws, s3_landing, monkeypatch):
+    _, uri = s3_landing
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    with pytest.raises(PermissionError, match=re.escape(uri) + ".*access denied.*AWS_SECRET_ACCESS_KEY") as err:
+        read_files(spark, uri)
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(PermissionError, match=re.escape("s3://lake-bucket/lake/t") + ".*access denied"):
+        lake.latest_version("s3://lake-bucket/lake/t")
+
+
+def test_missing_bucket_is_a_clear_error_naming_the_uri(spark, aws, s3_landing):
+    with pytest.raises(FileNotFoundError, match=re.escape("s3://no-such-bucket/raw") + ".*bucket 'no-such-bucket' does not exist"):
+        read_files(spark, "s3://no-such-bucket/raw")
+    with pytest.raises(FileNotFoundError, match="s3://landing-zone/nothing-here: no such file or directory"):
+        read_files(spark, "s3://landing-zone/nothing-here")
+    table = "s3://no-such-bucket/lake/t"
+    with pytest.raises(FileNotFoundError, match=re.escape(table) + ".*does not exist"):
+        lake.write_table(spark.range(3), table)
