@@ -6,7 +6,7 @@ STAMP := $(VENV)/.dlpipe-installed
 FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CONF ?= conf/fashion_cnn.yaml
 
-.PHONY: setup demo test test-fast demo-data clean
+.PHONY: setup demo test test-fast demo-data clean airflow-venv
 
 setup: $(STAMP) demo-data
 
@@ -45,6 +45,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest
+
+# Airflow 3 in its own virtualenv (its pins clash with the project's), only to load
+# deploy/airflow/dlpipe_nightly.py in tests/test_deploy.py
+AIRFLOW_VENV ?= .airflow-venv
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
+$(AIRFLOW_VENV)/.installed:
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install -q apache-airflow==3.3.2
+	touch $@
 
 clean:
 	rm -rf lake landing mlruns mlartifacts mlflow.db spark-warehouse demo-summary.json

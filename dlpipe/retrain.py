@@ -58,7 +58,7 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
         say(f"version {challenger.version} was trained on these tables but never decided about: deciding now")
     else:
         say(f"new data: training a challenger on {current['train']['uri']}@{current['train']['version']}"
-            + (f" (champion version {champion.version} was trained on {registry.tables_of(champion).get('train')})"
+            + (f" (champion version {champion.version} was trained on {champion.tags.get('dlpipe.table.train')})"
                if champion else " (no champion yet)"))
         trained = steps.train(spark, cfg)
         current = {s: {"uri": t["uri"], "version": t["version"]} for s, t in trained["tables"].items()}

@@ -131,10 +131,10 @@ AIRFLOW_VENV = Path(os.environ.get("DLPIPE_AIRFLOW_VENV", ROOT / ".airflow-venv"
 
 IMPORT_DAG = """
 import sys
-from airflow.models.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
-dag = bag.get_dag("dlpipe_nightly")
+dag = bag.dags["dlpipe_nightly"]  # parsed, no metadata DB needed
 print(sorted(dag.task_dict), sorted(dag.get_task("score").upstream_task_ids), dag.get_task("retrain").bash_command)
 """
 

@@ -114,12 +114,14 @@ CONSUMER = textwrap.dedent("""
 """)
 
 
-def test_scoring_again_appends_a_new_version(spark, pipeline):
+def test_scoring_again_replaces_its_slice(spark, pipeline):
     cfg, _, prepared, _, _, scored = pipeline
-    again = steps.score(spark, cfg)
+    again = steps.score(spark, cfg)  # same model version, same run date: the slice is replaced in one commit
     assert again["predictions"]["version"] == scored["predictions"]["version"] + 1
-    assert again["predictions"]["rows_appended"] == prepared["tables"]["test"]["rows"]
-    assert len(deltalake.DeltaTable(scored["predictions"]["uri"]).to_pandas()) == 2 * prepared["tables"]["test"]["rows"]
+    assert again["predictions"]["rows_appended"] == again["predictions"]["rows_replaced"] == prepared["tables"]["test"]["rows"]
+    table = deltalake.DeltaTable(scored["predictions"]["uri"]).to_pandas()
+    assert len(table) == prepared["tables"]["test"]["rows"] and table["key"].is_unique
+    assert set(table["run_date"].astype(str)) == {again["run_date"]}
 
 
 def test_consumer_loads_champion_without_dlpipe(pipeline, tmp_path):
