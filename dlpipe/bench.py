@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from dl.models import CNN, CNNConfig
+from dl.models import Net, build
 from dl.train import FitConfig
 from dlpipe import lake
 from dlpipe.config import Config
@@ -28,15 +28,15 @@ def _read(files: list[str], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch
     return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
 
 
-def bare_loop(model_cfg: CNNConfig, fit: FitConfig, train_files: list[str], test_files: list[str]) -> dict:
+def bare_loop(net: Net, fit: FitConfig, train_files: list[str], test_files: list[str]) -> dict:
     """(a) the baseline: a plain single-process PyTorch loop, no dlpipe code on the hot path."""
     torch.set_num_threads(1)
     torch.manual_seed(fit.seed)
     started = time.perf_counter()
-    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    shape = tuple(net.input_shape)
     x, y = _read(train_files, shape)
     xt, yt = _read(test_files, shape)
-    model = CNN(model_cfg)
+    model = build(net)
     optimizer = torch.optim.Adam(model.parameters(), lr=fit.lr)
     loss_fn = nn.CrossEntropyLoss()
     train_seconds, samples, reached, accuracy = 0.0, 0, None, 0.0
@@ -77,7 +77,7 @@ def _dlpipe_run(spark, task: TrainTask, backend: str, workers: int) -> dict:
             "world_size": result["world_size"]}
 
 
-def training(spark, cfg: Config, model_cfg: CNNConfig) -> dict:
+def training(spark, cfg: Config, model_cfg: Net) -> dict:
     tables = {s: (cfg.table_uri(s), lake.latest_version(cfg.table_uri(s))) for s in ("train", "test")}
     for split, (uri, version) in tables.items():
         if version is None:
@@ -86,7 +86,7 @@ def training(spark, cfg: Config, model_cfg: CNNConfig) -> dict:
     test_files = lake.table_files(*tables["test"])
     t = cfg.train
     fit = FitConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed)  # constant lr, Adam
-    task = TrainTask(model=model_cfg, fit=fit, train_files=train_files, val_files=test_files,  # "val" = test set
+    task = TrainTask(net=model_cfg, fit=fit, train_files=train_files, val_files=test_files,  # "val" = test set
                      max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1)
     averaging = dataclasses.replace(task, fit=dataclasses.replace(fit, sync="average", average_every=8))
     runs = {"a_bare_pytorch_1_process": bare_loop(model_cfg, fit, train_files, test_files)}

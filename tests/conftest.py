@@ -51,7 +51,7 @@ def small_landing(tmp_path_factory):
     cfg = make_config(
         root, f"paths.landing={cfg.paths.landing}", f"data.name={cfg.data.name}",
         f"data.classes={json.dumps(cfg.data.classes)}", "train.epochs=3", "train.batch_size=16",
-        "model.conv_channels=[8, 16]", "model.hidden=32", "registry.min_accuracy=0.3",
+        "model.cnn.blocks=[{channels: 8}, {channels: 16}]", "model.cnn.hidden=[32]", "registry.min_accuracy=0.3",
         "registry.model_name=e2e_cnn", f"train.checkpoint_uri={root}/checkpoints",
     )
     return cfg, landed
