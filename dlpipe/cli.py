@@ -10,8 +10,9 @@ from pathlib import Path
 
 from dlpipe.config import ConfigError, load_config
 
-STEPS = ("land-demo-data", "prepare", "train", "evaluate", "score", "demo", "bench")
-BENCHMARKS = ("training",)
+STEPS = ("land-demo-data", "prepare", "train", "evaluate", "score", "demo", "bench", "explain", "embed", "similar")
+BENCHMARKS = ("training", "models")
+FAMILIES = ("feedforward",)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -22,6 +23,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set train.lr=0.01 (repeatable)")
     parser.add_argument("--summary", help="write what the step produced as JSON to this path")
+    parser.add_argument("--model", default="", help="explain/embed: model URI (default models:/<registry.model_name>@champion)")
+    parser.add_argument("--image", help="explain/similar: the image file (path or URI)")
+    parser.add_argument("--out", default="heatmap.png", help="explain: where to write the heatmap PNG")
+    parser.add_argument("--k", type=int, default=10, help="similar: how many nearest images")
+    parser.add_argument("--family", choices=FAMILIES, default="feedforward", help="bench models: which model family")
     return parser.parse_args(argv)
 
 
@@ -29,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if (args.step == "bench") != (args.benchmark is not None):
         print(f"dlpipe: error: `dlpipe bench` takes one of {BENCHMARKS}; other steps take none", file=sys.stderr)
+        return 2
+    if args.step in ("explain", "similar") and not args.image:
+        print(f"dlpipe: error: `dlpipe {args.step}` needs --image", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.conf, args.overrides)  # before Spark starts
@@ -40,12 +49,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.step == "land-demo-data":
         summary = steps.land_demo_data(cfg)
+    elif args.step == "explain":  # one image, no Spark
+        from dlpipe import explain, tracking
+
+        tracking.setup(cfg.mlflow)
+        summary = explain.explain(args.model or f"models:/{cfg.registry.model_name}@champion", args.image, args.out)
     else:
         from dlpipe.spark import get_session
 
         spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
+        from dlpipe import similar
+
         run = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate,
-               "score": steps.score, "demo": steps.demo, "bench": steps.bench_training}[args.step]
+               "score": steps.score, "demo": steps.demo, "bench": steps.bench_training,
+               "embed": lambda spark, cfg: similar.embed(spark, cfg, args.model),
+               "similar": lambda spark, cfg: similar.similar(spark, cfg, args.image, args.k)}[args.step]
+        if args.step == "bench" and args.benchmark == "models":
+            from dlpipe import bench
+
+            run = lambda spark, cfg: bench.models(spark, cfg, args.family)  # noqa: E731
         summary = run(spark, cfg) | {"spark_master": spark.sparkContext.master,
                                      "spark_app_id": spark.sparkContext.applicationId}
     if args.step == "demo":

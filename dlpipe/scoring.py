@@ -108,9 +108,13 @@ def roc_auc(predictions: DataFrame) -> float:
     """Binary ROC AUC of the class-1 probability (Mann-Whitney rank statistic), on the driver:
     one double and one label per row."""
     pdf = predictions.select("label", F.element_at("probabilities", 2).alias("p")).toPandas()
-    positive = pdf["label"].to_numpy() == 1
+    return binary_auc(pdf["label"].to_numpy(), pdf["p"].to_numpy())
+
+
+def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    positive = np.asarray(labels) == 1
     n1, n0 = int(positive.sum()), int((~positive).sum())
     if not n1 or not n0:
         return float("nan")
-    ranks = pdf["p"].rank(method="average").to_numpy()
+    ranks = pd.Series(scores).rank(method="average").to_numpy()
     return float((ranks[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))

@@ -64,3 +64,19 @@ def prepared_small(spark, small_landing):
 
     cfg, _ = small_landing
     return cfg, steps.prepare(spark, cfg)
+
+
+@pytest.fixture(scope="session")
+def registered_small(spark, prepared_small):
+    """A small CNN trained in one local process on the prepared slice, evaluated and registered
+    as `small_cnn` (alias champion): (config, evaluate summary). For heatmaps, similarity, transfer."""
+    import dataclasses
+
+    from dlpipe import steps
+
+    cfg, _ = prepared_small
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, backend="local", run_name="small_cnn", epochs=4),
+        registry=dataclasses.replace(cfg.registry, model_name="small_cnn", min_accuracy=0.0))
+    trained = steps.train(spark, cfg)
+    return cfg, steps.evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=trained["run_id"])))
