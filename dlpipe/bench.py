@@ -203,7 +203,8 @@ def _say(line: str) -> None:
 
 
 def models(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "conf/adult_mlp.yaml",
-           cnn_epochs: int = 8, mlp_epochs: int = 10, pretrain_epochs: int = 3, finetune_epochs: int = 30) -> dict:
+           cnn_epochs: int = 8, mlp_epochs: int = 10, pretrain_epochs: int = 3, finetune_epochs: int = 30,
+           finetune_fraction: float = 0.01) -> dict:
     if family != "feedforward":
         raise ValueError(f"unknown model family {family!r} (expected feedforward)")
     import dataclasses as dc
@@ -253,7 +254,7 @@ def models(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "c
 
     # 4. Fine-tuning: pretrained on five classes, 1% of the labels of the other five
     summary["cases"]["finetune_fashion_mnist"] = finetune_case(
-        spark, net, base_fit, files, backend, workers, per_worker_threads, pretrain_epochs, finetune_epochs)
+        spark, net, base_fit, files, backend, workers, per_worker_threads, pretrain_epochs, finetune_epochs, finetune_fraction)
     return summary
 
 
