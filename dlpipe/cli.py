@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dlpipe.config import ConfigError, load_config
 
-STEPS = ("land-demo-data", "prepare", "train", "evaluate", "score", "demo", "bench", "explain", "embed", "similar")
+STEPS = ("land-demo-data", "land", "prepare", "train", "evaluate", "score", "demo", "bench", "explain", "embed", "similar")
 BENCHMARKS = ("training", "models")
 FAMILIES = ("feedforward",)
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.step == "land-demo-data":
         summary = steps.land_demo_data(cfg)
+    elif args.step == "land":
+        summary = steps.land(cfg)
     elif args.step == "explain":  # one image, no Spark
         from dlpipe import explain, tracking
 

@@ -35,7 +35,64 @@ class PathsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TableDataConfig:
+    """data.kind: table. CSV / JSON lines / Parquet rows with a declared label column."""
+    format: Literal["csv", "jsonl", "parquet"]
+    key: str  # column with a unique row key; "" = <file>:<line>
+    label: str
+    task: Literal["classification", "regression"]
+    numeric: list[str]  # standardized with train-split statistics
+    categorical: list[str]  # one-hot with a train-split vocabulary
+    classes: list[str]  # classification label values in label order; [] = sorted values seen
+
+
+@dataclass(frozen=True, kw_only=True)
+class RatingsDataConfig:
+    """data.kind: ratings. (user, item, rating) rows."""
+    format: Literal["csv", "jsonl", "parquet"]
+    user: str
+    item: str
+    rating: str
+    min_rating: float
+    max_rating: float
+    split_by: Literal["rating", "user"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextDataConfig:
+    """data.kind: text. Labelled documents (csv/jsonl/parquet) or a raw corpus (lines)."""
+    format: Literal["csv", "jsonl", "parquet", "lines"]
+    encoding: str  # of csv/jsonl/lines files
+    key: str  # "" = <file>:<line>
+    text: str  # column with the text (ignored for format: lines)
+    label: str  # "" = unlabelled
+    classes: list[str]  # [] = sorted label values seen
+    lowercase: bool
+    min_count: int  # vocabulary: tokens seen at least this often in the train split
+    max_vocab: int  # ... at most this many (plus <pad>=0 and <unk>=1)
+    max_length: int  # id sequences padded with 0 or truncated to this length
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimeSeriesDataConfig:
+    """data.kind: timeseries. (time, value) observations -> (history, horizon) windows."""
+    format: Literal["csv", "jsonl", "parquet"]
+    time: str  # column: a number (e.g. a year) or a timestamp string
+    value: str
+    series: str  # column naming the series; "" = one series
+    history: int
+    horizon: int
+    stride: int
+    val_start: str  # windows wholly at/after this time are val, at/after test_start test,
+    test_start: str  # wholly before val_start train; windows straddling a boundary are dropped
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
+    kind: Literal["images", "table", "ratings", "text", "timeseries"]
+    mode: Literal["overwrite", "append", "merge"]  # append: only new source files; merge: upsert by key
+    dataset: str  # `dlpipe land`: the packaged dataset to land ("" = the image demo data)
+    land_shards: int  # `dlpipe land`: files to split a dataset into
     name: str  # table name prefix: <lake>/<name>_train, ...
     classes: list[str]  # class folder names, in label order
     image_size: int
@@ -45,6 +102,10 @@ class DataConfig:
     max_rejected_fraction: float  # prepare fails, writing no new train/val/test version, above this
     select_classes: list[str]  # train/evaluate on these classes only (relabelled 0..k-1); [] = all
     label_fraction: float  # keep this fraction of the training rows (stable hash of the key); 1.0 = all
+    table: TableDataConfig
+    ratings: RatingsDataConfig
+    text: TextDataConfig
+    timeseries: TimeSeriesDataConfig
 
 
 # model.name picks one registered model (dl/models/<name>.py); its hyperparameters are validated
@@ -284,7 +345,8 @@ def _validate(cfg: Config) -> None:
     if cfg.model.task not in REGISTRY[cfg.model.name].tasks:
         raise ConfigError(f"config key 'model.task': model {cfg.model.name} supports {list(REGISTRY[cfg.model.name].tasks)}, "
                           f"got {cfg.model.task!r}")
-    unknown = [c for c in cfg.data.select_classes if c not in cfg.data.classes]
+    names = cfg.data.table.classes if cfg.data.kind == "table" else cfg.data.classes
+    unknown = [c for c in cfg.data.select_classes if c not in names]
     if unknown or (cfg.data.select_classes and len(set(cfg.data.select_classes)) < 2):
         raise ConfigError(f"config key 'data.select_classes': expected at least two of data.classes, got {cfg.data.select_classes}")
     if not 0 < cfg.data.label_fraction <= 1:
@@ -300,6 +362,55 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'registry.min_accuracy': expected a number in [0, 1], got {cfg.registry.min_accuracy}")
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError("config key 'data.classes': expected at least two distinct class folder names")
+    _validate_data_kind(cfg.data)
+
+
+def _validate_data_kind(data: DataConfig) -> None:
+    if data.land_shards <= 0:
+        raise ConfigError(f"config key 'data.land_shards': expected a positive integer, got {data.land_shards}")
+    if data.kind == "table":
+        t = data.table
+        if not t.label:
+            raise ConfigError("config key 'data.table.label': expected the name of the label column, got ''")
+        if not t.numeric and not t.categorical:
+            raise ConfigError("config keys 'data.table.numeric' and 'data.table.categorical': expected at least one feature column")
+        columns = [t.label, *t.numeric, *t.categorical] + ([t.key] if t.key else [])
+        if len(set(columns)) != len(columns):
+            raise ConfigError(f"config keys 'data.table.{{key,label,numeric,categorical}}': expected distinct columns, got {columns}")
+    elif data.kind == "ratings":
+        r = data.ratings
+        if len({r.user, r.item, r.rating}) != 3 or not all((r.user, r.item, r.rating)):
+            raise ConfigError(f"config keys 'data.ratings.{{user,item,rating}}': expected three distinct column names, got {[r.user, r.item, r.rating]}")
+        if r.min_rating >= r.max_rating:
+            raise ConfigError(f"config key 'data.ratings.max_rating': expected more than min_rating={r.min_rating}, got {r.max_rating}")
+    elif data.kind == "text":
+        t = data.text
+        for key in ("min_count", "max_vocab", "max_length"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"config key 'data.text.{key}': expected a positive integer, got {getattr(t, key)}")
+        if t.format != "lines" and not t.text:
+            raise ConfigError("config key 'data.text.text': expected the name of the text column, got ''")
+        try:
+            "".encode(t.encoding)
+        except LookupError:
+            raise ConfigError(f"config key 'data.text.encoding': expected a Python codec name, got {t.encoding!r}") from None
+    elif data.kind == "timeseries":
+        t = data.timeseries
+        for key in ("history", "horizon", "stride"):
+            if getattr(t, key) <= 0:
+                raise ConfigError(f"config key 'data.timeseries.{key}': expected a positive integer, got {getattr(t, key)}")
+        if not t.time or not t.value:
+            raise ConfigError("config keys 'data.timeseries.time' and 'data.timeseries.value': expected column names")
+        from pipelines.records import parse_time  # the one parser of times, shared with the pipeline
+
+        bounds = {}
+        for key in ("val_start", "test_start"):
+            try:
+                bounds[key] = parse_time(getattr(t, key))
+            except ValueError:
+                raise ConfigError(f"config key 'data.timeseries.{key}': expected a number or a timestamp, got {getattr(t, key)!r}") from None
+        if bounds["val_start"] >= bounds["test_start"]:
+            raise ConfigError(f"config key 'data.timeseries.test_start': expected a time after val_start={t.val_start!r}, got {t.test_start!r}")
 
 
 def _absolute_uri(uri: str) -> str:

@@ -13,11 +13,23 @@ from dlpipe import lake
 from dlpipe.config import Config
 
 
+def class_names(cfg: Config) -> list[str]:
+    """Label names in label order: image class folders, or data.table.classes for tables."""
+    if cfg.data.kind != "table":
+        return list(cfg.data.classes)
+    if cfg.model.task != cfg.data.table.task:
+        raise ValueError(f"model.task={cfg.model.task} but the table's labels are for {cfg.data.table.task} (data.table.task)")
+    if cfg.model.task == "classification" and len(cfg.data.table.classes) < 2:
+        raise ValueError("data.table.classes is empty: a classifier needs the class names in label order")
+    return list(cfg.data.table.classes)
+
+
 def label_view(cfg: Config) -> tuple[list[str], tuple[int, ...]]:
     """(class names this run trains on, their original label ids or () for all classes)."""
+    names = class_names(cfg)
     if not cfg.data.select_classes:
-        return list(cfg.data.classes), ()
-    return list(cfg.data.select_classes), tuple(cfg.data.classes.index(c) for c in cfg.data.select_classes)
+        return names, ()
+    return list(cfg.data.select_classes), tuple(names.index(c) for c in cfg.data.select_classes)
 
 
 def relabel(df: DataFrame, ids: tuple[int, ...]) -> DataFrame:

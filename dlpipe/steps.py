@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import uuid
 
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
-from pyspark.errors import AnalysisException
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
@@ -20,8 +18,6 @@ from dlpipe import checkpoints, demo_data, lake, modeling, tracking
 from dlpipe.config import Config
 from dlpipe.launch import TrainTask, launch
 from dlpipe.scoring import confusion_and_metrics, predict, regression_metrics, roc_auc
-from pipelines.images import assign_split, decode_images
-from pipelines.sources import read_files
 
 SPLITS = ("train", "val", "test")
 
@@ -51,49 +47,24 @@ def land_demo_data(cfg: Config) -> dict:
     return summary
 
 
+def land(cfg: Config) -> dict:
+    """`dlpipe land`: the packaged dataset named by data.dataset as raw files under paths.landing
+    (the image demo data when data.kind is images and data.dataset is empty)."""
+    if cfg.data.kind == "images" and not cfg.data.dataset:
+        return land_demo_data(cfg)
+    from dlpipe import datasets
+
+    say(f"landing {cfg.data.dataset} under {cfg.paths.landing}")
+    summary = datasets.land(cfg.data.dataset, cfg.paths.landing, cfg.data.land_shards)
+    say(f"{summary['rows']} rows: {summary['files_written']} files written, {summary['files_already_there']} already there")
+    return summary
+
+
 def prepare(spark: SparkSession, cfg: Config) -> dict:
-    """Raw image files -> <name>_train/_val/_test Delta tables (+ <name>_rejected with reasons)."""
-    job_id = uuid.uuid4().hex
-    try:
-        files = read_files(spark, cfg.paths.landing)
-    except AnalysisException as exc:
-        raise FileNotFoundError(f"cannot read raw images under {cfg.paths.landing}: {exc.getMessage()}") from None
-    decoded = assign_split(
-        decode_images(files, cfg.paths.landing, cfg.data.classes, cfg.data.image_size, cfg.data.channels),
-        cfg.data.split_fractions,
-    ).persist()
-    try:
-        counts = {(r["split"], r["ok"]): r["count"] for r in
-                  decoded.groupBy("split", F.col("error").isNull().alias("ok")).count().collect()}
-        accepted = sum(n for (_, ok), n in counts.items() if ok)
-        rejected = sum(n for (_, ok), n in counts.items() if not ok)
-        total = accepted + rejected
-        metadata = {"dlpipe.step": "prepare", "dlpipe.job_id": job_id, "dlpipe.source": cfg.paths.landing}
-        # rejects first: whatever happens next, the reasons are kept and readable
-        rejects = decoded.where(F.col("error").isNotNull()).select("key", "source", F.col("error").alias("reason"))
-        rejected_uri = cfg.table_uri("rejected")
-        tables = {"rejected": {"uri": rejected_uri, "version": lake.write_table(rejects, rejected_uri, metadata=metadata),
-                               "rows": rejected}}
-        if rejected:
-            say(f"{rejected} of {total} files rejected, reasons in {rejected_uri}")
-        if accepted == 0 or rejected > cfg.data.max_rejected_fraction * total:
-            reasons = rejects.groupBy("reason").count().orderBy(F.desc("count")).limit(3).collect()
-            raise ValueError(
-                f"{rejected} of {total} files under {cfg.paths.landing} were rejected ({rejected / total:.1%}), more than "
-                f"data.max_rejected_fraction={cfg.data.max_rejected_fraction}; no new version of the train/val/test "
-                f"tables was written. Reasons are in {rejected_uri}@{tables['rejected']['version']}; most common: "
-                + "; ".join(f"{r['count']} x {r['reason']}" for r in reasons)
-            )
-        good = decoded.where(F.col("error").isNull()).drop("error")
-        for split in SPLITS:
-            uri = cfg.table_uri(split)
-            version = lake.write_table(good.where(F.col("split") == split).drop("split"), uri, metadata=metadata)
-            tables[split] = {"uri": uri, "version": version, "rows": counts.get((split, True), 0)}
-            say(f"wrote {uri} version {version}: {tables[split]['rows']} rows")
-    finally:
-        decoded.unpersist()
-    return {"step": "prepare", "job_id": job_id, "source": cfg.paths.landing, "input_files": accepted + rejected,
-            "accepted": accepted, "rejected": rejected, "tables": tables}
+    """Raw files -> validated, versioned Delta tables for data.kind (pipelines.prepare)."""
+    from pipelines import prepare as pipeline
+
+    return pipeline.run(spark, cfg)
 
 
 def pinned_tables(cfg: Config) -> dict[str, dict]:

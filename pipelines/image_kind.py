@@ -1,0 +1,31 @@
+"""data.kind: images -> <name>_train/_val/_test with key, source, label, label_name, pixels,
+height, width, channels (pipelines.images does the decoding)."""
+
+from __future__ import annotations
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from pipelines.images import decode_images
+from pipelines.prepare import hash_split
+
+BASE = ("train", "val", "test")
+STATE = None
+UNIT = "files"
+
+
+def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
+    d = cfg.data
+    return decode_images(files, root, d.classes, d.image_size, d.channels).withColumn("row", F.lit(None).cast("long"))
+
+
+def assign_split(df: DataFrame, cfg) -> DataFrame:
+    return hash_split(df, cfg)
+
+
+def to_base(accepted: DataFrame, cfg, state) -> DataFrame:
+    return accepted.drop("row")
+
+
+def derive(spark, cfg, state, written) -> dict:
+    return {}

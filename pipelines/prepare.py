@@ -1,0 +1,245 @@
+"""The prepare job for every data kind: raw files under paths.landing -> validated, versioned
+Delta tables. The contract handling is the same for every kind and lives here:
+
+- the kind's parser yields one row per input record with `key, source, row, error` and its own
+  columns; rows with an error, and every repeat of a key, go to `<name>_rejected` with the reason;
+- input = accepted + rejected, exactly; above data.max_rejected_fraction the job fails after
+  writing the rejects and before writing any output table;
+- data.mode: overwrite, append (only source files no earlier job took in; keys never repeat)
+  or merge (upsert by key, one overwrite commit per table: atomic on both Delta engines);
+- fitted state (standardization statistics, vocabularies) comes from the train split only, is
+  written as its own Delta table and is reused, not refitted, by append and merge;
+- every commit carries the job id, kind, mode and source URIs in its metadata.
+
+A kind is a module with: BASE (tables the accepted rows go to, named by their `split` column),
+STATE (suffix of the fitted-state table or None), UNIT, parse(files, cfg, root, state),
+assign_split(df, cfg), fit(accepted, cfg), state_rows(state), state_from_rows(pdf),
+to_base(accepted, cfg, state) and derive(spark, cfg, state, written) -> {suffix: DataFrame}.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from types import ModuleType
+
+import deltalake
+from pyspark.errors import AnalysisException
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from dlpipe import lake
+from dlpipe.config import Config
+from pipelines.sources import read_files
+
+REJECTED_SCHEMA = "key string, source string, row long, reason string, job_id string"
+
+
+def kind_module(kind: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module({"images": "pipelines.image_kind", "table": "pipelines.tables", "ratings":
+                                    "pipelines.ratings", "text": "pipelines.text", "timeseries": "pipelines.timeseries"}[kind])
+
+
+def say(message: str) -> None:
+    print(f"dlpipe: {message}", flush=True)
+
+
+def run(spark: SparkSession, cfg: Config) -> dict:
+    data, landing = cfg.data, cfg.paths.landing
+    kind = kind_module(data.kind)
+    job_id = uuid.uuid4().hex
+    try:
+        files = read_files(spark, landing)
+    except AnalysisException as exc:
+        raise FileNotFoundError(f"cannot read raw files under {landing}: {exc.getMessage()}") from None
+    base_uris = {suffix: cfg.table_uri(suffix) for suffix in kind.BASE}
+    rejected_uri = cfg.table_uri("rejected")
+    if data.mode == "append":
+        done = ingested_sources(spark, base_uris, rejected_uri)
+        if done:
+            seen = spark.createDataFrame([(s,) for s in done], "source string")
+            files = files.join(F.broadcast(seen), files["path"] == seen["source"], "left_anti")
+
+    state, state_table = None, None
+    if kind.STATE and data.mode != "overwrite" and lake.latest_version(cfg.table_uri(kind.STATE)) is not None:
+        uri = cfg.table_uri(kind.STATE)
+        version = lake.latest_version(uri)
+        state = kind.state_from_rows(deltalake.DeltaTable(uri, version=version).to_pandas())
+        state_table = {"uri": uri, "version": version, "fitted_by_this_job": False}
+
+    parsed = kind.assign_split(kind.parse(files, cfg, landing, state), cfg)
+    existing = _existing_keys(spark, base_uris) if data.mode == "append" else None
+    parsed = reject_duplicate_keys(parsed, existing).persist()
+    try:
+        return _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri)
+    finally:
+        parsed.unpersist()
+
+
+def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri) -> dict:
+    data, landing = cfg.data, cfg.paths.landing
+    counts = {(r["split"], r["ok"]): r["count"] for r in
+              parsed.groupBy("split", F.col("error").isNull().alias("ok")).count().collect()}
+    accepted = sum(n for (_, ok), n in counts.items() if ok)
+    rejected = sum(n for (_, ok), n in counts.items() if not ok)
+    total = accepted + rejected
+    sources = sorted(r["source"] for r in parsed.select("source").distinct().collect())
+    summary = {"step": "prepare", "kind": data.kind, "mode": data.mode, "job_id": job_id, "source": landing,
+               "input_files": len(sources), "input_rows": total, "accepted": accepted, "rejected": rejected,
+               "tables": {}}
+    if not sources and data.mode != "overwrite":
+        say(f"no new source files under {landing}: nothing to {data.mode}, no table written")
+        summary["tables"] = {s: {"uri": u, "version": lake.latest_version(u), "rows_written": 0}
+                             for s, u in base_uris.items()}
+        return summary
+    metadata = {"dlpipe.step": "prepare", "dlpipe.job_id": job_id, "dlpipe.kind": data.kind,
+                "dlpipe.mode": data.mode, "dlpipe.source": landing,
+                "dlpipe.source_files": json.dumps(sources if len(sources) <= 50 else sources[:50] + ["..."]),
+                "dlpipe.source_file_count": str(len(sources))}
+
+    # rejects first: whatever happens next, the reasons are kept and readable
+    rejects = parsed.where(F.col("error").isNotNull()).select(
+        "key", "source", F.col("row").cast("long"), F.col("error").alias("reason"), F.lit(job_id).alias("job_id"))
+    if data.mode != "overwrite" and lake.latest_version(rejected_uri) is not None:
+        # the latest verdict per source file: a retried file's old rejects are replaced, not repeated
+        old = lake.read_table(spark, rejected_uri).select(*[c.split()[0] for c in REJECTED_SCHEMA.split(", ")])
+        rejects = old.join(parsed.select("source").distinct(), "source", "left_anti").unionByName(rejects)
+    summary["tables"]["rejected"] = {"uri": rejected_uri, "rows": rejected,
+                                     "version": lake.write_table(rejects, rejected_uri, metadata=metadata)}
+    unit = kind.UNIT
+    if rejected:
+        say(f"{rejected} of {total} {unit} rejected, reasons in {rejected_uri}")
+    if accepted == 0 or rejected > data.max_rejected_fraction * total:
+        reasons = parsed.where(F.col("error").isNotNull()).groupBy(F.col("error")).count() \
+            .orderBy(F.desc("count"), "error").limit(3).collect()
+        raise ValueError(
+            f"{rejected} of {total} {unit} under {landing} were rejected ({rejected / max(total, 1):.1%}), more than "
+            f"data.max_rejected_fraction={data.max_rejected_fraction}; no new version of the train/val/test "
+            f"tables was written. Reasons are in {rejected_uri}@{summary['tables']['rejected']['version']}; most common: "
+            + "; ".join(f"{r['count']} x {r['error']}" for r in reasons)
+        )
+
+    good = parsed.where(F.col("error").isNull()).drop("error")
+    if state is None and kind.STATE:
+        state = kind.fit(good, cfg)
+        uri = cfg.table_uri(kind.STATE)
+        rows = spark.createDataFrame(kind.state_rows(state), kind.STATE_SCHEMA)
+        state_table = {"uri": uri, "version": lake.write_table(rows, uri, metadata=metadata), "fitted_by_this_job": True}
+    if state_table:
+        summary["tables"][kind.STATE] = state_table
+        metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
+    rows = kind.to_base(good, cfg, state)
+    written = {}
+    for suffix, uri in base_uris.items():
+        part = rows.where(F.col("split") == suffix).drop("split")
+        version = write_mode(spark, part, uri, data.mode, metadata)
+        written[suffix] = {"uri": uri, "version": version, "rows_written": counts.get((suffix, True), 0)}
+        say(f"{data.mode} {uri} version {version}: {written[suffix]['rows_written']} rows from this job")
+    for suffix, df in kind.derive(spark, cfg, state, written).items():
+        uri = cfg.table_uri(suffix)
+        written[suffix] = {"uri": uri, "version": lake.write_table(df, uri, metadata=metadata)}
+        say(f"wrote {uri} version {written[suffix]['version']}")
+    for table in written.values():
+        table["rows"] = lake.read_table(spark, table["uri"], table["version"]).count()
+    summary["tables"].update(written)
+    summary.update(kind.report(spark, cfg, state, written) if hasattr(kind, "report") else {})
+    return summary
+
+
+def write_mode(spark: SparkSession, rows: DataFrame, uri: str, mode: str, metadata: dict) -> int:
+    if mode == "merge" and lake.latest_version(uri) is not None:
+        old = lake.read_table(spark, uri)
+        rows = old.join(rows.select("key"), "key", "left_anti").unionByName(rows)
+        mode = "overwrite"
+    return lake.write_table(rows, uri, mode=mode, metadata=metadata)
+
+
+def reject_duplicate_keys(parsed: DataFrame, existing: DataFrame | None) -> DataFrame:
+    """Every repeat of a key (after its first by source file and row) and, in append mode, every
+    key already in the output tables gets a `duplicate key` error."""
+    ok, bad = parsed.where(F.col("error").isNull()), parsed.where(F.col("error").isNotNull())
+    window = Window.partitionBy("key").orderBy("source", "row")
+    first = F.first(F.struct("source", "row")).over(window)
+    where = F.concat(first["source"], F.when(first["row"].isNotNull(), F.concat(F.lit(" line "), first["row"])).otherwise(F.lit("")))
+    ok = ok.withColumn("error", F.when(F.row_number().over(window) > 1,
+                                       F.concat(F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")"))))
+    if existing is not None:
+        known = existing.select("key", F.col("table").alias("_in")).dropDuplicates(["key"])
+        ok = ok.join(F.broadcast(known), "key", "left").withColumn(
+            "error", F.coalesce("error", F.when(F.col("_in").isNotNull(), F.concat(
+                F.lit("duplicate key "), F.col("key"), F.lit(" already in "), F.col("_in"), F.lit(" (data.mode=merge updates keys)"))))
+        ).drop("_in")
+    return ok.unionByName(bad.select(*ok.columns))
+
+
+def _existing_keys(spark: SparkSession, base_uris: dict[str, str]) -> DataFrame | None:
+    frames = [lake.read_table(spark, uri).select("key", F.lit(uri).alias("table"))
+              for uri in base_uris.values() if lake.latest_version(uri) is not None]
+    if not frames:
+        return None
+    out = frames[0]
+    for frame in frames[1:]:
+        out = out.unionByName(frame)
+    return out
+
+
+def ingested_sources(spark: SparkSession, base_uris: dict[str, str], rejected_uri: str) -> set[str]:
+    """Source files that a finished prepare job took in: they hold accepted rows, or their rows
+    were all rejected by a job that went on to write its output tables."""
+    present = [uri for uri in base_uris.values() if lake.latest_version(uri) is not None]
+    if not present:
+        return set()
+    done = set()
+    for uri in present:
+        done |= {r["source"] for r in lake.read_table(spark, uri).select("source").distinct().collect()}
+    finished = {c["metadata"].get("dlpipe.job_id") for c in lake.history(present[0])}
+    if lake.latest_version(rejected_uri) is not None:
+        rejects = deltalake.DeltaTable(rejected_uri).to_pandas(columns=["source", "job_id"])
+        done |= set(rejects.loc[rejects["job_id"].isin(finished), "source"].dropna())
+    return done
+
+
+def hash_split(df: DataFrame, cfg: Config, column: str = "key") -> DataFrame:
+    """train/val/test from a hash of `column`: re-runs and new files never move a row."""
+    from pipelines.images import SPLIT_BUCKETS
+
+    fractions = cfg.data.split_fractions
+    bucket = F.pmod(F.xxhash64(column), F.lit(SPLIT_BUCKETS))
+    train_end = round(fractions["train"] * SPLIT_BUCKETS)
+    val_end = train_end + round(fractions["val"] * SPLIT_BUCKETS)
+    return df.withColumn("split", F.when(bucket < train_end, "train").when(bucket < val_end, "val").otherwise("test"))
+
+
+def parse_files(files: DataFrame, root: str, fmt: str, encoding: str, key_column: str, schema: str, convert) -> DataFrame:
+    """Raw files -> one row per record: key, source, row, <schema>, error. `convert(record)`
+    returns the kind's columns or raises records.Invalid with the reason. Without a key column
+    the key is <file relative to the landing root>:<line>."""
+    import pandas as pd
+
+    from pipelines.images import _relative_key
+    from pipelines.records import Invalid, read_records, text
+
+    columns = ["key", "source", "row", *[c.split()[0] for c in schema.split(", ")], "error"]
+    where = "row" if fmt == "parquet" else "line"
+
+    def run(batches):
+        for batch in batches:
+            out = []
+            for path, content in zip(batch["path"], batch["content"]):
+                relative = _relative_key(path, root)
+                for row, record, reason in read_records(content, fmt, encoding):
+                    item = {"key": f"{relative}:{row}" if row else relative, "source": path, "row": row, "error": reason}
+                    if record is not None:
+                        try:
+                            if key_column:
+                                item["key"] = text(record, key_column)
+                            item.update(convert(record))
+                        except Invalid as exc:
+                            item["error"] = f"{where} {row}: {exc}"
+                    out.append(item)
+            yield pd.DataFrame(out, columns=columns)
+
+    return files.select("path", "content").mapInPandas(
+        run, f"key string, source string, row long, {schema}, error string")
