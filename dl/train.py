@@ -71,6 +71,13 @@ class FitConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a gradient scaler)
     checkpoint_every: int = 0  # epochs; 0 = never
     seed: int = 0
+    task: str = "classification"  # classification: cross-entropy, accuracy | regression: MSE, mean absolute error
+    freeze: str = "none"  # none | features: only model.head is trained (frozen layers stay in eval mode)
+
+
+def metric_name(task: str) -> str:
+    """The second figure of every epoch besides the loss."""
+    return "accuracy" if task == "classification" else "mae"
 
 
 def fit(
@@ -93,7 +100,10 @@ def fit(
     `save_checkpoint` are called on rank 0 only; `resume` is a state from `save_checkpoint`.
     """
     model.to(device)
-    x_train, y_train = torch.from_numpy(train[0]), torch.from_numpy(train[1]).long()
+    classify = cfg.task == "classification"
+    x_train, y_train = torch.from_numpy(train[0]), _targets(train[1], cfg.task)
+    if cfg.freeze == "features":
+        model.features.requires_grad_(False)
     optimizer = _optimizer(model, cfg)
     steps = dist.min(len(x_train) // cfg.batch_size)
     if steps == 0:
@@ -113,11 +123,14 @@ def fit(
     history: list[dict] = list(resume.get("history", [])) if resume else []
     if dist.rank == 0 and resume is not None:
         log(f"resuming after epoch {start_epoch - 1}/{cfg.epochs}")
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = _loss(cfg.task)
+    name = metric_name(cfg.task)
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         model.train()
+        if cfg.freeze == "features":
+            model.features.eval()  # frozen batch-norm statistics do not move either
         torch.manual_seed(_seed(cfg.seed, epoch, dist.rank))
         order = np.random.default_rng([cfg.seed, epoch, dist.rank]).permutation(len(x_train)) if cfg.shuffle else np.arange(len(x_train))
         order = torch.from_numpy(order)
@@ -134,20 +147,20 @@ def fit(
             if cfg.sync == "average" and dist.size > 1 and (step + 1) % cfg.average_every == 0:
                 _average_state(model, optimizer, dist)
             loss_sum += loss.item() * len(yb)
-            correct += (logits.argmax(1) == yb).sum().item()
+            correct += _metric_sum(logits.detach().float(), yb, classify)
         if cfg.sync == "average" and dist.size > 1:
             _average_state(model, optimizer, dist)  # every worker ends the epoch with the same model
         seen = steps * cfg.batch_size
         train_seconds = time.perf_counter() - t0
-        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn, device)
+        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn, device, cfg.task)
         seconds = time.perf_counter() - t0
         totals = dist.sum([loss_sum, correct, seen, val_loss, val_correct, val_n])
         metrics = {
             "epoch": epoch,
             "loss": totals[0] / totals[2],
-            "accuracy": totals[1] / totals[2],
+            name: totals[1] / totals[2],
             "val_loss": totals[3] / max(totals[5], 1),
-            "val_accuracy": totals[4] / max(totals[5], 1),
+            f"val_{name}": totals[4] / max(totals[5], 1),
             "lr": optimizer.param_groups[0]["lr"],
             "samples_per_sec": totals[2] / train_seconds,  # all workers, training only
             "worker_samples_per_sec": seen / train_seconds,  # this rank's training throughput
@@ -158,8 +171,8 @@ def fit(
             done = epoch - start_epoch + 1
             eta = (time.perf_counter() - started) / done * (cfg.epochs - epoch)
             log(
-                f"epoch {epoch}/{cfg.epochs}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
-                f"val_loss {metrics['val_loss']:.4f}  val_acc {metrics['val_accuracy']:.4f}  "
+                f"epoch {epoch}/{cfg.epochs}  loss {metrics['loss']:.4f}  {name} {metrics[name]:.4f}  "
+                f"val_loss {metrics['val_loss']:.4f}  val_{name} {metrics[f'val_{name}']:.4f}  "
                 f"{metrics['samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s"
             )
             # checkpoint first: a crash in between loses at most one epoch's metrics, never repeats one
@@ -174,11 +187,30 @@ def fit(
     return history
 
 
+def _targets(y: np.ndarray, task: str) -> torch.Tensor:
+    return torch.from_numpy(y).long() if task == "classification" else torch.from_numpy(np.asarray(y, np.float32))
+
+
+def _loss(task: str):
+    if task == "classification":
+        return nn.CrossEntropyLoss()
+    mse = nn.MSELoss()
+    return lambda out, y: mse(out.reshape(-1), y)
+
+
+def _metric_sum(out: torch.Tensor, y: torch.Tensor, classify: bool) -> float:
+    """Correct predictions (classification) or the sum of absolute errors (regression)."""
+    if classify:
+        return (out.argmax(1) == y).sum().item()
+    return (out.reshape(-1) - y).abs().sum().item()
+
+
 def _optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected adam or sgd)")
 
 
@@ -252,13 +284,14 @@ def _seed(seed: int, epoch: int, rank: int) -> int:
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: tuple[np.ndarray, np.ndarray], batch_size: int, loss_fn, device) -> tuple[float, float, int]:
+def _evaluate(model: nn.Module, data: tuple[np.ndarray, np.ndarray], batch_size: int, loss_fn, device,
+              task: str = "classification") -> tuple[float, float, int]:
     model.eval()
-    x, y = torch.from_numpy(data[0]), torch.from_numpy(data[1]).long()
+    x, y = torch.from_numpy(data[0]), _targets(data[1], task)
     loss_sum = correct = 0.0
     for start in range(0, len(x), batch_size):
         logits = model(x[start : start + batch_size].to(device)).float()
         yb = y[start : start + batch_size].to(device)
         loss_sum += loss_fn(logits, yb).item() * len(yb)
-        correct += (logits.argmax(1) == yb).sum().item()
+        correct += _metric_sum(logits, yb, task == "classification")
     return loss_sum, correct, len(x)

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from dl.models import CNN, CNNConfig
+from dl.models import Net, build
 from dl.train import FitConfig
 from dlpipe import lake, storage
+from dlpipe.scoring import binary_auc
 from dlpipe.config import Config
 from dlpipe.launch import TrainTask, launch
 
@@ -36,15 +37,15 @@ def _read(files: list[str], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch
     return torch.from_numpy(np.ascontiguousarray(x, np.float32)), torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
 
 
-def bare_loop(model_cfg: CNNConfig, fit: FitConfig, train_files: list[str], test_files: list[str]) -> dict:
+def bare_loop(net: Net, fit: FitConfig, train_files: list[str], test_files: list[str]) -> dict:
     """(a) the baseline: a plain single-process PyTorch loop, no dlpipe code on the hot path."""
     torch.set_num_threads(1)
     torch.manual_seed(fit.seed)
     started = time.perf_counter()
-    shape = (model_cfg.in_channels, model_cfg.image_size, model_cfg.image_size)
+    shape = tuple(net.input_shape)
     x, y = _read(train_files, shape)
     xt, yt = _read(test_files, shape)
-    model = CNN(model_cfg)
+    model = build(net)
     optimizer = torch.optim.Adam(model.parameters(), lr=fit.lr)
     loss_fn = nn.CrossEntropyLoss()
     train_seconds, samples, reached, accuracy = 0.0, 0, None, 0.0
@@ -85,7 +86,7 @@ def _dlpipe_run(spark, task: TrainTask, backend: str, workers: int) -> dict:
             "world_size": result["world_size"]}
 
 
-def training(spark, cfg: Config, model_cfg: CNNConfig) -> dict:
+def training(spark, cfg: Config, model_cfg: Net) -> dict:
     tables = {s: (cfg.table_uri(s), lake.latest_version(cfg.table_uri(s))) for s in ("train", "test")}
     for split, (uri, version) in tables.items():
         if version is None:
@@ -94,7 +95,7 @@ def training(spark, cfg: Config, model_cfg: CNNConfig) -> dict:
     test_files = lake.table_files(*tables["test"])
     t = cfg.train
     fit = FitConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed)  # constant lr, Adam
-    task = TrainTask(model=model_cfg, fit=fit, train_files=train_files, val_files=test_files,  # "val" = test set
+    task = TrainTask(net=model_cfg, fit=fit, train_files=train_files, val_files=test_files,  # "val" = test set
                      max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1)
     averaging = dataclasses.replace(task, fit=dataclasses.replace(fit, sync="average", average_every=8))
     runs = {"a_bare_pytorch_1_process": bare_loop(model_cfg, fit, train_files, test_files)}
@@ -277,3 +278,242 @@ def prepare(spark, cfg: Config, cases: list[PrepareCase] | None = None) -> dict:
     return {"step": "bench prepare", "spark_master": spark.sparkContext.master,
             "cores": spark.sparkContext.defaultParallelism, "landing": cfg.paths.landing, "cases": results,
             "goal": "speedup >= 1.5 on 2 cores"}
+
+
+# --- `dlpipe bench models --family feedforward` -------------------------------------------------
+# Every figure in one run on the same Delta tables: dlpipe's distributed loop against well-known
+# baselines (a plain PyTorch loop given the same wall time, scikit-learn, Spark MLlib).
+
+FASHION_FIRST, FASHION_SECOND = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+
+
+def _arrays(files: list[str], shape: tuple[int, ...], labels: tuple[int, ...] = (), fraction: float = 1.0):
+    from dlpipe.launch import load_shard
+
+    return load_shard(files, shape, 0, 1, labels=labels, fraction=fraction)
+
+
+def _run(spark, net, fit, train_files, test_files, backend, workers, threads, **extra) -> dict:
+    """dlpipe's loop through a launcher; "val" is the test table here, so val_* are test figures."""
+    task = TrainTask(net=net, fit=fit, train_files=train_files, val_files=test_files, max_rows=0,
+                     tracking_uri="", run_id="", threads=threads, **extra)
+    started = time.perf_counter()
+    result = launch(spark, task, backend, workers)
+    wall = time.perf_counter() - started
+    last = result["history"][-1]
+    return {"test_accuracy": last["val_accuracy"], "train_wall_s": wall, "epochs": fit.epochs,
+            "backend": result["backend"], "world_size": result["world_size"], "state_dict": result["state_dict"],
+            "train_rows": result["train_rows"]}
+
+
+def plain_loop_for(net, seconds: float, batch_size: int, lr: float, train, test, seed: int) -> dict:
+    """The baseline: the same net in a plain single-process PyTorch loop (Adam, cross-entropy),
+    epochs until `seconds` of wall time are spent, then test accuracy."""
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    x, y = torch.from_numpy(train[0]), torch.from_numpy(train[1]).long()
+    model = build(net)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    epochs = 0.0
+    while time.perf_counter() - started < seconds:
+        model.train()
+        order = torch.randperm(len(x))
+        steps = len(x) // batch_size
+        for step in range(steps):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            optimizer.zero_grad()
+            loss_fn(model(x[idx]), y[idx]).backward()
+            optimizer.step()
+            if time.perf_counter() - started >= seconds:
+                epochs += (step + 1) / steps
+                break
+        else:
+            epochs += 1
+    return {"test_accuracy": _accuracy(model, test), "train_wall_s": time.perf_counter() - started, "epochs": round(epochs, 2)}
+
+
+@torch.no_grad()
+def _accuracy(model, data) -> float:
+    model.eval()
+    x, y = torch.from_numpy(data[0]), torch.from_numpy(data[1]).long()
+    correct = sum((model(x[i : i + 2048]).argmax(1) == y[i : i + 2048]).sum().item() for i in range(0, len(x), 2048))
+    return correct / len(x)
+
+
+def _sklearn_mlp(hidden: list[int], epochs: int, batch_size: int, lr: float, train, test, seed: int) -> dict:
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=tuple(hidden), max_iter=epochs, batch_size=batch_size,
+                        learning_rate_init=lr, random_state=seed)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter = the same epoch budget on purpose
+        clf.fit(train[0].reshape(len(train[0]), -1), train[1])
+    seconds = time.perf_counter() - started
+    accuracy = float((clf.predict(test[0].reshape(len(test[0]), -1)) == test[1]).mean())
+    return {"test_accuracy": accuracy, "train_wall_s": seconds, "epochs": clf.n_iter_}
+
+
+def _fashion_tables(cfg: Config) -> dict[str, list[str]]:
+    files = {}
+    for split in ("train", "test"):
+        uri = cfg.table_uri(split)
+        version = lake.latest_version(uri)
+        if version is None:
+            raise FileNotFoundError(f"no Delta table at {uri}: run `dlpipe land-demo-data` and `dlpipe prepare` first")
+        files[split] = lake.table_files(uri, version)
+        files[f"{split}_table"] = f"{uri}@{version}"
+    return files
+
+
+def _say(line: str) -> None:
+    print(f"bench models: {line}", flush=True)
+
+
+def models(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "conf/adult_mlp.yaml",
+           cnn_epochs: int = 8, mlp_epochs: int = 10, pretrain_epochs: int = 3, finetune_epochs: int = 30,
+           finetune_fraction: float = 0.01) -> dict:
+    if family != "feedforward":
+        raise ValueError(f"unknown model family {family!r} (expected feedforward)")
+    import dataclasses as dc
+
+    from dlpipe import modeling
+
+    t, threads = cfg.train, max(1, (torch.get_num_threads()))
+    backend, workers = t.backend, t.num_workers
+    per_worker_threads = max(1, threads // (1 if backend == "local" else workers))
+    files = _fashion_tables(cfg)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    summary: dict = {"step": "bench models", "family": family, "tables": {k: v for k, v in files.items() if k.endswith("_table")},
+                     "backend": backend, "workers": workers, "threads": threads, "cases": {}}
+    test = _arrays(files["test"], shape)
+    base_fit = FitConfig(epochs=cnn_epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule="cosine", seed=t.seed)
+
+    # 1. CNN on Fashion-MNIST vs a plain PyTorch loop of the same net given the same wall time
+    cnn_cfg = dc.replace(cfg, model=dc.replace(cfg.model, name="cnn", task="classification"))
+    net = modeling.image_net(cnn_cfg)
+    _say(f"CNN {net.params} on {files['train_table']}, {cnn_epochs} epochs, {backend} x {workers}")
+    ours = _run(spark, net, base_fit, files["train"], files["test"], backend, workers, per_worker_threads)
+    ours.pop("state_dict")
+    torch.set_num_threads(threads)
+    train = _arrays(files["train"], shape)
+    plain = plain_loop_for(net, ours["train_wall_s"], t.batch_size * (1 if backend == "local" else workers), t.lr,
+                           train, test, t.seed)
+    summary["cases"]["cnn_fashion_mnist"] = {"dlpipe": ours, "plain_pytorch_same_wall_time": plain,
+                                             "goal": "dlpipe test_accuracy >= 0.91"}
+    _say(f"CNN: dlpipe {ours['test_accuracy']:.4f} in {ours['train_wall_s']:.0f} s; plain loop {plain['test_accuracy']:.4f} "
+         f"({plain['epochs']} epochs in the same time)")
+
+    # 2. MLP on Fashion-MNIST vs scikit-learn's MLPClassifier, same hidden sizes and epochs
+    mlp_cfg = dc.replace(cfg, model=dc.replace(cfg.model, name="mlp", task="classification"))
+    mlp_net = modeling.image_net(mlp_cfg)
+    mlp_fit = dc.replace(base_fit, epochs=mlp_epochs, lr=0.001)
+    ours = _run(spark, mlp_net, mlp_fit, files["train"], files["test"], backend, workers, per_worker_threads)
+    ours.pop("state_dict")
+    sk = _sklearn_mlp(cfg.model.mlp.hidden, mlp_epochs, t.batch_size, 0.001, train, test, t.seed)
+    summary["cases"]["mlp_fashion_mnist"] = {"dlpipe": ours, "sklearn_MLPClassifier": sk, "hidden": cfg.model.mlp.hidden,
+                                             "goal": "dlpipe test_accuracy >= sklearn's"}
+    _say(f"MLP: dlpipe {ours['test_accuracy']:.4f} in {ours['train_wall_s']:.0f} s; scikit-learn {sk['test_accuracy']:.4f} "
+         f"in {sk['train_wall_s']:.0f} s")
+    del train
+
+    # 3. MLP on UCI Adult vs Spark MLlib (the table pipeline's Adult tables)
+    summary["cases"]["mlp_adult"] = adult_case(spark, cfg, adult_conf, backend, workers, per_worker_threads)
+
+    # 4. Fine-tuning: pretrained on five classes, 1% of the labels of the other five
+    summary["cases"]["finetune_fashion_mnist"] = finetune_case(
+        spark, net, base_fit, files, backend, workers, per_worker_threads, pretrain_epochs, finetune_epochs, finetune_fraction)
+    return summary
+
+
+def finetune_case(spark, net, fit, files, backend, workers, threads, pretrain_epochs, finetune_epochs,
+                  fraction: float = 0.01) -> dict:
+    """CNN trained on classes 0-4; its features, with a new head, fine-tuned on 1% of the training
+    labels of classes 5-9, against the same CNN trained from scratch on that 1%."""
+    import dataclasses as dc
+
+    first = dc.replace(net, num_outputs=len(FASHION_FIRST))
+    second = dc.replace(net, num_outputs=len(FASHION_SECOND))
+    pre = _run(spark, first, dc.replace(fit, epochs=pretrain_epochs), files["train"], files["test"], backend, workers,
+               threads, labels=FASHION_FIRST)
+    state = {k: v for k, v in pre.pop("state_dict").items() if not k.startswith("head.")}
+    small = dc.replace(fit, epochs=finetune_epochs, batch_size=16, lr_schedule="cosine")
+    runs = {}
+    for name, extra in (("from_scratch", {}), ("fine_tuned", {"init_state": state}),
+                        ("fine_tuned_frozen_features", {"init_state": state, "fit": dc.replace(small, freeze="features")})):
+        run_fit = extra.pop("fit", small)
+        runs[name] = _run(spark, second, run_fit, files["train"], files["test"], "local", 1, threads * workers,
+                          labels=FASHION_SECOND, label_fraction=fraction, **extra)
+        runs[name].pop("state_dict")
+        _say(f"fine-tuning, {name}: test accuracy {runs[name]['test_accuracy']:.4f} on classes 5-9 "
+             f"({runs[name]['train_rows']} labelled rows)")
+    return {"pretrained_on_classes_0_4": pre, "label_fraction": fraction, **runs,
+            "goal": "fine_tuned test_accuracy > from_scratch"}
+
+
+def adult_case(spark, cfg: Config, conf: str, backend: str, workers: int, threads: int) -> dict:
+    import os
+
+    from dlpipe.config import load_config
+
+    if not os.path.isfile(conf):
+        return {"status": f"not wired: {conf} is missing (the table pipeline of issue #4 has not landed on this branch)"}
+    adult = load_config(conf, [f"paths.lake={cfg.paths.lake}", f"spark.master={cfg.spark.master}"])
+    tables = {}
+    for split in ("train", "test"):
+        uri = adult.table_uri(split)
+        version = lake.latest_version(uri)
+        if version is None:
+            return {"status": f"not wired: no Delta table at {uri} (run `dlpipe prepare --conf {conf}` first)"}
+        tables[split] = (uri, version)
+    return _adult(spark, adult, tables, backend, workers, threads)
+
+
+def _adult(spark, cfg: Config, tables: dict, backend: str, workers: int, threads: int) -> dict:
+    from pyspark.ml.classification import LogisticRegression, MultilayerPerceptronClassifier
+    from pyspark.ml.evaluation import BinaryClassificationEvaluator
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    from dlpipe import modeling
+
+    train_files = lake.table_files(*tables["train"])
+    test_files = lake.table_files(*tables["test"])
+    column, shape = modeling.input_of(spark, *tables["test"], cfg)
+    net = modeling.net_for(cfg, column, shape, 2)
+    t = cfg.train
+    fit = FitConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule=t.lr_schedule, seed=t.seed)
+    ours = _run(spark, net, fit, train_files, test_files, backend, workers, threads)
+    model = build(net)
+    model.load_state_dict(ours.pop("state_dict"))
+    x, y = _arrays(test_files, shape)
+    with torch.no_grad():
+        p = torch.softmax(model.eval()(torch.from_numpy(x)), 1)[:, 1].numpy()
+    ours["roc_auc"] = binary_auc(y, p)
+    ours["test_accuracy"] = float(((p >= 0.5) == (y == 1)).mean())
+    result = {"table_train": "%s@%s" % tables["train"], "table_test": "%s@%s" % tables["test"], "features": shape[0],
+              "dlpipe_mlp": ours, "hidden": net.params.hidden}
+    train_df = lake.read_table(spark, *tables["train"]).select(F.col("label").cast("double"), array_to_vector("features").alias("features")).cache()
+    test_df = lake.read_table(spark, *tables["test"]).select(F.col("label").cast("double"), array_to_vector("features").alias("features")).cache()
+    train_df.count(), test_df.count()
+    auc = BinaryClassificationEvaluator(rawPredictionCol="probability", labelCol="label", metricName="areaUnderROC")
+    for name, estimator in (
+        ("spark_MultilayerPerceptronClassifier", MultilayerPerceptronClassifier(
+            layers=[shape[0], *net.params.hidden, 2], maxIter=200, seed=t.seed)),
+        ("spark_LogisticRegression", LogisticRegression(maxIter=100)),
+    ):
+        started = time.perf_counter()
+        fitted = estimator.fit(train_df)
+        seconds = time.perf_counter() - started
+        pred = fitted.transform(test_df)
+        accuracy = pred.agg(F.avg((F.col("prediction") == F.col("label")).cast("double"))).first()[0]
+        result[name] = {"test_accuracy": float(accuracy), "roc_auc": float(auc.evaluate(pred)), "train_wall_s": seconds}
+        _say(f"Adult {name}: accuracy {accuracy:.4f}, ROC AUC {result[name]['roc_auc']:.4f}, {seconds:.0f} s")
+    _say(f"Adult dlpipe MLP: accuracy {ours['test_accuracy']:.4f}, ROC AUC {ours['roc_auc']:.4f}, {ours['train_wall_s']:.0f} s")
+    train_df.unpersist(), test_df.unpersist()
+    return result
+

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 
+from dl.models import REGISTRY, TASKS, ParamError
+
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "base.yaml"
 
 
@@ -99,20 +101,21 @@ class DataConfig:
     split_fractions: dict[str, float]  # train/val/test; assigned from a hash of the file path
     land_limit_per_class: int  # land-demo-data: images per class to land, 0 = all
     max_rejected_fraction: float  # prepare fails, writing no new train/val/test version, above this
+    select_classes: list[str]  # train/evaluate on these classes only (relabelled 0..k-1); [] = all
+    label_fraction: float  # keep this fraction of the training rows (stable hash of the key); 1.0 = all
     table: TableDataConfig
     ratings: RatingsDataConfig
     text: TextDataConfig
     timeseries: TimeSeriesDataConfig
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    name: Literal["cnn"]
-    conv_channels: list[int]
-    kernel_size: int
-    hidden: int
-    dropout: float
-    batch_norm: bool
+# model.name picks one registered model (dl/models/<name>.py); its hyperparameters are validated
+# against that model's own config dataclass under model.<name>.
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [("name", Literal[tuple(REGISTRY)]), ("task", Literal[TASKS]), *[(n, spec.config) for n, spec in REGISTRY.items()]],
+    frozen=True, kw_only=True,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +142,8 @@ class TrainConfig:
     checkpoint_uri: str
     checkpoint_every: int  # epochs; 0 = no checkpoints
     resume: Literal["auto", "never"]
+    init_from: str  # "" or models:/<name>@<alias> (or /<version>): start from its weights, new head
+    freeze: Literal["none", "features"]  # features: only the head is trained
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,10 +261,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}' (expected one of: {', '.join(sorted(fields))})"
         )
-    missing = sorted(set(fields) - set(raw))
+    optional = {f.name for f in fields.values()
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    missing = sorted(set(fields) - set(raw) - optional)
     if missing:
         raise ConfigError(f"missing config key '{prefix}{missing[0]}'")
-    return cls(**{name: _check(hints[name], raw[name], f"{prefix}{name}") for name in fields})
+    try:
+        return cls(**{name: _check(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw})
+    except ParamError as exc:  # a model's own check of its hyperparameters
+        raise ConfigError(f"config key '{prefix}{exc.field}': {exc.message}") from None
 
 
 def _check(tp: Any, value: Any, key: str) -> Any:
@@ -328,8 +338,6 @@ def _validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
         "score.batch_size": cfg.score.batch_size,
-        "model.kernel_size": cfg.model.kernel_size,
-        "model.hidden": cfg.model.hidden,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -342,8 +350,20 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.warmup_epochs': expected fewer than train.epochs={cfg.train.epochs}, got {cfg.train.warmup_epochs}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
-    if not 0 <= cfg.model.dropout < 1:
-        raise ConfigError(f"config key 'model.dropout': expected a number in [0, 1), got {cfg.model.dropout}")
+    if cfg.model.task not in REGISTRY[cfg.model.name].tasks:
+        raise ConfigError(f"config key 'model.task': model {cfg.model.name} supports {list(REGISTRY[cfg.model.name].tasks)}, "
+                          f"got {cfg.model.task!r}")
+    names = cfg.data.table.classes if cfg.data.kind == "table" else cfg.data.classes
+    unknown = [c for c in cfg.data.select_classes if c not in names]
+    if unknown or (cfg.data.select_classes and len(set(cfg.data.select_classes)) < 2):
+        raise ConfigError(f"config key 'data.select_classes': expected at least two of data.classes, got {cfg.data.select_classes}")
+    if not 0 < cfg.data.label_fraction <= 1:
+        raise ConfigError(f"config key 'data.label_fraction': expected a number in (0, 1], got {cfg.data.label_fraction}")
+    if cfg.train.init_from and not cfg.train.init_from.startswith("models:/"):
+        raise ConfigError(f"config key 'train.init_from': expected models:/<name>@<alias> or models:/<name>/<version>, "
+                          f"got {cfg.train.init_from!r}")
+    if cfg.train.freeze != "none" and not cfg.train.init_from:
+        raise ConfigError("config key 'train.freeze': freezing needs pretrained weights; set train.init_from")
     if not 0 <= cfg.data.max_rejected_fraction <= 1:
         raise ConfigError(f"config key 'data.max_rejected_fraction': expected a number in [0, 1], got {cfg.data.max_rejected_fraction}")
     if not 0 <= cfg.registry.min_accuracy <= 1:
@@ -360,8 +380,6 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key 'score.run_date': expected YYYY-MM-DD or \"\", got {cfg.score.run_date!r}") from None
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError("config key 'data.classes': expected at least two distinct class folder names")
-    if not cfg.model.conv_channels or any(c <= 0 for c in cfg.model.conv_channels):
-        raise ConfigError(f"config key 'model.conv_channels': expected a non-empty list of positive integers, got {cfg.model.conv_channels}")
     _validate_data_kind(cfg.data)
 
 

@@ -98,6 +98,12 @@ def table_files(uri: str, version: int) -> list[str]:
     return _open(_norm(uri), version).file_uris()
 
 
+def table_rows(uri: str, version: int) -> int:
+    """Rows of one snapshot, from the log's per-file statistics (no data read)."""
+    actions = _delta(_norm(uri), version).get_add_actions(flatten=True)
+    return int(sum(n or 0 for n in actions.column("num_records").to_pylist()))
+
+
 def history(uri: str) -> list[dict[str, Any]]:
     """Commits, newest first: version, timestamp (ms since epoch), operation, metadata."""
     uri = _norm(uri)
@@ -277,7 +283,7 @@ def replace_where(df: DataFrame, uri: str, where: dict[str, Any], *, metadata: d
         (df.write.format("delta").mode("overwrite").option("replaceWhere", condition)
          .option("userMetadata", user_metadata).save(uri))
         return _find_commit(uri, commit_id, before)
-    table = DeltaTable(uri)
+    table = _delta(uri)
     current = _spark_schema(table)
     if current.simpleString() != df.schema.simpleString():
         raise ValueError(f"Cannot write to Delta table {uri}: expected schema {current.simpleString()}, "
@@ -294,7 +300,7 @@ def replace_where(df: DataFrame, uri: str, where: dict[str, Any], *, metadata: d
 def _files_where(uri: str, table: DeltaTable, where: dict[str, Any]) -> list[tuple[str, int]]:
     """(path, size) of the data files whose rows all match `where`. Each job writes its own
     files, so a file is wholly inside or outside a slice; a file that mixes both is an error."""
-    fs, base = filesystem(uri)
+    fs, base = storage.filesystem(uri)
     actions = table.get_add_actions(flatten=True).to_pydict()
     matching = []
     for path, size in zip(actions["path"], actions["size_bytes"]):

@@ -13,13 +13,16 @@ import traceback
 import uuid
 from dataclasses import dataclass
 
+import zlib
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from pyarrow import fs
 
-from dl.models import CNN, CNNConfig
+from dl.models import Net, build
 from dl.train import FitConfig, SingleProcess, fit
 from dlpipe import checkpoints
 from dlpipe.storage import filesystem, join
@@ -35,7 +38,7 @@ class WorkerError(RuntimeError):
 class TrainTask:
     """Everything a worker needs, small enough to ship to executors (file URIs, not data)."""
 
-    model: CNNConfig
+    net: Net  # which registered model, its hyperparameters, input shape, outputs and task
     fit: FitConfig
     train_files: list[str]
     val_files: list[str]
@@ -47,6 +50,9 @@ class TrainTask:
     checkpoint_dir: str = ""  # where the main rank writes checkpoints ("" = none)
     resume_from: str = ""  # checkpoint URI to continue from ("" = start fresh)
     error_dir: str = ""  # where a failing worker leaves its report for the driver (set by launch)
+    labels: tuple[int, ...] = ()  # keep rows with these labels only, relabelled 0..k-1 (data.select_classes)
+    label_fraction: float = 1.0  # of the training rows, chosen by a stable hash of the key
+    init_state: dict | None = None  # starting weights (train.init_from): every tensor but the head's
 
 
 class HorovodDist:
@@ -106,13 +112,19 @@ def pick_device(use_gpu: str | bool, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def load_shard(files: list[str], shape: tuple[int, int, int], rank: int, size: int, max_rows: int = 0):
-    """This worker's rows of a pinned Delta snapshot, read with pyarrow into contiguous arrays.
+def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, max_rows: int = 0, *,
+               task: str = "classification", labels: tuple[int, ...] = (), fraction: float = 1.0):
+    """This worker's rows of a pinned Delta snapshot, read with pyarrow into contiguous arrays:
+    the `pixels` column of an image table or the `features` column of a table, and `label`
+    (int for classification, double for regression).
 
     Row groups are dealt out round-robin by rank; with fewer row groups than workers every
-    worker strides over the rows instead. The driver never touches the data."""
-    columns = ["label", "pixels"]
+    worker strides over the rows instead. `labels` keeps those classes (relabelled 0..k-1);
+    `fraction` < 1 keeps that share of rows by a stable hash of `key`. The driver never touches the data."""
     parquet = {f: _open_parquet(f) for f in files}  # footers read once
+    names = next(iter(parquet.values())).schema_arrow.names if parquet else ["pixels"]
+    column = "pixels" if "pixels" in names else "features"
+    columns = ["label", column] + (["key"] if fraction < 1 else [])
     pieces = [(f, g) for f, handle in parquet.items() for g in range(handle.num_row_groups)]
     tables = []
     if len(pieces) >= size:
@@ -123,23 +135,37 @@ def load_shard(files: list[str], shape: tuple[int, int, int], rank: int, size: i
         for f, handle in parquet.items():
             table = handle.read(columns=columns)
             tables.append((table.take(np.arange(rank, table.num_rows, size)), f))
+    tables = [(_select(t, labels, fraction), where) for t, where in tables]
     rows = sum(t.num_rows for t, _ in tables)
     x = np.empty((rows, *shape), dtype=np.float32)
-    y = np.empty(rows, dtype=np.int64)
+    y = np.empty(rows, dtype=np.int64 if task == "classification" else np.float32)
     at = 0
     for t, where in tables:
         n = t.num_rows
-        values = pc.list_flatten(t.column("pixels")).to_numpy()
+        values = pc.list_flatten(t.column(column)).to_numpy()
         if values.size != n * int(np.prod(shape)):
-            raise ValueError(f"{where}: pixels hold {values.size} values for {n} rows, expected {int(np.prod(shape))} "
-                             f"per row (channels x height x width = {shape})")
+            raise ValueError(f"{where}: {column} hold {values.size} values for {n} rows, expected {int(np.prod(shape))} "
+                             f"per row (input shape {shape})")
         x[at : at + n] = values.reshape(n, *shape)
         y[at : at + n] = t.column("label").to_numpy()
         at += n
+    if labels:  # original label -> its position in `labels`
+        lookup = np.full(max(labels) + 1, -1, dtype=np.int64)
+        lookup[list(labels)] = np.arange(len(labels))
+        y = lookup[y]
     if max_rows:
         keep = max(max_rows // size, 1)
         x, y = x[:keep], y[:keep]
     return x, y
+
+
+def _select(table: pa.Table, labels: tuple[int, ...], fraction: float) -> pa.Table:
+    if labels:
+        table = table.filter(pc.is_in(table.column("label"), value_set=pa.array(labels, table.column("label").type)))
+    if fraction < 1:
+        keep = [zlib.crc32(k.encode()) % 10_000 < fraction * 10_000 for k in table.column("key").to_pylist()]
+        table = table.filter(pa.array(keep, pa.bool_()))
+    return table
 
 
 def _open_parquet(uri: str) -> pq.ParquetFile:
@@ -169,11 +195,14 @@ def train_worker(task: TrainTask, backend: str):
         device = pick_device(task.use_gpu, local_rank)
         dist = dist or TorchDist(device)
         rank = dist.rank
-        shape = (task.model.in_channels, task.model.image_size, task.model.image_size)
-        train = load_shard(task.train_files, shape, dist.rank, dist.size, task.max_rows)
-        val = load_shard(task.val_files, shape, dist.rank, dist.size, task.max_rows)
+        shape, kind = tuple(task.net.input_shape), task.net.task
+        train = load_shard(task.train_files, shape, dist.rank, dist.size, task.max_rows, task=kind,
+                           labels=task.labels, fraction=task.label_fraction)
+        val = load_shard(task.val_files, shape, dist.rank, dist.size, task.max_rows, task=kind, labels=task.labels)
         torch.manual_seed(task.fit.seed)  # the same initial weights for any world size
-        model = CNN(task.model)
+        model = build(task.net)
+        if task.init_state:
+            load_features(model, task.init_state)
         main = dist.rank == 0
         history = fit(
             model, train, val, task.fit, dist, device=device,
@@ -197,6 +226,13 @@ def train_worker(task: TrainTask, backend: str):
     finally:
         if backend == "torch_distributor" and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def load_features(model: torch.nn.Module, state: dict) -> None:
+    """Every weight of a pretrained net except its head (the new head keeps its fresh init)."""
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ValueError(f"pretrained weights do not fit this model: missing {missing}, unexpected {unexpected}")
 
 
 def _report_failure(error_dir: str, rank, exc: BaseException) -> None:

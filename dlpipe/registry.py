@@ -22,9 +22,12 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dlpipe import lake
+
 CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK = "champion", "challenger", "previous", "rolled_back"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK)
-HIGHER_IS_BETTER = {"test_accuracy": True, "test_log_loss": False}
+HIGHER_IS_BETTER = {"test_accuracy": True, "test_log_loss": False, "test_roc_auc": True,
+                    "test_r2": True, "test_mse": False, "test_mae": False}
 SPLITS = ("train", "val", "test")
 
 
@@ -78,15 +81,6 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def table_rows(uri: str, version: int) -> int:
-    """Rows of one Delta snapshot, from the log's per-file statistics (no data read)."""
-    from deltalake import DeltaTable
-
-    table = DeltaTable(uri, version=version)
-    actions = table.get_add_actions(flatten=True)
-    return int(sum(n or 0 for n in actions.column("num_records").to_pylist()))
-
-
 def lineage_tags(client: MlflowClient, run_id: str, tables: dict[str, dict], metrics: dict[str, float]) -> dict[str, str]:
     """Everything a registered version must say about where it came from."""
     config = json.loads(Path(client.download_artifacts(run_id, "config.json")).read_text())
@@ -101,7 +95,7 @@ def lineage_tags(client: MlflowClient, run_id: str, tables: dict[str, dict], met
     }
     for split, table in tables.items():
         tags[f"dlpipe.table.{split}"] = f"{table['uri']}@{table['version']}"
-        tags[f"dlpipe.rows.{split}"] = str(table_rows(table["uri"], table["version"]))
+        tags[f"dlpipe.rows.{split}"] = str(lake.table_rows(table["uri"], table["version"]))
     if "train.rows" in params:
         tags["dlpipe.rows.train_used"] = params["train.rows"]
     for name, value in metrics.items():

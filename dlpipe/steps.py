@@ -14,12 +14,11 @@ from mlflow.tracking import MlflowClient
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dl.models import CNN, CNNConfig
-from dl.train import FitConfig
-from dlpipe import checkpoints, demo_data, lake, registry, tracking
+from dl.models import Net, build
+from dlpipe import checkpoints, demo_data, lake, modeling, registry, tracking
 from dlpipe.config import Config
 from dlpipe.launch import TrainTask, launch
-from dlpipe.scoring import confusion_and_metrics, predict
+from dlpipe.scoring import confusion_and_metrics, predict, regression_metrics, roc_auc
 
 SPLITS = ("train", "val", "test")
 
@@ -110,14 +109,14 @@ def train(spark: SparkSession, cfg: Config) -> dict:
         say(f"resuming MLflow run {run_id} from {resume_from}")
     else:
         run_id, resume_from, tables = None, "", pinned_tables(cfg)  # pinned once for the whole run
-    model_cfg = model_config(cfg)
     t = cfg.train
-    fit_cfg = FitConfig(
-        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, momentum=t.momentum,
-        weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, lr_scaling=t.lr_scaling,
-        warmup_epochs=t.warmup_epochs, sync=t.sync, average_every=t.average_every, shuffle=t.shuffle,
-        precision=t.precision, checkpoint_every=t.checkpoint_every, seed=t.seed,
-    )
+    classes, label_ids = modeling.label_view(cfg)
+    column, input_shape = modeling.input_of(spark, tables["val"]["uri"], tables["val"]["version"], cfg)
+    net = modeling.net_for(cfg, column, input_shape, len(classes))
+    build(net)  # a net that cannot be built fails here, before any worker starts
+    init_from = modeling.resolve(t.init_from) if t.init_from else ""
+    init_state = modeling.pretrained_state(init_from, net) if init_from and not resumable else None
+    fit_cfg = modeling.fit_config(cfg)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{t.run_name}-train") as run:
         if not resumable:
             mlflow.set_tags({"dlpipe.step": "train", "dlpipe.model_name": cfg.registry.model_name,
@@ -126,9 +125,11 @@ def train(spark: SparkSession, cfg: Config) -> dict:
             mlflow.log_params({k: v for k, v in _flatten(cfg.to_dict()).items() if not k.startswith("spark.conf")})
             for split, table in tables.items():
                 mlflow.log_params({f"table.{split}.uri": table["uri"], f"table.{split}.version": table["version"]})
+            if init_from:
+                mlflow.log_param("train.init_from_resolved", init_from)
         workers = 1 if t.backend == "local" else t.num_workers
         task = TrainTask(
-            model=model_cfg, fit=fit_cfg,
+            net=net, fit=fit_cfg, labels=label_ids, label_fraction=cfg.data.label_fraction, init_state=init_state,
             train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
             val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
             max_rows=t.max_rows, tracking_uri=cfg.mlflow.tracking_uri, run_id=run.info.run_id,
@@ -143,16 +144,16 @@ def train(spark: SparkSession, cfg: Config) -> dict:
         mlflow.log_metrics({f"worker_{i}_samples_per_sec": v for i, v in enumerate(result["worker_samples_per_sec"])})
         mlflow.log_figure(tracking.curves_figure(result["history"]), "plots/training_curves.png")
 
-        model = CNN(model_cfg)
+        model = build(net)
         model.load_state_dict(result["state_dict"])
-        val = lake.read_table(spark, tables["val"]["uri"], tables["val"]["version"])
-        example = val.select("pixels").limit(2).toPandas()
-        info = tracking.log_classifier(model, (cfg.data.channels, cfg.data.image_size, cfg.data.image_size),
-                                       cfg.data.classes, np.stack(example["pixels"].to_numpy()), cfg.to_dict())
+        val = modeling.relabel(lake.read_table(spark, tables["val"]["uri"], tables["val"]["version"]), label_ids)
+        example = val.select(column).limit(2).toPandas()
+        info = tracking.log_model(model, net, column, classes, np.stack(example[column].to_numpy()), cfg.to_dict())
         mlflow.set_tag("dlpipe.model_uri", info.model_uri)
-        matrix, _ = confusion_and_metrics(predict(spark, val, info.model_uri), len(cfg.data.classes))
-        mlflow.log_figure(tracking.confusion_figure(matrix, cfg.data.classes, "Validation confusion matrix"),
-                          "plots/confusion_matrix_val.png")
+        if net.task == "classification":
+            matrix, _ = confusion_and_metrics(predict(spark, val, info.model_uri), len(classes))
+            mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Validation confusion matrix"),
+                              "plots/confusion_matrix_val.png")
     final = result["history"][-1]
     return {"step": "train", "run_id": run.info.run_id, "model_uri": info.model_uri, "tables": tables,
             "backend": result["backend"],
@@ -161,13 +162,8 @@ def train(spark: SparkSession, cfg: Config) -> dict:
             "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
 
 
-def model_config(cfg: Config) -> CNNConfig:
-    m = cfg.model
-    return CNNConfig(
-        in_channels=cfg.data.channels, image_size=cfg.data.image_size, num_classes=len(cfg.data.classes),
-        conv_channels=tuple(m.conv_channels), kernel_size=m.kernel_size, hidden=m.hidden, dropout=m.dropout,
-        batch_norm=m.batch_norm,
-    )
+def model_config(cfg: Config) -> Net:
+    return modeling.image_net(cfg)
 
 
 def _run_finished(client: MlflowClient, run_id: str) -> bool:
@@ -199,29 +195,45 @@ def evaluate(spark: SparkSession, cfg: Config, *, promote: bool = True) -> dict:
     run = client.get_run(run_id)
     model_uri = run.data.tags["dlpipe.model_uri"]
     test = {"uri": run.data.params["table.test.uri"], "version": int(run.data.params["table.test.version"])}
-    predictions = predict(spark, lake.read_table(spark, test["uri"], test["version"]), model_uri)
-    matrix, metrics = confusion_and_metrics(predictions, len(cfg.data.classes))
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics({"test_accuracy": metrics["accuracy"], "test_log_loss": metrics["log_loss"]})
-        mlflow.log_figure(tracking.confusion_figure(matrix, cfg.data.classes, "Test confusion matrix"),
-                          "plots/confusion_matrix_test.png")
-    say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['rows']} rows of {test['uri']}@{test['version']}")
+    classes, label_ids = modeling.label_view(cfg)
+    test_df = modeling.relabel(lake.read_table(spark, test["uri"], test["version"]), label_ids)
+    predictions = predict(spark, test_df, model_uri)
+    if cfg.model.task == "regression":
+        metrics = regression_metrics(predictions)
+        scores = {f"test_{k}": v for k, v in metrics.items() if k != "rows"}
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(scores)
+        say(f"test MSE {metrics['mse']:.4f}, MAE {metrics['mae']:.4f}, R^2 {metrics['r2']:.4f} on {metrics['rows']} rows")
+        good, why_not = metrics["r2"] > 0, f"test R^2 {metrics['r2']:.4f} <= 0 (no better than the mean)"
+    else:
+        matrix, metrics = confusion_and_metrics(predictions, len(classes))
+        scores = {"test_accuracy": metrics["accuracy"], "test_log_loss": metrics["log_loss"]}
+        with mlflow.start_run(run_id=run_id):
+            if len(classes) == 2:
+                scores["test_roc_auc"] = roc_auc(predictions)
+            mlflow.log_metrics(scores)
+            mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Test confusion matrix"),
+                              "plots/confusion_matrix_test.png")
+            if "pixels" in test_df.columns:
+                from dlpipe import explain
+
+                mlflow.log_figure(explain.sample_grid(test_df, model_uri, classes), "plots/occlusion_heatmaps.png")
+        say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['rows']} rows of {test['uri']}@{test['version']}")
+        good = metrics["accuracy"] >= cfg.registry.min_accuracy
+        why_not = f"test accuracy {metrics['accuracy']:.4f} < registry.min_accuracy {cfg.registry.min_accuracy}"
     name = cfg.registry.model_name
     tables = {s: {"uri": run.data.params[f"table.{s}.uri"], "version": int(run.data.params[f"table.{s}.version"])}
               for s in SPLITS}
-    scores = {"test_accuracy": metrics["accuracy"], "test_log_loss": metrics["log_loss"]}
     version = registry.register(client, name, model_uri, run_id,
                                 registry.lineage_tags(client, run_id, tables, scores)).version
-    champion = promote and metrics["accuracy"] >= cfg.registry.min_accuracy
+    champion = promote and good
     if champion:
         with registry.lock(client, name, cfg.registry.lock_ttl_s, cfg.registry.lock_wait_s):
             registry.promote(client, name, version)
         say(f"registered {name} version {version} and set alias champion")
     else:
-        say(f"registered {name} version {version}" + ("" if not promote else
-            f"; NOT champion: test accuracy {metrics['accuracy']:.4f} < registry.min_accuracy {cfg.registry.min_accuracy}"))
-    return {"step": "evaluate", "run_id": run_id, "test_table": test, "metrics": {"test_accuracy": metrics["accuracy"],
-            "test_log_loss": metrics["log_loss"], "test_rows": metrics["rows"]},
+        say(f"registered {name} version {version}" + (f"; NOT champion: {why_not}" if promote else ""))
+    return {"step": "evaluate", "run_id": run_id, "test_table": test, "metrics": {**scores, "test_rows": metrics["rows"]},
             "model_name": name, "model_version": int(version), "champion": champion}
 
 
@@ -246,8 +258,9 @@ def score(spark: SparkSession, cfg: Config) -> dict:
         raise FileNotFoundError(f"no Delta table at {test_uri}: run the prepare step first")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.score.batch_size))
     run_date = datetime.date.fromisoformat(cfg.score.run_date) if cfg.score.run_date else datetime.datetime.now(datetime.UTC).date()
-    predictions = predict(spark, lake.read_table(spark, test_uri, test_version), model_uri).select(
-        "key", "prediction", "label_name", "probabilities",
+    predictions = predict(spark, lake.read_table(spark, test_uri, test_version), model_uri)
+    predictions = predictions.select(  # regression models give a `prediction` only
+        "key", "prediction", *[c for c in ("label_name", "probabilities") if c in predictions.columns],
         F.lit(name).alias("model_name"), F.lit(int(version)).alias("model_version"),
         F.lit(run_date).alias("run_date"), F.current_timestamp().alias("scored_at"),
     )

@@ -17,14 +17,19 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from dlpipe.config import MlflowConfig
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-INPUT_SCHEMA = Schema([ColSpec(Array(DataType.double), "pixels")])  # plain Python floats; cast to float32 inside
-OUTPUT_SCHEMA = Schema(
-    [
+# the pyfunc output follows from the model's task
+OUTPUT_SCHEMAS = {
+    "classification": Schema([
         ColSpec(DataType.long, "prediction"),
         ColSpec(DataType.string, "label_name"),
         ColSpec(Array(DataType.float), "probabilities"),
-    ]
-)
+    ]),
+    "regression": Schema([ColSpec(DataType.double, "prediction")]),
+}
+
+
+def input_schema(column: str) -> Schema:
+    return Schema([ColSpec(Array(DataType.double), column)])  # plain Python floats; cast to float32 inside
 
 
 def setup(cfg: MlflowConfig) -> str:
@@ -47,10 +52,12 @@ def setup(cfg: MlflowConfig) -> str:
     return experiment_id
 
 
-def log_classifier(model: torch.nn.Module, input_shape: tuple[int, ...], classes: list[str], example: np.ndarray, config: dict):
+def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str], example: np.ndarray, config: dict):
     """Log the trained net as a pyfunc model (exported program + this model's code) with a
-    signature and an input example; also keeps the state dict and the resolved config."""
+    signature and an input example; also keeps the state dict, the net description (model name,
+    hyperparameters, input shape, task: enough to rebuild it with dl.models) and the resolved config."""
     model = model.eval()
+    input_shape = tuple(net.input_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     program = torch.export.export(model, (torch.zeros(2, *input_shape),), dynamic_shapes={"x": {0: batch}})
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,15 +68,16 @@ def log_classifier(model: torch.nn.Module, input_shape: tuple[int, ...], classes
             "config": Path(tmp, "config.json"),
         }
         torch.export.save(program, paths["program"])
-        paths["meta"].write_text(json.dumps({"input_shape": list(input_shape), "classes": classes}))
+        paths["meta"].write_text(json.dumps({"input_shape": list(input_shape), "classes": classes, "task": net.task,
+                                             "input_column": input_column, "net": net.to_dict()}))
         torch.save(model.state_dict(), paths["state_dict"])
         paths["config"].write_text(json.dumps(config, indent=2))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),
             artifacts={k: str(v) for k, v in paths.items()},
-            signature=ModelSignature(inputs=INPUT_SCHEMA, outputs=OUTPUT_SCHEMA),
-            input_example=pd.DataFrame({"pixels": [row.tolist() for row in example.reshape(len(example), -1)]}),
+            signature=ModelSignature(inputs=input_schema(input_column), outputs=OUTPUT_SCHEMAS[net.task]),
+            input_example=pd.DataFrame({input_column: [row.tolist() for row in example.reshape(len(example), -1)]}),
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
         )
 
@@ -86,13 +94,14 @@ def _pyplot():
 def curves_figure(history: list[dict]):
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
+    metric = "accuracy" if "accuracy" in history[0] else "mae"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", title="Loss")
-    ax_acc.plot(epochs, [h["accuracy"] for h in history], "o-", label="train")
-    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss" if metric == "accuracy" else "mean squared error", title="Loss")
+    ax_acc.plot(epochs, [h[metric] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="val")
+    ax_acc.set(xlabel="epoch", ylabel=metric, title="Accuracy" if metric == "accuracy" else "Mean absolute error")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -114,3 +123,26 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
     fig.colorbar(shown, ax=ax)
     fig.tight_layout()
     return fig
+
+
+def load_net(model_uri: str):
+    """(torch module in eval mode, meta) of a logged model, rebuilt with dl.models from the state
+    dict and net description stored with it: for heatmaps, embeddings and fine-tuning."""
+    local = mlflow.artifacts.download_artifacts(model_uri)
+    return net_from_dir(local)
+
+
+def net_from_dir(local: str):
+    from dl.models import REGISTRY, Net, build
+    from dlpipe.config import _build
+
+    artifacts = Path(local, "artifacts")
+    meta = json.loads((artifacts / "meta.json").read_text())
+    if "net" not in meta:
+        raise ValueError(f"{local}: logged before models carried their net description; retrain it")
+    d = meta["net"]
+    net = Net(name=d["name"], params=_build(REGISTRY[d["name"]].config, d["params"], f"model.{d['name']}."),
+              input_shape=tuple(d["input_shape"]), num_outputs=d["num_outputs"], task=d["task"])
+    module = build(net)
+    module.load_state_dict(torch.load(artifacts / "state_dict.pt", map_location="cpu"))
+    return module.eval(), meta | {"net_obj": net}

@@ -51,7 +51,7 @@ def small_landing(tmp_path_factory):
     cfg = make_config(
         root, f"paths.landing={cfg.paths.landing}", f"data.name={cfg.data.name}",
         f"data.classes={json.dumps(cfg.data.classes)}", "train.epochs=3", "train.batch_size=16",
-        "model.conv_channels=[8, 16]", "model.hidden=32", "registry.min_accuracy=0.3",
+        "model.cnn.blocks=[{channels: 8}, {channels: 16}]", "model.cnn.hidden=[32]", "registry.min_accuracy=0.3",
         "registry.model_name=e2e_cnn", f"train.checkpoint_uri={root}/checkpoints",
     )
     return cfg, landed
@@ -105,3 +105,19 @@ def mlflow_server(tmp_path_factory):
     proc.terminate()
     proc.wait(timeout=30)
     log.close()
+
+
+@pytest.fixture(scope="session")
+def registered_small(spark, prepared_small):
+    """A small CNN trained in one local process on the prepared slice, evaluated and registered
+    as `small_cnn` (alias champion): (config, evaluate summary). For heatmaps, similarity, transfer."""
+    import dataclasses
+
+    from dlpipe import steps
+
+    cfg, _ = prepared_small
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, backend="local", run_name="small_cnn", epochs=4),
+        registry=dataclasses.replace(cfg.registry, model_name="small_cnn", min_accuracy=0.0))
+    trained = steps.train(spark, cfg)
+    return cfg, steps.evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=trained["run_id"])))

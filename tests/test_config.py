@@ -14,8 +14,8 @@ def test_base_config_loads_and_resolves_paths(tmp_path):
 
 
 def test_set_overrides_file_and_base():
-    cfg = load_config("conf/fashion_cnn.yaml", ["train.lr=0.01", "model.conv_channels=[8, 16]", "train.epochs=1"])
-    assert cfg.train.lr == 0.01 and cfg.model.conv_channels == [8, 16] and cfg.train.epochs == 1
+    cfg = load_config("conf/fashion_cnn.yaml", ["train.lr=0.01", "model.cnn.hidden=[8, 16]", "train.epochs=1"])
+    assert cfg.train.lr == 0.01 and cfg.model.cnn.hidden == [8, 16] and cfg.train.epochs == 1
 
 
 def test_set_spark_conf_key_with_dots():
@@ -38,9 +38,9 @@ def test_int_accepted_for_float():
         ("train.backend=mpi", "config key 'train.backend': expected one of ['horovod', 'torch_distributor', 'local'], got 'mpi'"),
         ("train.use_gpu=maybe", "config key 'train.use_gpu': expected one of ['auto', True, False], got 'maybe'"),
         ("train.warmup_epochs=10", "config key 'train.warmup_epochs': expected fewer than train.epochs=6"),
-        ("model.conv_channels=[8, x]", "config key 'model.conv_channels[1]': expected an integer, got 'x'"),
+        ("model.cnn.hidden=[8, x]", "config key 'model.cnn.hidden[1]': expected an integer, got 'x'"),
         ("data.split_fractions={train: 0.9, val: 0.2, test: 0.1}", "config key 'data.split_fractions'"),
-        ("model.dropout=1.5", "config key 'model.dropout': expected a number in [0, 1)"),
+        ("model.cnn.dropout=1.5", "config key 'model.cnn.dropout': expected a number in [0, 1)"),
         ("train.lr", "expected key=value"),
     ],
 )

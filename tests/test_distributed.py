@@ -15,11 +15,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dl.models import CNNConfig
 from dl.train import FitConfig
 from dlpipe import lake, steps
 from dlpipe.launch import TrainTask, WorkerError, launch
-from tests.test_train import _blobs
+from tests.test_train import _blobs, tiny_net
 
 pytestmark = pytest.mark.slow
 BACKENDS = ["horovod", "torch_distributor"]
@@ -36,8 +35,8 @@ def _task(tmp_path, fit: FitConfig, train_files=None, **model):
     x, y = _blobs(600, 1)
     vx, vy = _blobs(100, 2)
     return TrainTask(
-        model=CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0,
-                        batch_norm=False) if not model else CNNConfig(**model),
+        net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0,
+                        batch_norm=False) if not model else tiny_net(**model),
         fit=fit, train_files=train_files or _files(tmp_path, "train", x, y), val_files=_files(tmp_path, "val", vx, vy),
         max_rows=0, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", run_id="", threads=1,
     )
@@ -70,7 +69,7 @@ def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepa
     cfg, prepared = prepared_small
     tables = prepared["tables"]
     task = TrainTask(
-        model=steps.model_config(cfg),
+        net=steps.model_config(cfg),
         fit=FitConfig(epochs=6, batch_size=8, lr=0.003, sync="average", average_every=8, seed=1),
         train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
         val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
@@ -106,8 +105,8 @@ def test_killed_worker_then_resume_continues_the_run(prepared_small, tmp_path):
             "--set", f"data.name={cfg.data.name}", "--set", f"data.classes=[{','.join(cfg.data.classes)}]",
             "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", "--set", f"mlflow.artifact_root={cfg.mlflow.artifact_root}",
             "--set", f"train.checkpoint_uri={tmp_path}/ckpt", "--set", "train.run_name=resume_test",
-            "--set", f"train.epochs={epochs}", "--set", "train.batch_size=16", "--set", "model.conv_channels=[4]",
-            "--set", "model.hidden=16", "--set", "spark.master=local[2]", "--set", "spark.conf.spark.ui.enabled=false",
+            "--set", f"train.epochs={epochs}", "--set", "train.batch_size=16", "--set", "model.cnn.blocks=[{channels: 4}]",
+            "--set", "model.cnn.hidden=[16]", "--set", "spark.master=local[2]", "--set", "spark.conf.spark.ui.enabled=false",
             "--summary", str(tmp_path / "train.json")]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300

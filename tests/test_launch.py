@@ -7,10 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dl.models import CNNConfig
 from dl.train import FitConfig
 from dlpipe.launch import TrainTask, launch
-from tests.test_train import _blobs
+from tests.test_train import _blobs, tiny_net
 
 
 def _task(tmp_path, files_per_split=3, rows=600):
@@ -29,7 +28,7 @@ def _task(tmp_path, files_per_split=3, rows=600):
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("launch", artifact_location=(tmp_path / "art").as_uri()))
     return TrainTask(
-        model=CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
+        net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
         fit=FitConfig(epochs=3, batch_size=16, lr=0.01, seed=3), train_files=files["train"], val_files=files["val"],
         max_rows=0, tracking_uri=uri, run_id=run.info.run_id, threads=1,
     ), client

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dl.models import CNN, CNNConfig
+from dl.models import CNN, CNNConfig, ConvBlock, Net, build
 from dl.train import FitConfig, fit
 from dlpipe.launch import load_shard
 
@@ -20,16 +20,25 @@ def _blobs(n, seed):
     return x, y
 
 
+def tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=128, dropout=0.25,
+             batch_norm=True) -> Net:
+    """A small CNN for `image_size` images (the walking skeleton's CNN shape)."""
+    params = CNNConfig(blocks=[ConvBlock(channels=c, batch_norm=batch_norm) for c in conv_channels], hidden=[hidden],
+                       dropout=dropout)
+    return Net(name="cnn", params=params, input_shape=(in_channels, image_size, image_size), num_outputs=num_classes,
+               task="classification")
+
+
 def test_cnn_shapes_and_bad_size():
-    model = CNN(CNNConfig(in_channels=3, image_size=20, num_classes=7, conv_channels=(4, 8)))
+    model = build(tiny_net(in_channels=3, image_size=20, num_classes=7, conv_channels=(4, 8)))
     assert model(torch.zeros(5, 3, 20, 20)).shape == (5, 7)
     with pytest.raises(ValueError, match="shrink"):
-        CNN(CNNConfig(in_channels=1, image_size=2, num_classes=2, conv_channels=(4, 4)))
+        build(tiny_net(in_channels=1, image_size=2, num_classes=2, conv_channels=(4, 4)))
 
 
 def test_fit_single_process_learns():
     torch.manual_seed(0)
-    model = CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0))
+    model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0))
     lines = []
     history = fit(model, _blobs(512, 1), _blobs(128, 2), FitConfig(epochs=3, batch_size=32, lr=0.01), log=lines.append)
     assert len(history) == 3 and len(lines) == 3 and "samples/s" in lines[0]
@@ -38,7 +47,7 @@ def test_fit_single_process_learns():
 
 
 def test_fit_rejects_a_shard_smaller_than_a_batch():
-    model = CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,)))
+    model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,)))
     with pytest.raises(ValueError, match="fewer than one batch"):
         fit(model, _blobs(8, 1), _blobs(8, 2), FitConfig(epochs=1, batch_size=32, lr=0.01))
 
@@ -61,7 +70,7 @@ def test_shards_are_disjoint_and_complete(tmp_path, row_group_size):
 
 
 def test_cosine_schedule_anneals_to_zero():
-    model = CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16))
+    model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16))
     seen = []
     history = fit(model, _blobs(64, 1), _blobs(32, 2), FitConfig(epochs=2, batch_size=32, lr=0.01, lr_schedule="cosine"),
                   on_epoch=lambda m: seen.append(m), log=lambda line: None)
@@ -83,7 +92,7 @@ def test_linear_lr_scaling_warms_up_then_follows_the_schedule():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(precision):
-    model = CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0))
+    model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0))
     history = fit(model, _blobs(512, 1), _blobs(128, 2), FitConfig(epochs=3, batch_size=32, lr=0.01, precision=precision),
                   log=lambda line: None)
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["val_accuracy"] > 0.9
@@ -98,7 +107,7 @@ def test_checkpoint_resume_replays_the_uninterrupted_run(tmp_path):
 
     def model():
         torch.manual_seed(0)
-        return CNN(CNNConfig(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16))
+        return build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16))
 
     full = model()
     fit(full, *data, cfg, log=lambda line: None)
