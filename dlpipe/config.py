@@ -150,7 +150,7 @@ class TrainConfig:
 class RegistryConfig:
     model_name: str
     min_accuracy: float  # the new version becomes `champion` only at or above this test accuracy
-    metric: Literal["test_accuracy", "test_log_loss"]  # retrain compares challenger and champion on this
+    metric: Literal["test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae"]  # retrain compares challenger and champion on this
     min_improvement: float  # retrain promotes a challenger only if it beats the champion by at least this
     lock_ttl_s: int  # a promotion lock older than this was left by a crashed job and is broken
     lock_wait_s: int  # how long a job waits for the promotion lock before failing
