@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from dlpipe import lake, registry
 from dlpipe.config import ConfigError
-from conftest import make_config  # tests/ is on sys.path (pytest rootdir conftest)
+from tests.conftest import make_config
 
 
 @pytest.fixture()

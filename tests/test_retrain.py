@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dlpipe import registry, retrain, steps
-from conftest import make_config  # tests/ is on sys.path (pytest rootdir conftest)
+from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow
 NAME = "retrain_cnn"
