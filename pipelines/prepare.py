@@ -132,13 +132,16 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
     if state_table:
         summary["tables"][kind.STATE] = state_table
         metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
-    rows = kind.to_base(good, cfg, state)
+    rows = kind.to_base(good, cfg, state).persist()  # transformed once, written per table
     written = {}
-    for suffix, uri in base_uris.items():
-        part = rows.where(F.col("split") == suffix).drop("split")
-        version = write_mode(spark, part, uri, data.mode, metadata)
-        written[suffix] = {"uri": uri, "version": version, "rows_written": counts.get((suffix, True), 0)}
-        say(f"{data.mode} {uri} version {version}: {written[suffix]['rows_written']} rows from this job")
+    try:
+        for suffix, uri in base_uris.items():
+            part = rows.where(F.col("split") == suffix).drop("split")
+            version = write_mode(spark, part, uri, data.mode, metadata)
+            written[suffix] = {"uri": uri, "version": version, "rows_written": counts.get((suffix, True), 0)}
+            say(f"{data.mode} {uri} version {version}: {written[suffix]['rows_written']} rows from this job")
+    finally:
+        rows.unpersist()
     for suffix, df in kind.derive(spark, cfg, state, written).items():
         uri = cfg.table_uri(suffix)
         written[suffix] = {"uri": uri, "version": lake.write_table(df, uri, metadata=metadata)}
