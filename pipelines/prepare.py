@@ -67,8 +67,9 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     if kind.STATE and data.mode != "overwrite" and lake.latest_version(cfg.table_uri(kind.STATE)) is not None:
         uri = cfg.table_uri(kind.STATE)
         version = lake.latest_version(uri)
-        state = kind.state_from_rows(lake.read_table(spark, uri, version).toPandas())
-        state_table = {"uri": uri, "version": version, "fitted_by_this_job": False}
+        rows = lake.read_table(spark, uri, version).toPandas()
+        state = kind.state_from_rows(rows)
+        state_table = {"uri": uri, "version": version, "fitted_by_this_job": False, "rows": len(rows)}
 
     parsed = kind.assign_split(kind.parse(files, cfg, landing, state), cfg)
     existing = _existing_keys(spark, base_uris) if data.mode == "append" else None  # merge updates them
@@ -128,7 +129,8 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
         state = kind.fit(good, cfg)
         uri = cfg.table_uri(kind.STATE)
         rows = spark.createDataFrame(kind.state_rows(state), kind.STATE_SCHEMA)
-        state_table = {"uri": uri, "version": lake.write_table(rows, uri, metadata=metadata), "fitted_by_this_job": True}
+        state_table = {"uri": uri, "version": lake.write_table(rows, uri, metadata=metadata), "fitted_by_this_job": True,
+                       "rows": len(kind.state_rows(state))}
     if state_table:
         summary["tables"][kind.STATE] = state_table
         metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
