@@ -82,12 +82,13 @@ def run(spark: SparkSession, cfg: Config) -> dict:
 
 def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri) -> dict:
     data, landing = cfg.data, cfg.paths.landing
-    counts = {(r["split"], r["ok"]): r["count"] for r in
-              parsed.groupBy("split", F.col("error").isNull().alias("ok")).count().collect()}
+    counts, per_file = {}, {}
+    for r in parsed.groupBy("source", "split", F.col("error").isNull().alias("ok")).count().collect():
+        counts[r["split"], r["ok"]] = counts.get((r["split"], r["ok"]), 0) + r["count"]
+        per_file[r["source"]] = per_file.get(r["source"], 0) + r["count"]
     accepted = sum(n for (_, ok), n in counts.items() if ok)
     rejected = sum(n for (_, ok), n in counts.items() if not ok)
     total = accepted + rejected
-    per_file = {r["source"]: r["count"] for r in parsed.groupBy("source").count().collect()}
     sources = sorted(per_file)
     summary = {"step": "prepare", "kind": data.kind, "mode": data.mode, "job_id": job_id, "source": landing,
                "input_files": len(sources), "input_rows": total, "accepted": accepted, "rejected": rejected,
@@ -149,7 +150,7 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
         written[suffix] = {"uri": uri, "version": lake.write_table(df, uri, metadata=metadata)}
         say(f"wrote {uri} version {written[suffix]['version']}")
     for table in written.values():
-        table["rows"] = lake.read_table(spark, table["uri"], table["version"]).count()
+        table["rows"] = table_rows(table["uri"], table["version"])
     # last: the files this job took in, so that append and merge never take them in again
     taken = spark.createDataFrame([(s, job_id, n) for s, n in per_file.items()], "source string, job_id string, rows long")
     written["sources"] = {"uri": sources_uri, "rows_written": len(per_file), "version": lake.write_table(
@@ -157,6 +158,20 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
     summary["tables"].update(written)
     summary.update(kind.report(spark, cfg, state, written) if hasattr(kind, "report") else {})
     return summary
+
+
+def table_rows(uri: str, version: int) -> int:
+    """Rows of one table version, from its parquet footers (no Spark job)."""
+    import pyarrow.parquet as pq
+
+    from dlpipe.storage import filesystem
+
+    total = 0
+    for path in lake.table_files(uri, version):
+        fs, inner = filesystem(path)
+        with fs.open_input_file(inner) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def write_mode(spark: SparkSession, rows: DataFrame, uri: str, mode: str, metadata: dict) -> int:

@@ -3,6 +3,7 @@ rows reconcile with their reasons, statistics come from the train split only, ap
 idempotent, merge upserts."""
 
 import json
+import re
 
 import deltalake
 import numpy as np
@@ -121,3 +122,36 @@ def test_adult_append_is_idempotent_and_merge_upserts(spark, tmp_path):
     assert len(rows) == 301 and rows.index.is_unique
     assert rows.loc["0", "label_name"] == flipped.iloc[0]["income"]
     assert rows.loc["0", "source"].endswith("c-00000.csv") and "99999" in rows.index
+
+
+@pytest.mark.parametrize("conf", ["adult", "wine", "movielens", "reviews", "gutenberg", "sunspots", "elec_equip"])
+def test_dataset_confs_load(conf):
+    from dlpipe.config import load_config
+
+    cfg = load_config(f"conf/{conf}.yaml")
+    assert cfg.data.dataset in datasets.DATASETS and cfg.data.kind != "images" and cfg.model.name == "cnn"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.kind=graph", "config key 'data.kind': expected one of ['images', 'table', 'ratings', 'text', 'timeseries'], got 'graph'"),
+    ("data.mode=upsert", "config key 'data.mode': expected one of ['overwrite', 'append', 'merge'], got 'upsert'"),
+    ("data.table.label=''", "config key 'data.table.label': expected the name of the label column"),
+    ("data.table.task=ranking", "config key 'data.table.task': expected one of ['classification', 'regression']"),
+    ("data.table.numeric=[age, age]", "expected distinct columns"),
+])
+def test_table_config_errors_name_the_key(override, message):
+    from dlpipe.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("conf/adult.yaml", [override])
+
+
+def test_timeseries_config_errors_name_the_key():
+    from dlpipe.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="config key 'data.timeseries.test_start': expected a time after val_start='1900', got '1800'"):
+        load_config("conf/sunspots.yaml", ["data.timeseries.test_start='1800'"])
+    with pytest.raises(ConfigError, match="config key 'data.timeseries.val_start': expected a number or a timestamp, got 'soon'"):
+        load_config("conf/sunspots.yaml", ["data.timeseries.val_start=soon"])
+    with pytest.raises(ConfigError, match="config key 'data.text.max_length': expected a positive integer, got 0"):
+        load_config("conf/reviews.yaml", ["data.text.max_length=0"])
