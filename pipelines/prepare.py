@@ -95,8 +95,10 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
                "tables": {}}
     if not sources and data.mode != "overwrite":
         say(f"no new source files under {landing}: nothing to {data.mode}, no table written")
-        summary["tables"] = {s: {"uri": u, "version": lake.latest_version(u), "rows_written": 0}
-                             for s, u in base_uris.items()}
+        for suffix, uri in base_uris.items():
+            version = lake.latest_version(uri)
+            summary["tables"][suffix] = {"uri": uri, "version": version, "rows_written": 0,
+                                         "rows": 0 if version is None else table_rows(uri, version)}
         return summary
     metadata = {"dlpipe.step": "prepare", "dlpipe.job_id": job_id, "dlpipe.kind": data.kind,
                 "dlpipe.mode": data.mode, "dlpipe.source": landing,
@@ -110,8 +112,9 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
         # the latest verdict per source file: a retried file's old rejects are replaced, not repeated
         old = lake.read_table(spark, rejected_uri).select(*[c.split()[0] for c in REJECTED_SCHEMA.split(", ")])
         rejects = old.join(parsed.select("source").distinct(), "source", "left_anti").unionByName(rejects)
-    summary["tables"]["rejected"] = {"uri": rejected_uri, "rows": rejected,
-                                     "version": lake.write_table(rejects, rejected_uri, metadata=metadata)}
+    version = lake.write_table(rejects, rejected_uri, metadata=metadata)
+    summary["tables"]["rejected"] = {"uri": rejected_uri, "version": version, "rows_written": rejected,
+                                     "rows": table_rows(rejected_uri, version)}
     unit = kind.UNIT
     if rejected:
         say(f"{rejected} of {total} {unit} rejected, reasons in {rejected_uri}")
@@ -155,6 +158,7 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
     taken = spark.createDataFrame([(s, job_id, n) for s, n in per_file.items()], "source string, job_id string, rows long")
     written["sources"] = {"uri": sources_uri, "rows_written": len(per_file), "version": lake.write_table(
         taken, sources_uri, mode="overwrite" if data.mode == "overwrite" else "append", metadata=metadata)}
+    written["sources"]["rows"] = table_rows(sources_uri, written["sources"]["version"])
     summary["tables"].update(written)
     summary.update(kind.report(spark, cfg, state, written) if hasattr(kind, "report") else {})
     return summary
