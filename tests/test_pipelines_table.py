@@ -138,6 +138,7 @@ def test_dataset_confs_load(conf):
     ("data.table.label=''", "config key 'data.table.label': expected the name of the label column"),
     ("data.table.task=ranking", "config key 'data.table.task': expected one of ['classification', 'regression']"),
     ("data.table.numeric=[age, age]", "expected distinct columns"),
+    ("data.dataset=iris", "config key 'data.dataset': expected one of ['adult', 'wine', "),
 ])
 def test_table_config_errors_name_the_key(override, message):
     from dlpipe.config import ConfigError, load_config
@@ -155,3 +156,19 @@ def test_timeseries_config_errors_name_the_key():
         load_config("conf/sunspots.yaml", ["data.timeseries.val_start=soon"])
     with pytest.raises(ConfigError, match="config key 'data.text.max_length': expected a positive integer, got 0"):
         load_config("conf/reviews.yaml", ["data.text.max_length=0"])
+
+
+def test_regression_label_is_a_double(spark, tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    wine = datasets.wine()
+    datasets.write_shards(wine, landing, 1, "jsonl")
+    cfg = make_config(tmp_path, f"paths.landing={landing}", "data.table.task=regression", "data.table.label=proline",
+                      "data.table.numeric=[alcohol, hue]", "data.table.categorical=[cultivar]", "data.table.classes=[]",
+                      conf="conf/wine.yaml")
+    summary = steps.prepare(spark, cfg)
+    rows = _all_rows(summary).set_index("key")
+    assert list(_read(summary, "train").columns) == ["key", "source", "label", "features"]
+    assert rows["label"].dtype == np.float64 and len(rows) == 178
+    assert (rows["label"].sort_index() == wine.set_index(wine["id"].astype(str))["proline"].sort_index()).all()
+    assert summary["features"] == 2 + 3  # two standardized columns, three cultivars one-hot
