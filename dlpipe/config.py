@@ -386,6 +386,10 @@ def _validate(cfg: Config) -> None:
 def _validate_data_kind(data: DataConfig) -> None:
     if data.land_shards <= 0:
         raise ConfigError(f"config key 'data.land_shards': expected a positive integer, got {data.land_shards}")
+    from dlpipe.datasets import DATASETS
+
+    if data.dataset and data.dataset not in DATASETS:
+        raise ConfigError(f"config key 'data.dataset': expected one of {list(DATASETS)} (or \"\"), got {data.dataset!r}")
     if data.kind == "table":
         t = data.table
         if not t.label:

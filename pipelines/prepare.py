@@ -67,8 +67,9 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     if kind.STATE and data.mode != "overwrite" and lake.latest_version(cfg.table_uri(kind.STATE)) is not None:
         uri = cfg.table_uri(kind.STATE)
         version = lake.latest_version(uri)
-        state = kind.state_from_rows(lake.read_table(spark, uri, version).toPandas())
-        state_table = {"uri": uri, "version": version, "fitted_by_this_job": False}
+        rows = lake.read_table(spark, uri, version).toPandas()
+        state = kind.state_from_rows(rows)
+        state_table = {"uri": uri, "version": version, "fitted_by_this_job": False, "rows": len(rows)}
 
     parsed = kind.assign_split(kind.parse(files, cfg, landing, state), cfg)
     existing = _existing_keys(spark, base_uris) if data.mode == "append" else None  # merge updates them
@@ -81,20 +82,23 @@ def run(spark: SparkSession, cfg: Config) -> dict:
 
 def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri) -> dict:
     data, landing = cfg.data, cfg.paths.landing
-    counts = {(r["split"], r["ok"]): r["count"] for r in
-              parsed.groupBy("split", F.col("error").isNull().alias("ok")).count().collect()}
+    counts, per_file = {}, {}
+    for r in parsed.groupBy("source", "split", F.col("error").isNull().alias("ok")).count().collect():
+        counts[r["split"], r["ok"]] = counts.get((r["split"], r["ok"]), 0) + r["count"]
+        per_file[r["source"]] = per_file.get(r["source"], 0) + r["count"]
     accepted = sum(n for (_, ok), n in counts.items() if ok)
     rejected = sum(n for (_, ok), n in counts.items() if not ok)
     total = accepted + rejected
-    per_file = {r["source"]: r["count"] for r in parsed.groupBy("source").count().collect()}
     sources = sorted(per_file)
     summary = {"step": "prepare", "kind": data.kind, "mode": data.mode, "job_id": job_id, "source": landing,
                "input_files": len(sources), "input_rows": total, "accepted": accepted, "rejected": rejected,
                "tables": {}}
     if not sources and data.mode != "overwrite":
         say(f"no new source files under {landing}: nothing to {data.mode}, no table written")
-        summary["tables"] = {s: {"uri": u, "version": lake.latest_version(u), "rows_written": 0}
-                             for s, u in base_uris.items()}
+        for suffix, uri in base_uris.items():
+            version = lake.latest_version(uri)
+            summary["tables"][suffix] = {"uri": uri, "version": version, "rows_written": 0,
+                                         "rows": 0 if version is None else table_rows(uri, version)}
         return summary
     metadata = {"dlpipe.step": "prepare", "dlpipe.job_id": job_id, "dlpipe.kind": data.kind,
                 "dlpipe.mode": data.mode, "dlpipe.source": landing,
@@ -108,8 +112,9 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
         # the latest verdict per source file: a retried file's old rejects are replaced, not repeated
         old = lake.read_table(spark, rejected_uri).select(*[c.split()[0] for c in REJECTED_SCHEMA.split(", ")])
         rejects = old.join(parsed.select("source").distinct(), "source", "left_anti").unionByName(rejects)
-    summary["tables"]["rejected"] = {"uri": rejected_uri, "rows": rejected,
-                                     "version": lake.write_table(rejects, rejected_uri, metadata=metadata)}
+    version = lake.write_table(rejects, rejected_uri, metadata=metadata)
+    summary["tables"]["rejected"] = {"uri": rejected_uri, "version": version, "rows_written": rejected,
+                                     "rows": table_rows(rejected_uri, version)}
     unit = kind.UNIT
     if rejected:
         say(f"{rejected} of {total} {unit} rejected, reasons in {rejected_uri}")
@@ -128,30 +133,49 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
         state = kind.fit(good, cfg)
         uri = cfg.table_uri(kind.STATE)
         rows = spark.createDataFrame(kind.state_rows(state), kind.STATE_SCHEMA)
-        state_table = {"uri": uri, "version": lake.write_table(rows, uri, metadata=metadata), "fitted_by_this_job": True}
+        state_table = {"uri": uri, "version": lake.write_table(rows, uri, metadata=metadata), "fitted_by_this_job": True,
+                       "rows": len(kind.state_rows(state))}
     if state_table:
         summary["tables"][kind.STATE] = state_table
         metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
-    rows = kind.to_base(good, cfg, state)
+    rows = kind.to_base(good, cfg, state).persist()  # transformed once, written per table
     written = {}
-    for suffix, uri in base_uris.items():
-        part = rows.where(F.col("split") == suffix).drop("split")
-        version = write_mode(spark, part, uri, data.mode, metadata)
-        written[suffix] = {"uri": uri, "version": version, "rows_written": counts.get((suffix, True), 0)}
-        say(f"{data.mode} {uri} version {version}: {written[suffix]['rows_written']} rows from this job")
+    try:
+        for suffix, uri in base_uris.items():
+            part = rows.where(F.col("split") == suffix).drop("split")
+            version = write_mode(spark, part, uri, data.mode, metadata)
+            written[suffix] = {"uri": uri, "version": version, "rows_written": counts.get((suffix, True), 0)}
+            say(f"{data.mode} {uri} version {version}: {written[suffix]['rows_written']} rows from this job")
+    finally:
+        rows.unpersist()
     for suffix, df in kind.derive(spark, cfg, state, written).items():
         uri = cfg.table_uri(suffix)
         written[suffix] = {"uri": uri, "version": lake.write_table(df, uri, metadata=metadata)}
         say(f"wrote {uri} version {written[suffix]['version']}")
     for table in written.values():
-        table["rows"] = lake.read_table(spark, table["uri"], table["version"]).count()
+        table["rows"] = table_rows(table["uri"], table["version"])
     # last: the files this job took in, so that append and merge never take them in again
     taken = spark.createDataFrame([(s, job_id, n) for s, n in per_file.items()], "source string, job_id string, rows long")
     written["sources"] = {"uri": sources_uri, "rows_written": len(per_file), "version": lake.write_table(
         taken, sources_uri, mode="overwrite" if data.mode == "overwrite" else "append", metadata=metadata)}
+    written["sources"]["rows"] = table_rows(sources_uri, written["sources"]["version"])
     summary["tables"].update(written)
     summary.update(kind.report(spark, cfg, state, written) if hasattr(kind, "report") else {})
     return summary
+
+
+def table_rows(uri: str, version: int) -> int:
+    """Rows of one table version, from its parquet footers (no Spark job)."""
+    import pyarrow.parquet as pq
+
+    from dlpipe.storage import filesystem
+
+    total = 0
+    for path in lake.table_files(uri, version):
+        fs, inner = filesystem(path)
+        with fs.open_input_file(inner) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
 
 
 def write_mode(spark: SparkSession, rows: DataFrame, uri: str, mode: str, metadata: dict) -> int:

@@ -3,6 +3,7 @@ rows reconcile with their reasons, statistics come from the train split only, ap
 idempotent, merge upserts."""
 
 import json
+import re
 
 import deltalake
 import numpy as np
@@ -121,3 +122,53 @@ def test_adult_append_is_idempotent_and_merge_upserts(spark, tmp_path):
     assert len(rows) == 301 and rows.index.is_unique
     assert rows.loc["0", "label_name"] == flipped.iloc[0]["income"]
     assert rows.loc["0", "source"].endswith("c-00000.csv") and "99999" in rows.index
+
+
+@pytest.mark.parametrize("conf", ["adult", "wine", "movielens", "reviews", "gutenberg", "sunspots", "elec_equip"])
+def test_dataset_confs_load(conf):
+    from dlpipe.config import load_config
+
+    cfg = load_config(f"conf/{conf}.yaml")
+    assert cfg.data.dataset in datasets.DATASETS and cfg.data.kind != "images" and cfg.model.name == "cnn"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.kind=graph", "config key 'data.kind': expected one of ['images', 'table', 'ratings', 'text', 'timeseries'], got 'graph'"),
+    ("data.mode=upsert", "config key 'data.mode': expected one of ['overwrite', 'append', 'merge'], got 'upsert'"),
+    ("data.table.label=''", "config key 'data.table.label': expected the name of the label column"),
+    ("data.table.task=ranking", "config key 'data.table.task': expected one of ['classification', 'regression']"),
+    ("data.table.numeric=[age, age]", "expected distinct columns"),
+    ("data.dataset=iris", "config key 'data.dataset': expected one of ['adult', 'wine', "),
+])
+def test_table_config_errors_name_the_key(override, message):
+    from dlpipe.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("conf/adult.yaml", [override])
+
+
+def test_timeseries_config_errors_name_the_key():
+    from dlpipe.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="config key 'data.timeseries.test_start': expected a time after val_start='1900', got '1800'"):
+        load_config("conf/sunspots.yaml", ["data.timeseries.test_start='1800'"])
+    with pytest.raises(ConfigError, match="config key 'data.timeseries.val_start': expected a number or a timestamp, got 'soon'"):
+        load_config("conf/sunspots.yaml", ["data.timeseries.val_start=soon"])
+    with pytest.raises(ConfigError, match="config key 'data.text.max_length': expected a positive integer, got 0"):
+        load_config("conf/reviews.yaml", ["data.text.max_length=0"])
+
+
+def test_regression_label_is_a_double(spark, tmp_path):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    wine = datasets.wine()
+    datasets.write_shards(wine, landing, 1, "jsonl")
+    cfg = make_config(tmp_path, f"paths.landing={landing}", "data.table.task=regression", "data.table.label=proline",
+                      "data.table.numeric=[alcohol, hue]", "data.table.categorical=[cultivar]", "data.table.classes=[]",
+                      conf="conf/wine.yaml")
+    summary = steps.prepare(spark, cfg)
+    rows = _all_rows(summary).set_index("key")
+    assert list(_read(summary, "train").columns) == ["key", "source", "label", "features"]
+    assert rows["label"].dtype == np.float64 and len(rows) == 178
+    assert (rows["label"].sort_index() == wine.set_index(wine["id"].astype(str))["proline"].sort_index()).all()
+    assert summary["features"] == 2 + 3  # two standardized columns, three cultivars one-hot
