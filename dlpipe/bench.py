@@ -199,6 +199,7 @@ class PrepareCase:
     name: str
     dlpipe: Callable[[Any, Config], dict]
     baseline: Callable[[Config, list[tuple[str, int]], str], int]
+    decode_only: Callable[[Any, Config], None] | None = None  # Spark's read + decode alone, for the breakdown
 
 
 def _images_baseline(cfg: Config, files: list[tuple[str, int]], out: str) -> int:
@@ -233,7 +234,16 @@ def _images_dlpipe(spark, cfg: Config) -> dict:
     return steps.prepare(spark, cfg)
 
 
-PREPARE_CASES = [PrepareCase("images", _images_dlpipe, _images_baseline)]
+def _images_decode_only(spark, cfg: Config) -> None:
+    from pipelines.images import decode_images
+    from pipelines.sources import read_files
+
+    files = read_files(spark, cfg.paths.landing)
+    decode_images(files, cfg.paths.landing, cfg.data.classes, cfg.data.image_size, cfg.data.channels) \
+        .write.format("noop").mode("overwrite").save()
+
+
+PREPARE_CASES = [PrepareCase("images", _images_dlpipe, _images_baseline, _images_decode_only)]
 
 
 def prepare(spark, cfg: Config, cases: list[PrepareCase] | None = None) -> dict:
@@ -259,6 +269,11 @@ def prepare(spark, cfg: Config, cases: list[PrepareCase] | None = None) -> dict:
             started = time.perf_counter()
             summary = case.dlpipe(spark, run_cfg)
             spark_s = time.perf_counter() - started
+            decode_s = None
+            if case.decode_only is not None:
+                started = time.perf_counter()
+                case.decode_only(spark, cfg)
+                decode_s = time.perf_counter() - started
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         rows = summary["input_files"] if "input_files" in summary else summary["accepted"] + summary["rejected"]
@@ -270,6 +285,8 @@ def prepare(spark, cfg: Config, cases: list[PrepareCase] | None = None) -> dict:
                              "rows_per_sec": rows / spark_s, "mb_per_sec": megabytes / spark_s,
                              "tables": {k: v["version"] for k, v in summary["tables"].items()}},
             "speedup": base_s / spark_s,
+            # the same read + decode on Spark, warm, without the split, rejects and Delta writes
+            "dlpipe_read_decode_only_seconds": decode_s,
         }
         r = results[case.name]
         print(f"bench prepare {case.name}: baseline {r['baseline_1_process']['rows_per_sec']:.0f} rows/s "

@@ -12,6 +12,7 @@ come back with empty content (Spark's file scan drops them; we keep them so they
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterator
 
 from pyspark.errors import AnalysisException
@@ -26,7 +27,7 @@ SOURCE_NAME = "dlpipe_files"
 
 def read_files(spark: SparkSession, landing_uri: str) -> DataFrame:
     """Every file under the landing URI as (path, content)."""
-    uri = landing_uri if "://" in landing_uri else "file://" + _abspath(landing_uri)
+    uri = landing_uri if "://" in landing_uri else "file://" + os.path.abspath(landing_uri)
     spark_uri = storage.spark_uri(spark, uri)
     if spark_uri is None:
         files = list_files(uri)
@@ -141,9 +142,3 @@ def _zero_byte_files_jvm(spark: SparkSession, uri: str) -> list[str]:
         if status.getLen() == 0 and not hidden:
             found.append(path)
     return found
-
-
-def _abspath(path: str) -> str:
-    import os
-
-    return os.path.abspath(path)

@@ -133,3 +133,8 @@ def test_native_delta_engine(spark, tmp_path):
     assert contents(lake.read_table(spark, uri, 0)) == rows(range(3))
     assert contents(lake.read_table(spark, uri)) == rows([0, 1, 2, 9])
     assert lake.history(uri)[1]["metadata"] == {"a": "1"}
+    assert lake.write_table(spark.createDataFrame(rows([5]), SCHEMA), uri, mode="overwrite") == 2
+    assert lake.vacuum(uri, 0, dry_run=True, spark=spark)  # native VACUUM ... RETAIN 0 HOURS DRY RUN lists v0/v1 files
+    lake.vacuum(uri, 0, spark=spark)
+    assert lake.vacuum(uri, 0, dry_run=True, spark=spark) == []
+    assert contents(lake.read_table(spark, uri)) == rows([5])

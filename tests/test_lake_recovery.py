@@ -26,8 +26,6 @@ CHILD = textwrap.dedent("""
     import sys, time
     from dlpipe import cli, lake
 
-    original = lake._write_files
-
     def write_then_hold(root, batches):
         from dlpipe import lake as executor_lake  # the executors' own copy, unpatched
         wrote = False

@@ -103,6 +103,7 @@ def test_listing_skips_hidden_files_and_keeps_zero_byte_ones(aws, s3_landing):
         assert not [p for p in files if "/." in p or "/_" in p]
 
 
+@pytest.mark.slow
 def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_path):
     """The whole step in its own process (its executors get the credentials the way a cluster's
     do: from their environment), reading the landing zone as s3a://, which Spark has no connector
