@@ -129,9 +129,10 @@ def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_pat
         if name == "rejected":
             assert arrow.column("reason").to_pylist() == ["empty file"]
             assert arrow.column("source").to_pylist() == [f"{uri}/{cfg.data.classes[0]}/empty.png"]
-        else:
+        elif name in ("train", "val", "test"):
             assert {len(p) for p in arrow.column("pixels").to_pylist()} <= {28 * 28}
     assert sum(summary["tables"][s]["rows"] for s in ("train", "val", "test")) == 50
+    assert summary["tables"]["sources"]["rows"] == 51  # every file taken in, the rejected one too
     # the secret reached no log line, no summary and no object in the lake (Delta log, metadata, data)
     s3 = fs.S3FileSystem(endpoint_override=aws["AWS_ENDPOINT_URL"], access_key=aws["AWS_ACCESS_KEY_ID"],
                          secret_key=aws["AWS_SECRET_ACCESS_KEY"], region=REGION)
