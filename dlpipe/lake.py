@@ -230,7 +230,7 @@ def _files_where(uri: str, table: DeltaTable, where: dict[str, Any]) -> list[tup
     """(path, size) of the data files whose rows all match `where`. Each job writes its own
     files, so a file is wholly inside or outside a slice; a file that mixes both is an error."""
     fs, base = filesystem(uri)
-    actions = table.get_add_actions(flatten=True).to_pydict()
+    actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
     matching = []
     for path, size in zip(actions["path"], actions["size_bytes"]):
         data = pq.ParquetFile(f"{base}/{path}", filesystem=fs).read(columns=list(where))
