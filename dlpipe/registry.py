@@ -293,7 +293,7 @@ def describe(client: MlflowClient, name: str) -> dict:
     """champion, challenger, previous and rolled_back with lineage and metrics."""
     try:
         model = client.get_registered_model(name)
-    except MlflowException as exc:
+    except MlflowException:
         raise LookupError(f"no registered model named {name!r} in {client.tracking_uri}") from None
     out = {"model_name": name, "tracking_uri": client.tracking_uri, "aliases": {}}
     for alias in ALIASES:
