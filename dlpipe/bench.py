@@ -120,7 +120,10 @@ def score(spark, cfg: Config) -> dict:
     """`dlpipe bench score`: rows/s of the score job's path (predict with the model shipped once
     per executor process, whole Arrow batches, Delta write) against (a) a plain in-process
     PyTorch loop over the same rows and (b) mlflow.pyfunc.spark_udf with default settings, which
-    also writes the same Delta output. All on the pinned train table (the most rows), one run."""
+    also writes the same Delta output. All on the pinned train table (the most rows), one run,
+    after an untimed warm-up that starts every Spark Python worker; the Spark paths alternate
+    twice and each keeps its faster run."""
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -154,26 +157,36 @@ def score(spark, cfg: Config) -> dict:
     runs["a_plain_pytorch_in_process"] = {"rows": rows, "seconds": time.perf_counter() - started}
     print(f"bench score: (a) plain PyTorch {rows} rows in {runs['a_plain_pytorch_in_process']['seconds']:.1f} s", flush=True)
 
-    # the score job's path: dlpipe.scoring.predict + one Delta commit
-    started = time.perf_counter()
-    frame = predict(spark, lake.read_table(spark, uri, version), local).select(
-        "key", "prediction", "label_name", "probabilities")
-    lake.write_table(frame, str(out / "dlpipe"), mode="overwrite")
-    runs["dlpipe_score"] = {"rows": lake.read_table(spark, str(out / "dlpipe")).count(),
-                            "seconds": time.perf_counter() - started}
-    print(f"bench score: dlpipe score {runs['dlpipe_score']['rows']} rows in {runs['dlpipe_score']['seconds']:.1f} s", flush=True)
-
-    # (b) mlflow.pyfunc.spark_udf, default settings (result type from the signature)
-    started = time.perf_counter()
-    udf = mlflow.pyfunc.spark_udf(spark, local)
+    # warm-up, not timed: every Spark Python worker starts (and imports torch) for both paths
     images = lake.read_table(spark, uri, version)
-    scored = images.select("key", udf(F.struct("pixels")).alias("out")).select(
-        "key", "out.prediction", "out.label_name", "out.probabilities")
-    lake.write_table(scored, str(out / "spark_udf"), mode="overwrite")
-    runs["b_mlflow_spark_udf"] = {"rows": lake.read_table(spark, str(out / "spark_udf")).count(),
-                                  "seconds": time.perf_counter() - started}
-    print(f"bench score: (b) spark_udf {runs['b_mlflow_spark_udf']['rows']} rows in "
-          f"{runs['b_mlflow_spark_udf']['seconds']:.1f} s", flush=True)
+    warm = images.limit(256).repartition(spark.sparkContext.defaultParallelism)
+    udf = mlflow.pyfunc.spark_udf(spark, local)
+    predict(spark, warm, local).count()
+    warm.select(udf(F.struct("pixels")).alias("out")).select("out.prediction").collect()
+
+    def dlpipe_score(i: int) -> int:  # the score job's path: dlpipe.scoring.predict + one Delta commit
+        frame = predict(spark, images, local).select("key", "prediction", "label_name", "probabilities")
+        return lake.read_table(spark, str(out / "dlpipe"), lake.write_table(frame, str(out / "dlpipe"))).count()
+
+    def spark_udf(i: int) -> int:
+        # a fresh copy of the model: like the score job, each timed run loads it once per worker
+        # process instead of finding it in spark_udf's per-process cache
+        fresh = shutil.copytree(local, Path(tempfile.mkdtemp(prefix="dlpipe-bench-udf-")) / "model")
+        udf = mlflow.pyfunc.spark_udf(spark, str(fresh))
+        scored = images.select("key", udf(F.struct("pixels")).alias("out")).select(
+            "key", "out.prediction", "out.label_name", "out.probabilities")
+        return lake.read_table(spark, str(out / "udf"), lake.write_table(scored, str(out / "udf"))).count()
+
+    # alternate the two Spark paths twice (A B A B) and keep each one's faster run: the machine's
+    # load moves between runs
+    for i in range(2):
+        for name, fn in (("dlpipe_score", dlpipe_score), ("b_mlflow_spark_udf", spark_udf)):
+            started = time.perf_counter()
+            rows = fn(i)
+            seconds = time.perf_counter() - started
+            print(f"bench score: {name} round {i + 1}: {rows} rows in {seconds:.1f} s", flush=True)
+            if name not in runs or seconds < runs[name]["seconds"]:
+                runs[name] = {"rows": rows, "seconds": seconds, "rounds": 2}
     for run in runs.values():
         run["rows_per_sec"] = run["rows"] / run["seconds"]
     ours = runs["dlpipe_score"]["rows_per_sec"]

@@ -100,7 +100,7 @@ def table_files(uri: str, version: int) -> list[str]:
 
 def table_rows(uri: str, version: int) -> int:
     """Rows of one snapshot, from the log's per-file statistics (no data read)."""
-    actions = _delta(_norm(uri), version).get_add_actions(flatten=True)
+    actions = pa.table(_delta(_norm(uri), version).get_add_actions(flatten=True))
     return int(sum(n or 0 for n in actions.column("num_records").to_pylist()))
 
 
@@ -301,7 +301,7 @@ def _files_where(uri: str, table: DeltaTable, where: dict[str, Any]) -> list[tup
     """(path, size) of the data files whose rows all match `where`. Each job writes its own
     files, so a file is wholly inside or outside a slice; a file that mixes both is an error."""
     fs, base = storage.filesystem(uri)
-    actions = table.get_add_actions(flatten=True).to_pydict()
+    actions = pa.table(table.get_add_actions(flatten=True)).to_pydict()
     matching = []
     for path, size in zip(actions["path"], actions["size_bytes"]):
         data = pq.ParquetFile(f"{base}/{path}", filesystem=fs).read(columns=list(where))

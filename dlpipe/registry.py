@@ -238,7 +238,7 @@ def promote(client: MlflowClient, name: str, version: str) -> str | None:
     """`version` becomes champion; the champion it replaces becomes previous. Returns the
     replaced version (None if there was none)."""
     old = alias_version(client, name, CHAMPION)
-    old_version = old.version if old else None
+    old_version = str(old.version) if old else None  # int from SQL stores, str over REST
     if old_version == str(version):
         return None
     moves: list[tuple[str, str | None]] = [(CHAMPION, str(version))]
@@ -246,7 +246,7 @@ def promote(client: MlflowClient, name: str, version: str) -> str | None:
         moves.append((PREVIOUS, old_version))
         client.set_model_version_tag(name, str(version), "dlpipe.replaced", old_version)
     challenger = alias_version(client, name, CHALLENGER)
-    if challenger and challenger.version == str(version):
+    if challenger and str(challenger.version) == str(version):
         moves.append((CHALLENGER, None))
     set_aliases(client, name, moves)
     return old_version
@@ -262,11 +262,11 @@ def rollback(client: MlflowClient, name: str, ttl_s: int, wait_s: int) -> dict:
             raise LookupError(f"model {name!r} has no {'champion' if champion is None else 'previous'} version: "
                               "nothing to roll back to")
         earlier = previous.tags.get("dlpipe.replaced")
-        if earlier in (champion.version, previous.version) or (earlier and not _exists(client, name, earlier)):
+        if earlier in (str(champion.version), str(previous.version)) or (earlier and not _exists(client, name, earlier)):
             earlier = None
-        client.set_model_version_tag(name, champion.version, "dlpipe.rolled_back_at",
+        client.set_model_version_tag(name, str(champion.version), "dlpipe.rolled_back_at",
                                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        set_aliases(client, name, [(CHAMPION, previous.version), (ROLLED_BACK, champion.version),
+        set_aliases(client, name, [(CHAMPION, str(previous.version)), (ROLLED_BACK, str(champion.version)),
                                     (PREVIOUS, earlier)])
     say(f"{name}: champion {champion.version} -> {previous.version}; version {champion.version} is now rolled_back")
     return {"step": "models rollback", "model_name": name, "champion": int(previous.version),
@@ -287,7 +287,7 @@ def describe(client: MlflowClient, name: str) -> dict:
     """champion, challenger, previous and rolled_back with lineage and metrics."""
     try:
         model = client.get_registered_model(name)
-    except MlflowException as exc:
+    except MlflowException:
         raise LookupError(f"no registered model named {name!r} in {client.tracking_uri}") from None
     out = {"model_name": name, "tracking_uri": client.tracking_uri, "aliases": {}}
     for alias in ALIASES:

@@ -72,19 +72,19 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
     on_holdout: dict[str, dict[str, float]] = {}
 
     def champion_metrics(version) -> dict[str, float]:
-        if version.version not in on_holdout:
+        if str(version.version) not in on_holdout:
             say(f"evaluating champion version {version.version} on the same holdout "
                 f"{current['test']['uri']}@{current['test']['version']}")
-            on_holdout[version.version] = holdout_metrics(spark, cfg, f"models:/{name}/{version.version}", current["test"])
-        return on_holdout[version.version]
+            on_holdout[str(version.version)] = holdout_metrics(spark, cfg, f"models:/{name}/{version.version}", current["test"])
+        return on_holdout[str(version.version)]
 
     if champion:
         champion_metrics(champion)  # outside the lock; re-checked below
     with registry.lock(client, name, r.lock_ttl_s, r.lock_wait_s):
         champion = registry.alias_version(client, name, CHAMPION)  # may have moved while we trained
         rivals = [v for v in registry.versions_trained_on(client, name, current)
-                  if v.version != challenger.version and v.tags.get(OUTCOME, "").startswith("promoted")]
-        if champion and champion.version == challenger.version:
+                  if str(v.version) != str(challenger.version) and v.tags.get(OUTCOME, "").startswith("promoted")]
+        if champion and str(champion.version) == str(challenger.version):
             wins, why = True, "it is already champion"
         elif rivals:
             wins, why = False, (f"version {rivals[0].version}, trained on the same table versions, was promoted "
@@ -99,11 +99,11 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
             summary["champion_metrics_on_holdout"] = reference
             wins, why = registry.beats(r.metric, challenger_score, reference[r.metric], r.min_improvement)
         if wins:
-            registry.promote(client, name, challenger.version)
+            registry.promote(client, name, str(challenger.version))
         else:
-            registry.set_aliases(client, name, [(CHALLENGER, challenger.version)])
+            registry.set_aliases(client, name, [(CHALLENGER, str(challenger.version))])
         outcome = ("promoted: " if wins else "not promoted: ") + why
-        client.set_model_version_tag(name, challenger.version, OUTCOME, outcome)
+        client.set_model_version_tag(name, str(challenger.version), OUTCOME, outcome)
     if wins:
         say(f"promoted {name} version {challenger.version} to champion: {why}")
     else:

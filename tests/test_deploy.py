@@ -9,7 +9,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -130,7 +129,6 @@ def test_dockerfiles_match_the_makefile_installs(dockerfile):
 AIRFLOW_VENV = Path(os.environ.get("DLPIPE_AIRFLOW_VENV", ROOT / ".airflow-venv"))
 
 IMPORT_DAG = """
-import sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors

@@ -70,11 +70,11 @@ def test_promote_and_rollback_move_aliases(client, tmp_path):
     v1, v2, v3 = make_versions(client, tmp_path, "m", 3)
     assert registry.promote(client, "m", v1) is None
     registry.set_aliases(client, "m", [("challenger", v2)])
-    assert registry.promote(client, "m", v2) == v1
-    assert registry.promote(client, "m", v3) == v2
+    assert registry.promote(client, "m", v2) == str(v1)
+    assert registry.promote(client, "m", v3) == str(v2)
     aliases = client.get_registered_model("m").aliases
     assert aliases == {"champion": v3, "previous": v2}  # the promoted challenger lost its alias
-    assert client.get_model_version("m", v3).tags["dlpipe.replaced"] == v2
+    assert client.get_model_version("m", v3).tags["dlpipe.replaced"] == str(v2)
 
     out = registry.rollback(client, "m", 60, 5)
     assert client.get_registered_model("m").aliases == {"champion": v2, "previous": v1, "rolled_back": v3}

@@ -185,16 +185,16 @@ def test_spark_udf_scores_through_the_alias(spark, base):
 def test_two_concurrent_retrains_promote_once(spark, base, tmp_path):
     cfg, root = base
     old = client(cfg()).get_model_version_by_alias(NAME, "champion")
-    # the old champion must lose against GOOD on new data: make the medium one champion again
-    medium = min((v for v in client(cfg()).search_model_versions(f"name = '{NAME}'")), key=lambda v: int(v.version))
-    registry.set_aliases(client(cfg()), NAME, [("champion", medium.version)])
+    # the champion must lose against MEDIUM on new data: make the weak version champion
+    weak = min(client(cfg()).search_model_versions(f"name = '{NAME}'"), key=lambda v: registry.metric_of(v, "test_accuracy"))
+    registry.set_aliases(client(cfg()), NAME, [("champion", str(weak.version))])
     steps.prepare(spark, cfg())
     common = [f"paths.landing={cfg().paths.landing}", f"paths.lake={cfg().paths.lake}",
               f"data.name={cfg().data.name}", f"data.classes={json.dumps(cfg().data.classes)}", "train.batch_size=16",
               "model.conv_channels=[8, 16]", "model.hidden=32", "train.backend=local", "train.checkpoint_every=0",
               f"registry.model_name={NAME}", "registry.min_accuracy=0.0", "registry.min_improvement=0.02",
               f"mlflow.tracking_uri={cfg().mlflow.tracking_uri}", "mlflow.experiment=retrain",
-              "spark.master=local[1]", "spark.conf.spark.driver.memory=1g", "spark.conf.spark.ui.enabled=false", *GOOD]
+              "spark.master=local[1]", "spark.conf.spark.driver.memory=1g", "spark.conf.spark.ui.enabled=false", *MEDIUM]
     args = [a for item in common for a in ("--set", item)]
     procs = [subprocess.Popen([sys.executable, "-m", "dlpipe.cli", "retrain", *args, "--summary", str(tmp_path / f"{i}.json")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root) for i in range(2)]
@@ -205,7 +205,7 @@ def test_two_concurrent_retrains_promote_once(spark, base, tmp_path):
     assert actions.count("promoted") == 1, [s["reason"] for s in summaries]
     winner = next(s for s in summaries if s["action"] == "promoted")
     aliases = client(cfg()).get_registered_model(NAME).aliases
-    assert aliases["champion"] == str(winner["challenger_version"]) and aliases["previous"] == medium.version
+    assert aliases["champion"] == str(winner["challenger_version"]) and aliases["previous"] == str(weak.version)
     assert old.version != aliases["champion"]
     promoted = [v for v in client(cfg()).search_model_versions(f"name = '{NAME}'")
                 if v.tags.get(retrain.OUTCOME, "").startswith("promoted")
