@@ -405,7 +405,7 @@ def _say(line: str) -> None:
 
 
 def models(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "conf/adult_mlp.yaml",
-           cnn_epochs: int = 8, mlp_epochs: int = 10, pretrain_epochs: int = 3, finetune_epochs: int = 30,
+           cnn_epochs: int = 6, mlp_epochs: int = 8, pretrain_epochs: int = 2, finetune_epochs: int = 30,
            finetune_fraction: float = 0.01) -> dict:
     if family != "feedforward":
         raise ValueError(f"unknown model family {family!r} (expected feedforward)")

@@ -77,6 +77,8 @@ def load_image(uri: str, shape: tuple[int, int, int]) -> np.ndarray:
 
     from dlpipe.storage import filesystem
 
+    if uri.startswith("file:") and not uri.startswith("file://"):  # Spark's file:/path form (the `source` column)
+        uri = uri[len("file:"):]
     filesys, path = filesystem(uri)
     try:
         with filesys.open_input_stream(path) as f:
