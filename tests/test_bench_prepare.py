@@ -1,6 +1,8 @@
 """The prepare benchmark runs on a small slice and reports both runs over the same files (the
 figures themselves are for the README, not asserted)."""
 
+import dataclasses
+
 import pytest
 
 from dlpipe import bench, lake
@@ -21,3 +23,17 @@ def test_bench_prepare_measures_dlpipe_and_the_baseline_on_the_same_files(spark,
     assert images["speedup"] == pytest.approx(images["baseline_1_process"]["seconds"] / images["dlpipe_spark"]["seconds"])
     # it wrote into a scratch lake, never into the configured one
     assert {s: lake.latest_version(cfg.table_uri(s)) for s in ("train", "rejected")} == before
+
+
+def test_bench_prepare_tables_case_runs_on_its_own_adult_config(spark, small_landing, tmp_path):
+    from dlpipe import datasets
+
+    cfg, _ = small_landing  # the images run's config: the tables case must not use its landing
+    (tmp_path / "adult").mkdir()
+    datasets.write_shards(datasets.adult().iloc[:300], tmp_path / "adult", 2, "csv")
+    tables = next(c for c in bench.PREPARE_CASES if c.name == "tables")
+    case = dataclasses.replace(tables, config=lambda c: bench.tables_config(c, overrides=(f"paths.landing={tmp_path}/adult",)))
+    result = bench.prepare(spark, cfg, [case])["cases"]["tables"]
+    assert result["landing"] == f"{tmp_path}/adult" and result["files"] == 2
+    assert result["baseline_1_process"]["rows"] == result["dlpipe_spark"]["rows"] == result["dlpipe_spark"]["accepted"] == 300
+    assert result["speedup"] == pytest.approx(result["baseline_1_process"]["seconds"] / result["dlpipe_spark"]["seconds"])
