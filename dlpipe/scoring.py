@@ -11,6 +11,8 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -39,45 +41,50 @@ def model_meta(shipped: str) -> dict:
 
 def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame:
     """Classification: key, label, prediction, label_name, probabilities for every row of an image
-    or feature table; regression: key, label, prediction (doubles)."""
+    or feature table; regression: key, label, prediction (doubles). Arrow batches go straight to
+    the model as one float32 matrix (no per-row Python objects)."""
     shipped = ship_model(spark, model_uri)
     meta = model_meta(shipped)
     column = meta.get("input_column", "pixels")
-    if meta.get("task") == "regression":
-        def regress(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-            model = _load(shipped)
-            for batch in batches:
-                out = model.predict(batch[[column]])
-                yield pd.DataFrame({"key": batch["key"].to_numpy(), "label": batch["label"].to_numpy(np.float64),
-                                    "prediction": out["prediction"].to_numpy(np.float64)})
+    regression = meta.get("task") == "regression"
 
-        return images.select("key", F.col("label").cast("double"), column).mapInPandas(regress, REGRESSION_SCHEMA)
-
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = _load(shipped)
         for batch in batches:
-            out = model.predict(batch[[column]])
-            yield pd.DataFrame(
-                {
-                    "key": batch["key"].to_numpy(),
-                    "label": batch["label"].to_numpy(),
-                    "prediction": out["prediction"].to_numpy(np.int64),
-                    "label_name": out["label_name"].to_numpy(),
-                    "probabilities": out["probabilities"].to_numpy(),
-                }
-            )
+            out = model.predict(None, _matrix(batch.column(column)))
+            columns = {"key": batch.column("key"), "label": batch.column("label")}
+            if regression:
+                columns["prediction"] = pa.array(out["prediction"].to_numpy(np.float64))
+            else:
+                probs = np.stack(out["probabilities"].to_numpy()).astype(np.float32) if len(out) else \
+                    np.zeros((0, len(meta["classes"])), np.float32)
+                columns |= {"prediction": pa.array(out["prediction"].to_numpy(np.int64)),
+                            "label_name": pa.array(out["label_name"].to_numpy(), pa.string()),
+                            "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), probs.shape[1])
+                            .cast(pa.list_(pa.float32()))}
+            yield pa.RecordBatch.from_pydict(columns)
 
-    return images.select("key", "label", column).mapInPandas(run, PREDICTION_SCHEMA)
+    label = F.col("label").cast("double") if regression else F.col("label")
+    return images.select("key", label.alias("label"), column).mapInArrow(
+        run, REGRESSION_SCHEMA if regression else PREDICTION_SCHEMA)
+
+
+def _matrix(values: pa.Array) -> np.ndarray:
+    """A list<float> column (no nulls: prepare rejects those rows) as a rows x width float32 matrix."""
+    flat = np.array(pc.list_flatten(values).to_numpy(zero_copy_only=False), dtype=np.float32)  # writable, for torch
+    return flat.reshape(len(values), -1) if len(values) else flat.reshape(0, 0)
 
 
 def _load(shipped: str):
+    """The model's Python object (pyfunc's own predict, without per-call schema enforcement), once
+    per executor process."""
     from pyspark import SparkFiles
 
     path = SparkFiles.get(shipped)
     if path not in _LOADED:
         import mlflow.pyfunc
 
-        _LOADED[path] = mlflow.pyfunc.load_model(path)
+        _LOADED[path] = mlflow.pyfunc.load_model(path).unwrap_python_model()
     return _LOADED[path]
 
 
