@@ -129,6 +129,7 @@ def test_dockerfiles_match_the_makefile_installs(dockerfile):
 AIRFLOW_VENV = Path(os.environ.get("DLPIPE_AIRFLOW_VENV", ROOT / ".airflow-venv"))
 
 IMPORT_DAG = """
+import sys
 from airflow.dag_processing.dagbag import DagBag
 bag = DagBag(dag_folder=sys.argv[1])
 assert not bag.import_errors, bag.import_errors
