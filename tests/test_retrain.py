@@ -31,7 +31,7 @@ def base(small_landing, mlflow_server, tmp_path_factory):
     common = [
         f"paths.landing={landing_cfg.paths.landing}", f"data.name={landing_cfg.data.name}",
         f"data.classes={json.dumps(landing_cfg.data.classes)}", "train.batch_size=16",
-        "model.conv_channels=[8, 16]", "model.hidden=32", "train.backend=local", "train.checkpoint_every=0",
+        "model.cnn.blocks=[{channels: 8}, {channels: 16}]", "model.cnn.hidden=[32]", "train.backend=local", "train.checkpoint_every=0",
         f"registry.model_name={NAME}", "registry.min_accuracy=0.0", "registry.min_improvement=0.02",
         f"mlflow.tracking_uri={mlflow_server}", "mlflow.experiment=retrain",
     ]
@@ -191,7 +191,7 @@ def test_two_concurrent_retrains_promote_once(spark, base, tmp_path):
     steps.prepare(spark, cfg())
     common = [f"paths.landing={cfg().paths.landing}", f"paths.lake={cfg().paths.lake}",
               f"data.name={cfg().data.name}", f"data.classes={json.dumps(cfg().data.classes)}", "train.batch_size=16",
-              "model.conv_channels=[8, 16]", "model.hidden=32", "train.backend=local", "train.checkpoint_every=0",
+              "model.cnn.blocks=[{channels: 8}, {channels: 16}]", "model.cnn.hidden=[32]", "train.backend=local", "train.checkpoint_every=0",
               f"registry.model_name={NAME}", "registry.min_accuracy=0.0", "registry.min_improvement=0.02",
               f"mlflow.tracking_uri={cfg().mlflow.tracking_uri}", "mlflow.experiment=retrain",
               "spark.master=local[1]", "spark.conf.spark.driver.memory=1g", "spark.conf.spark.ui.enabled=false", *MEDIUM]
