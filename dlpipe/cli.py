@@ -74,8 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.step not in NO_TRACKING:  # an unreachable tracking server fails in one line, before Spark starts
             registry.check_reachable(cfg.mlflow.tracking_uri)
+    except registry.TrackingUnreachable as exc:
+        print(f"dlpipe: error: {exc}", file=sys.stderr)
+        return 1
+    try:
         summary = run(args, cfg)
-    except (registry.TrackingUnreachable, LookupError, TimeoutError, OSError, ValueError) as exc:
+    except (LookupError, TimeoutError, OSError, ValueError) as exc:
         if args.step not in ("lake", "models"):
             raise
         print(f"dlpipe: error: {exc}", file=sys.stderr)  # no such table, bucket, version or alias: one line
