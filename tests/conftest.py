@@ -1,4 +1,10 @@
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +127,28 @@ def registered_small(spark, prepared_small):
         registry=dataclasses.replace(cfg.registry, model_name="small_cnn", min_accuracy=0.0))
     trained = steps.train(spark, cfg)
     return cfg, steps.evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=trained["run_id"])))
+
+
+@contextlib.contextmanager
+def moto_server(**env):
+    """A real S3-compatible server (moto) on a free 127.0.0.1 port: yields its endpoint URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        server.kill()
+        pytest.fail("moto_server did not start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

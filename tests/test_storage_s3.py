@@ -6,14 +6,14 @@ scheduler would run it."""
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import deltalake
 import pytest
+
+from tests.conftest import moto_server
 from pyarrow import fs
 
 from dlpipe import lake
@@ -28,32 +28,14 @@ def s3_server():
     (endpoint, access key id, secret access key)."""
     import boto3
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "3"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    else:
-        server.kill()
-        pytest.fail("moto_server did not start")
-    iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",
-                       aws_secret_access_key="bootstrap")
-    iam.create_user(UserName="dlpipe")
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
-    iam.put_user_policy(UserName="dlpipe", PolicyName="all", PolicyDocument=json.dumps(policy))
-    key = iam.create_access_key(UserName="dlpipe")["AccessKey"]
-    yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
-    server.terminate()
-    server.wait(timeout=10)
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="3") as endpoint:
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name=REGION, aws_access_key_id="bootstrap",
+                           aws_secret_access_key="bootstrap")
+        iam.create_user(UserName="dlpipe")
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="dlpipe", PolicyName="all", PolicyDocument=json.dumps(policy))
+        key = iam.create_access_key(UserName="dlpipe")["AccessKey"]
+        yield endpoint, key["AccessKeyId"], key["SecretAccessKey"]
 
 
 @pytest.fixture(scope="module")
