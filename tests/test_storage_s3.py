@@ -12,12 +12,11 @@ from pathlib import Path
 
 import deltalake
 import pytest
-
-from tests.conftest import moto_server
 from pyarrow import fs
 
 from dlpipe import lake
 from pipelines.sources import list_files, read_files
+from tests.conftest import moto_server
 
 REGION = "us-east-1"
 
