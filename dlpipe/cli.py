@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlpipe: config error: {exc}", file=sys.stderr)
         return 2
     except (LookupError, TimeoutError, OSError, ValueError) as exc:
-        if args.step not in ("lake", "models"):
-            raise
+        if args.step not in ("lake", "models") and not isinstance(exc, OSError):
+            raise  # storage errors (no bucket, access denied, no such path) are one line for every command
         print(f"dlpipe: error: {exc}", file=sys.stderr)  # no such table, bucket, version or alias: one line
         return 1
     if args.step == "demo":

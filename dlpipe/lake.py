@@ -26,6 +26,7 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 from py4j.java_gateway import JavaClass
+from py4j.protocol import Py4JJavaError
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.types import StructType
 
@@ -77,7 +78,10 @@ def write_table(
         writer = df.write.format("delta").mode(mode).option("userMetadata", user_metadata)
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
-        writer.save(uri)
+        try:
+            writer.save(uri)
+        except Py4JJavaError as exc:
+            raise storage.storage_error(uri, exc) or exc from None
     else:
         _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None)
     return _find_commit(uri, commit_id, -1 if before is None else before)

@@ -17,6 +17,7 @@ import sys
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
+from dlpipe import storage
 from dlpipe.config import ConfigError
 
 ENGINES = ("auto", "spark", "rs")
@@ -53,6 +54,8 @@ def get_session(master: str, app_name: str, conf: dict[str, str] | None = None, 
         jars = delta_jars(jars_dir)
         if jars and not (given.contains("spark.jars") or "spark.jars" in settings):
             settings["spark.jars"] = ",".join(jars)
+            for key, value in storage.spark_s3_conf().items():  # hadoop-aws is among the jars
+                settings.setdefault(key, value)
         if jars or _jvm_has_delta() or _named_elsewhere(given, settings):
             for key, value in DELTA_CONF.items():
                 settings.setdefault(key, value)

@@ -87,8 +87,9 @@ def test_listing_skips_hidden_files_and_keeps_zero_byte_ones(aws, s3_landing):
 @pytest.mark.slow
 def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_path):
     """The whole step in its own process (its executors get the credentials the way a cluster's
-    do: from their environment), reading the landing zone as s3a://, which Spark has no connector
-    for here; every table read back with delta-rs; the secret is nowhere."""
+    do: from their environment), reading the landing zone as s3a:// with hadoop-aws and writing
+    the lake on s3:// with delta-spark; every table read back with delta-rs; then train (shards and
+    checkpoints on S3), evaluate and score; the secret is nowhere."""
     cfg, uri = s3_landing
     uri = uri.replace("s3://", "s3a://")
     lake_uri = "s3://lake-bucket/lake"
@@ -125,23 +126,71 @@ def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_pat
             assert secret.encode() not in f.read(), path
     assert secret not in done.stdout + done.stderr + summary_path.read_text()
     assert lake.history(f"{lake_uri}/fashion_mnist_train")[0]["metadata"]["dlpipe.source"] == uri
+    assert {h["engine"] for t in summary["tables"].values() for h in lake.history(t["uri"])} == {"spark"}
+
+    # train 1 epoch reading its shards from S3 (checkpoints on S3), register, score into the S3 lake
+    common = ["--set", f"paths.lake={lake_uri}", "--set", "spark.master=local[2]",
+              "--set", f"data.classes={json.dumps(cfg.data.classes)}",
+              "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"mlflow.artifact_root={tmp_path}/art",
+              "--set", "registry.model_name=s3_cnn", "--set", "registry.min_accuracy=0.0"]
+    steps = {
+        "train": ["--set", "train.backend=local", "--set", "train.epochs=1", "--set", "train.batch_size=16",
+                  "--set", "model.cnn.blocks=[{channels: 4}]", "--set", "model.cnn.hidden=[16]",
+                  "--set", "train.checkpoint_uri=s3://lake-bucket/checkpoints"],
+        "evaluate": [], "score": []}
+    results = {}
+    for step, extra in steps.items():
+        if step == "evaluate":
+            extra = ["--set", f"evaluate.run_id={results['train']['run_id']}"]
+        out = tmp_path / f"{step}.json"
+        done = subprocess.run([sys.executable, "-m", "dlpipe.cli", step, "--summary", str(out), *common, *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (step, done.stderr[-3000:])
+        assert secret not in done.stdout + done.stderr
+        results[step] = json.loads(out.read_text())
+    checkpoints = s3.get_file_info(fs.FileSelector("lake-bucket/checkpoints", recursive=True))
+    assert any(i.type == fs.FileType.File for i in checkpoints)
+    predictions = f"{lake_uri}/fashion_mnist_predictions"
+    scored = deltalake.DeltaTable(predictions, storage_options=options).to_pyarrow_table()
+    assert scored.num_rows == summary["tables"]["test"]["rows"] > 0
+    assert set(scored.column("model_name").to_pylist()) == {"s3_cnn"}
+    assert lake.history(predictions)[0]["engine"] == "spark"
 
 
-def test_wrong_credentials_are_a_clear_error_naming_the_uri(spark, aws, s3_landing, monkeypatch):
-    _, uri = s3_landing
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    with pytest.raises(PermissionError, match=re.escape(uri) + ".*access denied.*AWS_SECRET_ACCESS_KEY") as err:
-        read_files(spark, uri)
-    assert len(str(err.value).splitlines()) == 1
+def _prepare(aws, cfg, landing, lake_uri, **env):
+    """`dlpipe prepare` in its own process, as a scheduler runs it (the JVM reads the AWS variables
+    of its own environment, as every executor of a cluster does)."""
+    cmd = [sys.executable, "-m", "dlpipe.cli", "prepare", "--set", f"paths.landing={landing}",
+           "--set", f"paths.lake={lake_uri}", "--set", "spark.master=local[1]",
+           "--set", f"data.classes={json.dumps(cfg.data.classes)}", "--set", "data.max_rejected_fraction=0.05"]
+    return subprocess.run(cmd, env={**os.environ, **aws, **env, "PYTHONPATH": os.getcwd()}, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_wrong_credentials_are_a_clear_error_naming_the_uri(aws, s3_landing, monkeypatch, tmp_path):
+    cfg, uri = s3_landing
+    landing = uri.replace("s3://", "s3a://")
+    done = _prepare(aws, cfg, landing, str(tmp_path / "lake"), AWS_SECRET_ACCESS_KEY="not-the-secret")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"dlpipe: error: cannot access " + re.escape(landing) + r".*access denied.*AWS_SECRET_ACCESS_KEY.*",
+                        last), done.stderr[-3000:]
+    assert "not-the-secret" not in done.stderr + done.stdout
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # delta-rs, in this process
     with pytest.raises(PermissionError, match=re.escape("s3://lake-bucket/lake/t") + ".*access denied"):
         lake.latest_version("s3://lake-bucket/lake/t")
 
 
-def test_missing_bucket_is_a_clear_error_naming_the_uri(spark, aws, s3_landing):
-    with pytest.raises(FileNotFoundError, match=re.escape("s3://no-such-bucket/raw") + ".*bucket 'no-such-bucket' does not exist"):
-        read_files(spark, "s3://no-such-bucket/raw")
-    with pytest.raises(FileNotFoundError, match="s3://landing-zone/nothing-here: no such file or directory"):
-        read_files(spark, "s3://landing-zone/nothing-here")
-    table = "s3://no-such-bucket/lake/t"
-    with pytest.raises(FileNotFoundError, match=re.escape(table) + ".*does not exist"):
-        lake.write_table(spark.range(3), table)
+@pytest.mark.slow
+def test_missing_bucket_is_a_clear_error_naming_the_uri(aws, s3_landing, tmp_path):
+    cfg, uri = s3_landing
+    done = _prepare(aws, cfg, "s3a://no-such-bucket/raw", str(tmp_path / "lake"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"dlpipe: error: cannot access s3a://no-such-bucket/raw: bucket 'no-such-bucket' does not exist "
+        f"(endpoint {aws['AWS_ENDPOINT_URL']})"), done.stderr[-3000:]
+    done = _prepare(aws, cfg, uri, "s3a://no-such-bucket/lake")
+    assert done.returncode == 1
+    assert re.fullmatch(r"dlpipe: error: cannot access s3a://no-such-bucket/lake/\S+: bucket 'no-such-bucket' does "
+                        r"not exist.*", done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]
