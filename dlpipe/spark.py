@@ -26,6 +26,7 @@ DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
 }
+S3_LOG_STORE = "dlpipe.delta.S3ConditionalPutLogStore"  # deploy/jars/src
 FETCH_HINT = ("run `make setup` (Maven fetches deploy/jars/pom.xml into .work/jars), or give Spark the jars "
               "with --packages io.delta:delta-spark_4.2_2.13:4.4.0")
 
@@ -56,6 +57,9 @@ def get_session(master: str, app_name: str, conf: dict[str, str] | None = None, 
             settings["spark.jars"] = ",".join(jars)
             for key, value in storage.spark_s3_conf().items():  # hadoop-aws is among the jars
                 settings.setdefault(key, value)
+            if any(os.path.basename(j).startswith("dlpipe-spark-jars") for j in jars):
+                for scheme in storage.S3_SCHEMES:  # commits with S3's conditional put (docs/storage.md)
+                    settings.setdefault(f"spark.delta.logStore.{scheme}.impl", S3_LOG_STORE)
         if jars or _jvm_has_delta() or _named_elsewhere(given, settings):
             for key, value in DELTA_CONF.items():
                 settings.setdefault(key, value)

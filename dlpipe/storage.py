@@ -69,9 +69,10 @@ def spark_s3_conf() -> dict[str, str]:
     """Hadoop S3A settings for Spark (hadoop-aws on the classpath): s3:// read through S3A as s3a://
     is, the endpoint and region from the same variables as above. No credential: S3A's default
     provider chain reads the AWS variables, profiles and instance roles on the driver and on every
-    executor. Delta on S3 commits through its S3SingleDriverLogStore (docs/storage.md)."""
+    executor."""
     conf = {"spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-            "spark.hadoop.fs.s3a.endpoint.region": _region()}
+            "spark.hadoop.fs.s3a.endpoint.region": _region(),
+            "spark.hadoop.fs.s3a.create.conditional.enabled": "true"}  # If-None-Match puts for Delta commits
     endpoint = _endpoint()
     if endpoint:  # an S3-compatible server (MinIO, moto, Ceph): path-style bucket addressing
         conf["spark.hadoop.fs.s3a.endpoint"] = endpoint

@@ -194,3 +194,56 @@ def test_missing_bucket_is_a_clear_error_naming_the_uri(aws, s3_landing, tmp_pat
     assert done.returncode == 1
     assert re.fullmatch(r"dlpipe: error: cannot access s3a://no-such-bucket/lake/\S+: bucket 'no-such-bucket' does "
                         r"not exist.*", done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]
+
+
+WRITER = """
+import json, sys
+from dlpipe import lake
+from dlpipe.config import load_config
+from dlpipe.spark import get_session
+
+cfg = load_config()
+spark = get_session("local[1]", "writer", {"spark.ui.enabled": "false"}, jars_dir=cfg.spark.jars_dir, engine="spark")
+jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()
+if sys.argv[1] == "twice":  # the LogStore alone: the second create of the same version is refused
+    store = jvm.dlpipe.delta.S3ConditionalPutLogStore(conf)
+    path = jvm.org.apache.hadoop.fs.Path(sys.argv[2] + "/_delta_log/00000000000000000000.json")
+    store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
+    try:
+        store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
+        print("second write accepted")
+    except Exception as exc:
+        print("refused:", exc.java_exception.getClass().getName(), exc.java_exception.getMessage())
+else:
+    versions = [lake.write_table(spark.range(int(sys.argv[3]), int(sys.argv[3]) + 5), sys.argv[2], mode="append")
+                for _ in range(3)]
+    print(json.dumps(versions))
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_native_writers_on_s3_lose_no_commit(aws, s3_landing, tmp_path):
+    """Two drivers append to one S3 table at the same moment, 3 commits each: with S3's conditional
+    put (dlpipe's LogStore) every commit lands as its own version; no version file is overwritten."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, **aws, "PYTHONPATH": os.getcwd()}
+    once = subprocess.run([sys.executable, str(script), "twice", "s3a://lake-bucket/logstore"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0, once.stderr[-3000:]
+    assert "refused: " in once.stdout and "FileAlreadyExistsException" in once.stdout, once.stdout
+
+    uri = "s3a://lake-bucket/concurrent"
+    spark_setup = subprocess.run([sys.executable, str(script), "append", uri, "0"], env=env, capture_output=True,
+                                 text=True, timeout=300)  # v0..v2: the table exists before the race
+    assert spark_setup.returncode == 0, spark_setup.stderr[-3000:]
+    writers = [subprocess.Popen([sys.executable, str(script), "append", uri, str(start)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for start in (100, 200)]
+    outputs = [w.communicate(timeout=600) for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], [err[-3000:] for _, err in outputs]
+    versions = sorted(v for out, _ in outputs for v in json.loads(out.strip().splitlines()[-1]))
+    assert versions == list(range(3, 9))  # six distinct versions, none taken twice
+    table = deltalake.DeltaTable(uri.replace("s3a://", "s3://"), storage_options=lake.storage.delta_options(uri))
+    assert table.version() == 8
+    ids = sorted(table.to_pyarrow_table().column("id").to_pylist())
+    assert ids == sorted([*range(5)] * 3 + [*range(100, 105)] * 3 + [*range(200, 205)] * 3)
