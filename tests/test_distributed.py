@@ -42,6 +42,26 @@ def _task(tmp_path, fit: FitConfig, train_files=None, **model):
     )
 
 
+# what psutil raises when a process exits (or is reaped) while we look at it
+PROCESS_GONE = (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied)
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    """The live descendants of `pid`; [] once it has exited."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except PROCESS_GONE:
+        return []
+
+
+def _cmdline(process: psutil.Process) -> str:
+    """The command line of a process that may exit at any moment ("" once it has)."""
+    try:
+        return " ".join(process.cmdline())
+    except PROCESS_GONE:
+        return ""
+
+
 def _close(a: dict, b: dict, atol=1e-5):
     return all(torch.allclose(a[k], b[k], atol=atol) for k in a)
 
@@ -113,11 +133,13 @@ def test_killed_worker_then_resume_continues_the_run(prepared_small, tmp_path):
     killed = None
     while first.poll() is None and time.monotonic() < deadline and killed is None:
         if list((tmp_path / "ckpt" / "resume_test").glob("*/epoch-0002.pt")):
-            workers = [p for p in psutil.Process(first.pid).children(recursive=True)
-                       if "gloo_exec_fn" in " ".join(p.cmdline())]
+            workers = [p for p in _children(first.pid) if "gloo_exec_fn" in _cmdline(p)]
             if workers:
-                killed = workers[-1]
-                killed.send_signal(signal.SIGKILL)
+                try:
+                    workers[-1].send_signal(signal.SIGKILL)
+                    killed = workers[-1]
+                except PROCESS_GONE:  # it exited between the listing and the signal: take the next one
+                    pass
         time.sleep(0.2)
     output = first.communicate(timeout=300)[0]
     assert killed is not None, output[-3000:]
@@ -135,3 +157,17 @@ def test_killed_worker_then_resume_continues_the_run(prepared_small, tmp_path):
     assert len(steps_logged) == len(set(steps_logged)), "an epoch was logged twice: epochs were repeated"
     assert max(steps_logged) == epochs and summary["metrics"]["epochs"] == epochs
     assert "resume_test" in summary["resumed_from"] and summary["run_id"] in summary["resumed_from"]
+
+
+def test_process_helpers_tolerate_a_process_that_just_exited():
+    """The race of issue 12: a child exits (a zombie, not yet reaped) while its command line is read."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(PROCESS_GONE):
+        psutil.Process(child.pid).cmdline()  # what the old inline `p.cmdline()` ran into
+    assert _cmdline(psutil.Process(child.pid)) == ""
+    assert _children(child.pid) == []
+    child.wait()
+    assert _children(child.pid) == []  # reaped: no such process at all
