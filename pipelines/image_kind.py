@@ -7,7 +7,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines.images import decode_images
-from pipelines.prepare import hash_split
+from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
 STATE = None
@@ -20,7 +20,7 @@ def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
 
 
 def assign_split(df: DataFrame, cfg) -> DataFrame:
-    return hash_split(df, cfg)
+    return hash_split(df, cfg.data.split_fractions)
 
 
 def to_base(accepted: DataFrame, cfg, state) -> DataFrame:

@@ -222,17 +222,6 @@ def ingested_sources(spark: SparkSession, sources_uri: str) -> set[str]:
     return {r["source"] for r in lake.read_table(spark, sources_uri).select("source").distinct().collect()}
 
 
-def hash_split(df: DataFrame, cfg: Config, column: str = "key") -> DataFrame:
-    """train/val/test from a hash of `column`: re-runs and new files never move a row."""
-    from pipelines.images import SPLIT_BUCKETS
-
-    fractions = cfg.data.split_fractions
-    bucket = F.pmod(F.xxhash64(column), F.lit(SPLIT_BUCKETS))
-    train_end = round(fractions["train"] * SPLIT_BUCKETS)
-    val_end = train_end + round(fractions["val"] * SPLIT_BUCKETS)
-    return df.withColumn("split", F.when(bucket < train_end, "train").when(bucket < val_end, "val").otherwise("test"))
-
-
 def parse_files(files: DataFrame, root: str, fmt: str, encoding: str, key_column: str, schema: str, convert) -> DataFrame:
     """Raw files -> one row per record: key, source, row, <schema>, error. `convert(record)`
     returns the kind's columns or raises records.Invalid with the reason. Without a key column

@@ -17,7 +17,8 @@ from pyspark.sql import functions as F
 
 from dlpipe import lake
 from pipelines import records
-from pipelines.prepare import hash_split, parse_files
+from pipelines.prepare import parse_files
+from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
 STATE = None
@@ -38,7 +39,7 @@ def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
 
 
 def assign_split(df: DataFrame, cfg) -> DataFrame:
-    return hash_split(df, cfg, "key" if cfg.data.ratings.split_by == "rating" else "user")
+    return hash_split(df, cfg.data.split_fractions, "key" if cfg.data.ratings.split_by == "rating" else "user")
 
 
 def to_base(accepted: DataFrame, cfg, state) -> DataFrame:

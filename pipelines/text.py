@@ -21,7 +21,8 @@ from pyspark.sql import functions as F
 
 from dlpipe import lake
 from pipelines import records
-from pipelines.prepare import hash_split, parse_files
+from pipelines.prepare import parse_files
+from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
 STATE = "vocab"
@@ -60,7 +61,7 @@ def parse(files: DataFrame, cfg, root: str, state: dict | None) -> DataFrame:
 
 
 def assign_split(df: DataFrame, cfg) -> DataFrame:
-    return hash_split(df, cfg)
+    return hash_split(df, cfg.data.split_fractions)
 
 
 def fit(accepted: DataFrame, cfg) -> dict:

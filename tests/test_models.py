@@ -105,7 +105,7 @@ def diabetes_tables(spark, tmp_path_factory):
     Delta tables shaped like the table pipeline's: key, source, label double, features."""
     from sklearn.datasets import load_diabetes
 
-    from pipelines.images import assign_split
+    from pipelines.split import hash_split
 
     root = tmp_path_factory.mktemp("diabetes")
     cfg = load_config(None, [f"paths.lake={root}/lake", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
@@ -116,7 +116,7 @@ def diabetes_tables(spark, tmp_path_factory):
     x, y = load_diabetes(return_X_y=True)
     pdf = pd.DataFrame({"key": [f"patient_{i:03d}" for i in range(len(y))], "source": "sklearn.datasets.load_diabetes",
                         "label": (y / 100.0).astype(float), "features": [row.astype(np.float32).tolist() for row in x]})
-    df = assign_split(spark.createDataFrame(pdf, "key string, source string, label double, features array<float>"),
+    df = hash_split(spark.createDataFrame(pdf, "key string, source string, label double, features array<float>"),
                       {"train": 0.7, "val": 0.15, "test": 0.15}).cache()
     for split in ("train", "val", "test"):
         lake.write_table(df.where(df.split == split).drop("split"), cfg.table_uri(split))

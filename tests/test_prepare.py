@@ -68,3 +68,23 @@ def test_a_job_that_died_half_way_is_not_pinned(spark, tmp_path, monkeypatch):
     pinned = steps.pinned_tables(cfg)
     assert {s: pinned[s]["version"] for s in steps.SPLITS} == {s: first["tables"][s]["version"] for s in steps.SPLITS}
     assert {pinned[s]["prepare_job"] for s in steps.SPLITS} == {first["job_id"]}
+
+
+def test_new_files_arrive_and_no_existing_key_moves(spark, tmp_path):
+    """Through the prepare job itself: a second job over the landing zone with new files puts
+    every key it saw before in the same table, and the new files spread over all three."""
+    _landing(tmp_path, good=40)
+    cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
+    first = steps.prepare(spark, cfg)
+    before = {s: set(lake.read_table(spark, first["tables"][s]["uri"], first["tables"][s]["version"])
+                     .toPandas()["key"]) for s in steps.SPLITS}
+    for i in range(40, 100):
+        path = tmp_path / "landing" / CLASSES[i % 2] / f"new_{i:03d}.png"
+        Image.new("L", (6, 6), color=i).save(path)
+    second = steps.prepare(spark, cfg)
+    after = {s: set(lake.read_table(spark, second["tables"][s]["uri"], second["tables"][s]["version"])
+                    .toPandas()["key"]) for s in steps.SPLITS}
+    for split in steps.SPLITS:
+        assert before[split] <= after[split], f"keys left {split}: {before[split] - after[split]}"
+    assert sum(len(k) for k in after.values()) == 100
+    assert all(any(k.split("/")[1].startswith("new_") for k in after[s]) for s in steps.SPLITS)
