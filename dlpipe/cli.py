@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from dlpipe.config import ConfigError, load_config
+from dlpipe import errors
+from dlpipe.config import load_config
+from dlpipe.errors import ConfigError, DlpipeError
 
 # command -> one line of help; all take --conf/--set/--summary
 COMMANDS = {
@@ -63,27 +65,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; an expected failure is one line on stderr and its exit code (dlpipe.errors)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.conf, args.overrides)  # before Spark starts
     except ConfigError as exc:
         print(f"dlpipe: config error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     from dlpipe import registry
 
     try:
         if args.step not in NO_TRACKING:  # an unreachable tracking server fails in one line, before Spark starts
             registry.check_reachable(cfg.mlflow.tracking_uri)
-    except registry.TrackingUnreachable as exc:
-        print(f"dlpipe: error: {exc}", file=sys.stderr)
-        return 1
-    try:
         summary = run(args, cfg)
+    except DlpipeError as exc:
+        return _fail(exc, exc.exit_code)
+    except FileNotFoundError as exc:  # the lake's "no Delta table at <uri>", a missing image file
+        return _fail(exc, errors.EXIT_MISSING_INPUT)
     except (LookupError, TimeoutError, OSError, ValueError) as exc:
         if args.step not in ("lake", "models"):
             raise
-        print(f"dlpipe: error: {exc}", file=sys.stderr)  # no such table, bucket, version or alias: one line
-        return 1
+        return _fail(exc, errors.EXIT_ERROR)  # no such version or alias, lock held: one line
     if args.step == "demo":
         print(render_demo(summary), flush=True)
     elif args.step == "models" and args.action == "describe":
@@ -92,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2, default=str), flush=True)
     if args.summary:
         Path(args.summary).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return 0
+    return errors.EXIT_OK
+
+
+def _fail(exc: BaseException, code: int) -> int:
+    message = " ".join(str(exc).split())  # one line, whatever the message held
+    print(f"dlpipe: error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def run(args: argparse.Namespace, cfg) -> dict:

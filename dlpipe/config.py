@@ -14,12 +14,9 @@ from typing import Any, Literal
 import yaml
 
 from dl.models import REGISTRY, TASKS, ParamError
+from dlpipe.errors import ConfigError  # re-exported: callers import it from here
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "base.yaml"
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key and what was expected."""
 
 
 @dataclass(frozen=True, kw_only=True)

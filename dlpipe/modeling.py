@@ -11,6 +11,7 @@ from dl.models import REGISTRY, Net
 from dl.train import FitConfig
 from dlpipe import lake
 from dlpipe.config import Config
+from dlpipe.errors import InputNotFound
 
 
 def class_names(cfg: Config) -> list[str]:
@@ -86,7 +87,7 @@ def resolve(model_uri: str) -> str:
     try:
         version = MlflowClient().get_model_version_by_alias(name, alias).version
     except Exception:
-        raise LookupError(f"{model_uri} does not resolve: no version of {name!r} has alias {alias!r}") from None
+        raise InputNotFound(f"{model_uri} does not resolve: no version of {name!r} has alias {alias!r}") from None
     return f"models:/{name}/{version}"
 
 

@@ -23,16 +23,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dlpipe import lake
+from dlpipe.errors import TrackingUnreachable  # re-exported
 
 CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK = "champion", "challenger", "previous", "rolled_back"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK)
 HIGHER_IS_BETTER = {"test_accuracy": True, "test_log_loss": False, "test_roc_auc": True,
                     "test_r2": True, "test_mse": False, "test_mae": False}
 SPLITS = ("train", "val", "test")
-
-
-class TrackingUnreachable(RuntimeError):
-    """The MLflow tracking server does not answer; nothing was trained or registered."""
 
 
 def say(message: str) -> None:

@@ -17,6 +17,7 @@ from pyspark.sql import functions as F
 from dl.models import Net, build
 from dlpipe import checkpoints, demo_data, lake, modeling, registry, tracking
 from dlpipe.config import Config
+from dlpipe.errors import InputNotFound
 from dlpipe.launch import TrainTask, launch
 from dlpipe.scoring import confusion_and_metrics, predict, regression_metrics, roc_auc
 
@@ -76,7 +77,7 @@ def pinned_tables(cfg: Config) -> dict[str, dict]:
     histories = {}
     for split, uri in uris.items():
         if lake.latest_version(uri) is None:
-            raise FileNotFoundError(f"no Delta table at {uri}: run the prepare step first")
+            raise InputNotFound(f"no Delta table at {uri}: run the prepare step first")
         histories[split] = lake.history(uri)  # newest first
     versions_by_job: dict[str, dict[str, int]] = {}
     for split, history in histories.items():
@@ -181,7 +182,7 @@ def latest_training_run(cfg: Config) -> str:
         order_by=["attributes.start_time DESC"], max_results=1,
     )
     if not runs:
-        raise LookupError(f"no finished training run for model {cfg.registry.model_name!r} in experiment "
+        raise InputNotFound(f"no finished training run for model {cfg.registry.model_name!r} in experiment "
                           f"{cfg.mlflow.experiment!r}: run the train step first")
     return runs[0].info.run_id
 
@@ -248,14 +249,14 @@ def score(spark: SparkSession, cfg: Config) -> dict:
         try:
             version = client.get_model_version_by_alias(alias_name, alias).version
         except Exception:
-            raise LookupError(f"{model_uri} does not resolve: no version of {alias_name!r} has alias {alias!r}") from None
+            raise InputNotFound(f"{model_uri} does not resolve: no version of {alias_name!r} has alias {alias!r}") from None
         model_uri, name = f"models:/{alias_name}/{version}", alias_name
     else:
         version = model_uri.rstrip("/").rsplit("/", 1)[-1]
     test_uri = cfg.table_uri("test")
     test_version = lake.latest_version(test_uri)
     if test_version is None:
-        raise FileNotFoundError(f"no Delta table at {test_uri}: run the prepare step first")
+        raise InputNotFound(f"no Delta table at {test_uri}: run the prepare step first")
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.score.batch_size))
     run_date = datetime.date.fromisoformat(cfg.score.run_date) if cfg.score.run_date else datetime.datetime.now(datetime.UTC).date()
     predictions = predict(spark, lake.read_table(spark, test_uri, test_version), model_uri)

@@ -40,7 +40,9 @@ def setup(cfg: MlflowConfig) -> str:
         experiment = client.get_experiment_by_name(cfg.experiment)
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise RuntimeError(f"MLflow tracking store {cfg.tracking_uri} is unreachable: {type(exc).__name__}: {first_line}") from None
+        from dlpipe.errors import TrackingUnreachable
+
+        raise TrackingUnreachable(f"MLflow tracking store {cfg.tracking_uri} is unreachable: {type(exc).__name__}: {first_line}") from None
     if experiment is None and cfg.tracking_uri.startswith(("http://", "https://")):
         experiment_id = client.create_experiment(cfg.experiment)  # the server's artifact store (--serve-artifacts)
     elif experiment is None:

@@ -30,6 +30,7 @@ from pyspark.sql import functions as F
 
 from dlpipe import lake
 from dlpipe.config import Config
+from dlpipe.errors import DataQualityError, InputNotFound
 from pipelines.sources import read_files
 
 REJECTED_SCHEMA = "key string, source string, row long, reason string, job_id string"
@@ -53,7 +54,7 @@ def run(spark: SparkSession, cfg: Config) -> dict:
     try:
         files = read_files(spark, landing)
     except AnalysisException as exc:
-        raise FileNotFoundError(f"cannot read raw files under {landing}: {exc.getMessage()}") from None
+        raise InputNotFound(f"cannot read raw files under {landing}: {exc.getMessage()}") from None
     base_uris = {suffix: cfg.table_uri(suffix) for suffix in kind.BASE}
     rejected_uri = cfg.table_uri("rejected")
     sources_uri = cfg.table_uri("sources")
@@ -121,7 +122,7 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
     if accepted == 0 or rejected > data.max_rejected_fraction * total:
         reasons = parsed.where(F.col("error").isNotNull()).groupBy(F.col("error")).count() \
             .orderBy(F.desc("count"), "error").limit(3).collect()
-        raise ValueError(
+        raise DataQualityError(
             f"{rejected} of {total} {unit} under {landing} were rejected ({rejected / max(total, 1):.1%}), more than "
             f"data.max_rejected_fraction={data.max_rejected_fraction}; no new version of the train/val/test "
             f"tables was written. Reasons are in {rejected_uri}@{summary['tables']['rejected']['version']}; most common: "

@@ -226,7 +226,7 @@ def test_unreachable_server_fails_in_one_line_before_training(base, tmp_path):
     uri = f"http://127.0.0.1:{port}"
     proc = subprocess.run([sys.executable, "-m", "dlpipe.cli", "retrain", "--set", f"paths.lake={cfg().paths.lake}",
                            "--set", f"mlflow.tracking_uri={uri}"], capture_output=True, text=True, timeout=120, cwd=root)
-    assert proc.returncode == 1
+    assert proc.returncode == 5  # dlpipe.errors.EXIT_TRACKING
     assert proc.stderr.strip().splitlines() == [f"dlpipe: error: MLflow tracking server {uri} is unreachable "
                                                 "(ConnectionError); nothing was trained or registered"]
     assert "training" not in proc.stdout
