@@ -11,10 +11,12 @@ from dlpipe import errors
 
 
 def _dlpipe(tmp_path, *args):
+    """`dlpipe <command> <settings under tmp_path> <args>`: the later --set wins."""
+    command, rest = args[0], list(args[1:])
     common = ["--set", f"paths.lake={tmp_path}/lake", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
               "--set", f"mlflow.artifact_root={tmp_path}/mlartifacts", "--set", "spark.master=local[1]",
               "--set", "spark.conf.spark.ui.enabled=false"]
-    proc = subprocess.run([sys.executable, "-m", "dlpipe.cli", *args, *common], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "dlpipe.cli", command, *common, *rest], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     ours = [line for line in proc.stderr.splitlines() if line.startswith("dlpipe: error")]
     return proc, ours
