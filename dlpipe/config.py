@@ -17,6 +17,9 @@ from dl.models import REGISTRY, TASKS, ParamError
 from dlpipe.errors import ConfigError  # re-exported: callers import it from here
 
 BASE_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "base.yaml"
+# the metrics evaluate logs for each model.task (test_roc_auc: two classes only); the first is registry.metric's auto
+TASK_METRICS = {"classification": ("test_accuracy", "test_log_loss", "test_roc_auc"),
+                "regression": ("test_r2", "test_mse", "test_mae")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,7 +150,8 @@ class TrainConfig:
 class RegistryConfig:
     model_name: str
     min_accuracy: float  # the new version becomes `champion` only at or above this test accuracy
-    metric: Literal["test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae"]  # retrain compares challenger and champion on this
+    # retrain compares challenger and champion on this; auto = test_accuracy (classification) or test_r2 (regression)
+    metric: Literal["auto", "test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae"]
     min_improvement: float  # retrain promotes a challenger only if it beats the champion by at least this
     lock_ttl_s: int  # a promotion lock older than this was left by a crashed job and is broken
     lock_wait_s: int  # how long a job waits for the promotion lock before failing
@@ -365,6 +369,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.max_rejected_fraction': expected a number in [0, 1], got {cfg.data.max_rejected_fraction}")
     if not 0 <= cfg.registry.min_accuracy <= 1:
         raise ConfigError(f"config key 'registry.min_accuracy': expected a number in [0, 1], got {cfg.registry.min_accuracy}")
+    metric = cfg.registry.metric
+    if metric != "auto" and metric not in TASK_METRICS[cfg.model.task]:
+        raise ConfigError(f"config key 'registry.metric': a {cfg.model.task} model is evaluated on "
+                          f"{list(TASK_METRICS[cfg.model.task])} (or auto), got {metric!r}")
+    n_classes = len(cfg.data.select_classes or names)
+    if metric == "test_roc_auc" and n_classes != 2 and n_classes:
+        raise ConfigError(f"config key 'registry.metric': test_roc_auc needs exactly two classes, got {n_classes}")
     if cfg.registry.min_improvement < 0:
         raise ConfigError(f"config key 'registry.min_improvement': expected a non-negative number, got {cfg.registry.min_improvement}")
     for key, value in {"registry.lock_ttl_s": cfg.registry.lock_ttl_s, "registry.lock_wait_s": cfg.registry.lock_wait_s}.items():
@@ -444,8 +455,10 @@ def _resolve_paths(cfg: Config) -> Config:
     tracking = cfg.mlflow.tracking_uri
     if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
         tracking = "sqlite:///" + str(Path(tracking[len("sqlite:///"):]).resolve())
+    metric = TASK_METRICS[cfg.model.task][0] if cfg.registry.metric == "auto" else cfg.registry.metric
     return dataclasses.replace(
         cfg,
+        registry=dataclasses.replace(cfg.registry, metric=metric),
         paths=PathsConfig(landing=_absolute_uri(cfg.paths.landing), lake=_absolute_uri(cfg.paths.lake)),
         train=dataclasses.replace(cfg.train, checkpoint_uri=_absolute_uri(cfg.train.checkpoint_uri),
                                   run_name=cfg.train.run_name or cfg.registry.model_name),

@@ -11,10 +11,9 @@ import dataclasses
 from mlflow.tracking import MlflowClient
 from pyspark.sql import SparkSession
 
-from dlpipe import lake, registry, steps, tracking
+from dlpipe import evaluation, modeling, registry, steps, tracking
 from dlpipe.config import Config
 from dlpipe.registry import CHALLENGER, CHAMPION
-from dlpipe.scoring import confusion_and_metrics, predict
 
 OUTCOME = "dlpipe.retrain.outcome"  # tag on a version once retrain has decided about it
 
@@ -24,9 +23,11 @@ def say(message: str) -> None:
 
 
 def holdout_metrics(spark: SparkSession, cfg: Config, model_uri: str, test: dict) -> dict[str, float]:
-    predictions = predict(spark, lake.read_table(spark, test["uri"], test["version"]), model_uri)
-    _, m = confusion_and_metrics(predictions, len(cfg.data.classes))
-    return {"test_accuracy": m["accuracy"], "test_log_loss": m["log_loss"]}
+    """The champion on the challenger's holdout, exactly as evaluate measured the challenger."""
+    classes, label_ids = modeling.label_view(cfg)
+    metrics, _, _ = evaluation.holdout(spark, model_uri, test["uri"], test["version"], task=cfg.model.task,
+                                       label_ids=label_ids, num_classes=len(classes))
+    return metrics
 
 
 def retrain(spark: SparkSession, cfg: Config) -> dict:
@@ -67,7 +68,8 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
         challenger = client.get_model_version(name, str(evaluated["model_version"]))
     challenger_score = registry.metric_of(challenger, r.metric)
     summary |= {"tables": current, "challenger_version": int(challenger.version), "challenger_run_id": challenger.run_id,
-                "challenger_metrics": {k: registry.metric_of(challenger, k) for k in registry.HIGHER_IS_BETTER}}
+                "challenger_metrics": {k: registry.metric_of(challenger, k) for k in evaluation.METRICS[cfg.model.task]
+                                       if registry.metric_of(challenger, k) is not None}}
 
     on_holdout: dict[str, dict[str, float]] = {}
 
@@ -90,10 +92,8 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
             wins, why = False, (f"version {rivals[0].version}, trained on the same table versions, was promoted "
                                 "by another retrain")
         elif champion is None:
-            accuracy = registry.metric_of(challenger, "test_accuracy")
-            wins = accuracy >= r.min_accuracy
-            why = (f"no champion yet; test_accuracy {accuracy:.4f} "
-                   f"{'>=' if wins else '<'} registry.min_accuracy {r.min_accuracy}")
+            wins, why = evaluation.good_enough(cfg.model.task, summary["challenger_metrics"], r.min_accuracy)
+            why = f"no champion yet; {why}"
         else:
             reference = champion_metrics(champion)
             summary["champion_metrics_on_holdout"] = reference

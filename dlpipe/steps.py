@@ -15,11 +15,11 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from dl.models import Net, build
-from dlpipe import checkpoints, demo_data, lake, modeling, registry, tracking
+from dlpipe import checkpoints, demo_data, evaluation, lake, modeling, registry, tracking
 from dlpipe.config import Config
 from dlpipe.errors import InputNotFound
 from dlpipe.launch import TrainTask, launch
-from dlpipe.scoring import confusion_and_metrics, predict, regression_metrics, roc_auc
+from dlpipe.scoring import confusion_and_metrics, predict
 
 SPLITS = ("train", "val", "test")
 
@@ -197,31 +197,21 @@ def evaluate(spark: SparkSession, cfg: Config, *, promote: bool = True) -> dict:
     model_uri = run.data.tags["dlpipe.model_uri"]
     test = {"uri": run.data.params["table.test.uri"], "version": int(run.data.params["table.test.version"])}
     classes, label_ids = modeling.label_view(cfg)
-    test_df = modeling.relabel(lake.read_table(spark, test["uri"], test["version"]), label_ids)
-    predictions = predict(spark, test_df, model_uri)
-    if cfg.model.task == "regression":
-        metrics = regression_metrics(predictions)
-        scores = {f"test_{k}": v for k, v in metrics.items() if k != "rows"}
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics(scores)
-        say(f"test MSE {metrics['mse']:.4f}, MAE {metrics['mae']:.4f}, R^2 {metrics['r2']:.4f} on {metrics['rows']} rows")
-        good, why_not = metrics["r2"] > 0, f"test R^2 {metrics['r2']:.4f} <= 0 (no better than the mean)"
-    else:
-        matrix, metrics = confusion_and_metrics(predictions, len(classes))
-        scores = {"test_accuracy": metrics["accuracy"], "test_log_loss": metrics["log_loss"]}
-        with mlflow.start_run(run_id=run_id):
-            if len(classes) == 2:
-                scores["test_roc_auc"] = roc_auc(predictions)
-            mlflow.log_metrics(scores)
+    metrics, _, matrix = evaluation.holdout(spark, model_uri, test["uri"], test["version"], task=cfg.model.task,
+                                                      label_ids=label_ids, num_classes=len(classes))
+    scores = {k: v for k, v in metrics.items() if k != "test_rows"}
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(scores)
+        if matrix is not None:
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Test confusion matrix"),
                               "plots/confusion_matrix_test.png")
+            test_df = modeling.relabel(lake.read_table(spark, test["uri"], test["version"]), label_ids)
             if "pixels" in test_df.columns:
                 from dlpipe import explain
 
                 mlflow.log_figure(explain.sample_grid(test_df, model_uri, classes), "plots/occlusion_heatmaps.png")
-        say(f"test accuracy {metrics['accuracy']:.4f} on {metrics['rows']} rows of {test['uri']}@{test['version']}")
-        good = metrics["accuracy"] >= cfg.registry.min_accuracy
-        why_not = f"test accuracy {metrics['accuracy']:.4f} < registry.min_accuracy {cfg.registry.min_accuracy}"
+    say(", ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" on {metrics['test_rows']} rows of {test['uri']}@{test['version']}")
+    good, why = evaluation.good_enough(cfg.model.task, metrics, cfg.registry.min_accuracy)
     name = cfg.registry.model_name
     tables = {s: {"uri": run.data.params[f"table.{s}.uri"], "version": int(run.data.params[f"table.{s}.version"])}
               for s in SPLITS}
@@ -233,8 +223,8 @@ def evaluate(spark: SparkSession, cfg: Config, *, promote: bool = True) -> dict:
             registry.promote(client, name, version)
         say(f"registered {name} version {version} and set alias champion")
     else:
-        say(f"registered {name} version {version}" + (f"; NOT champion: {why_not}" if promote else ""))
-    return {"step": "evaluate", "run_id": run_id, "test_table": test, "metrics": {**scores, "test_rows": metrics["rows"]},
+        say(f"registered {name} version {version}" + (f"; NOT champion: {why}" if promote else ""))
+    return {"step": "evaluate", "run_id": run_id, "test_table": test, "metrics": metrics,
             "model_name": name, "model_version": int(version), "champion": champion}
 
 
