@@ -95,6 +95,10 @@ def fit(
 ) -> list[dict]:
     """Train on this worker's shard; returns per-epoch metrics (the same on every worker).
 
+    Every epoch ends with the same model on every worker (under allreduce the weights are equal
+    and the floating buffers, batch-norm statistics, are averaged; under average everything is),
+    so the validation figures are those of the model rank 0 saves, over all workers' val shards.
+
     Every worker takes the same number of steps per epoch (the smallest shard decides), so
     uneven shards never leave one worker waiting in a collective. `on_epoch` and
     `save_checkpoint` are called on rank 0 only; `resume` is a state from `save_checkpoint`.
@@ -150,6 +154,8 @@ def fit(
             correct += _metric_sum(logits.detach().float(), yb, classify)
         if cfg.sync == "average" and dist.size > 1:
             _average_state(model, optimizer, dist)  # every worker ends the epoch with the same model
+        elif dist.size > 1:  # allreduce kept the weights equal; batch-norm statistics are per worker until now
+            _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
         seen = steps * cfg.batch_size
         train_seconds = time.perf_counter() - t0
         val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn, device, cfg.task)

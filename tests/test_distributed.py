@@ -78,6 +78,26 @@ def test_two_workers_match_one_worker_with_the_global_batch(spark, tmp_path, bac
     assert len(double["worker_samples_per_sec"]) == 2 and min(double["worker_samples_per_sec"]) > 0
 
 
+def test_allreduce_reports_the_validation_of_the_saved_model(spark, tmp_path):
+    """Batch-norm statistics are synchronized, so the val figures (summed over the ranks' val
+    shards) are those of the model rank 0 returns, on the whole val table (issue 12, defect 2)."""
+    from dl.models import build
+    from dl.train import _evaluate, _loss
+    from dlpipe.launch import load_shard
+
+    task = _task(tmp_path, FitConfig(epochs=2, batch_size=16, lr=0.01, sync="allreduce", seed=3),
+                 in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0, batch_norm=True)
+    result = launch(spark, task, "horovod", 2)
+    assert result["backend"] == "horovod" and result["world_size"] == 2
+    model = build(task.net)
+    model.load_state_dict(result["state_dict"])
+    val = load_shard(task.val_files, tuple(task.net.input_shape), 0, 1)
+    loss, correct, n = _evaluate(model, val, 64, _loss("classification"), torch.device("cpu"))
+    last = result["history"][-1]
+    assert last["val_loss"] == pytest.approx(loss / n, rel=1e-5)
+    assert last["val_accuracy"] == pytest.approx(correct / n)
+
+
 def test_parameter_averaging_every_step_equals_allreduce_for_sgd(spark, tmp_path):
     base = dict(epochs=2, batch_size=16, lr=0.1, optimizer="sgd", shuffle=True, seed=5)
     allreduce = launch(spark, _task(tmp_path, FitConfig(sync="allreduce", **base)), "horovod", 2)
