@@ -32,6 +32,7 @@ COMMANDS = {
 STEPS = tuple(COMMANDS)
 BENCHMARKS = ("training", "prepare", "score", "models")
 FAMILIES = ("feedforward",)
+TRAINS = {"train", "retrain", "demo", "bench"}  # commands that start training workers
 NO_TRACKING = {"land-demo-data", "land", "prepare", "lake"}  # commands that never talk to MLflow
 
 
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     from dlpipe import registry
 
     try:
+        if args.step in TRAINS:  # the launcher train.backend names must be there, before Spark starts
+            from dlpipe.launch import check_backend
+
+            check_backend(cfg.train.backend)
         if args.step not in NO_TRACKING:  # an unreachable tracking server fails in one line, before Spark starts
             registry.check_reachable(cfg.mlflow.tracking_uri)
         summary = run(args, cfg)
@@ -99,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fail(exc: BaseException, code: int) -> int:
     message = " ".join(str(exc).split())  # one line, whatever the message held
-    print(f"dlpipe: error: {message}", file=sys.stderr, flush=True)
+    kind = "config error" if isinstance(exc, ConfigError) else "error"
+    print(f"dlpipe: {kind}: {message}", file=sys.stderr, flush=True)
     return code
 
 

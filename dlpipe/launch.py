@@ -291,16 +291,28 @@ def task_slots(spark) -> int:
     return slots
 
 
-def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
-    """Run train_worker on `num_workers` workers (one per Spark task), or in this process."""
+def check_backend(backend: str) -> None:
+    """ConfigError naming train.backend and the fix when its launcher cannot run here. Called by
+    the CLI before Spark starts and again by launch(); never falls back to another launcher."""
+    from dlpipe.errors import ConfigError
+
+    if backend not in BACKENDS:
+        raise ConfigError(f"config key 'train.backend': expected one of {list(BACKENDS)}, got {backend!r}")
     if backend == "horovod":
         try:
-            import horovod.spark
+            import horovod.spark  # noqa: F401
             import horovod.torch  # noqa: F401
         except ImportError as exc:
-            print(f"dlpipe: Horovod is not importable ({exc}); training in ONE local process instead of "
-                  f"{num_workers} Horovod workers", file=sys.stderr, flush=True)
-            backend = "local"
+            raise ConfigError(f"config key 'train.backend': horovod, but Horovod is not importable ({exc}); install it "
+                              "with `bash deploy/install_horovod.sh .venv` (`make setup` does), or set "
+                              "train.backend=torch_distributor or local") from None
+
+
+def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
+    """Run train_worker on `num_workers` workers (one per Spark task), or in this process."""
+    check_backend(backend)  # no silent fallback to another launcher
+    if backend == "horovod":
+        import horovod.spark
     if backend != "local":
         slots = task_slots(spark)
         if num_workers > slots:

@@ -102,7 +102,58 @@ def test_parameter_averaging_every_step_equals_allreduce_for_sgd(spark, tmp_path
     base = dict(epochs=2, batch_size=16, lr=0.1, optimizer="sgd", shuffle=True, seed=5)
     allreduce = launch(spark, _task(tmp_path, FitConfig(sync="allreduce", **base)), "horovod", 2)
     averaged = launch(spark, _task(tmp_path, FitConfig(sync="average", average_every=1, **base)), "horovod", 2)
+    for result in (allreduce, averaged):  # two real Horovod workers, not a fallback to one process
+        assert (result["backend"], result["world_size"]) == ("horovod", 2)
     assert _close(allreduce["state_dict"], averaged["state_dict"])
+
+
+BN_NET = dict(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0, batch_norm=True)
+
+
+def test_averaging_batch_norm_and_adam_is_the_hand_computed_average(spark, tmp_path):
+    """Parameter averaging with batch norm and Adam: after one epoch of local steps the model
+    (weights and batch-norm statistics) and Adam's moments are the mean of what each worker
+    reached alone on its shard; and averaging every step is not the same as gradient allreduce
+    (Adam's update and the statistics are not linear in the gradients)."""
+    import dataclasses
+
+    from dl.models import build
+    from dl.train import SingleProcess, fit
+    from dlpipe import checkpoints
+    from dlpipe.launch import load_shard
+
+    once = FitConfig(epochs=1, batch_size=16, lr=0.01, optimizer="adam", shuffle=False, sync="average",
+                     average_every=10_000, checkpoint_every=1, seed=3)
+    task = dataclasses.replace(_task(tmp_path, once, **BN_NET), checkpoint_dir=str(tmp_path / "ckpt"))
+    averaged = launch(spark, task, "horovod", 2)
+    assert (averaged["backend"], averaged["world_size"]) == ("horovod", 2)
+    alone = []
+    for rank in (0, 1):  # each worker's epoch, by hand, in this process
+        shape = tuple(task.net.input_shape)
+        torch.manual_seed(once.seed)
+        model, saved = build(task.net), []
+        fit(model, load_shard(task.train_files, shape, rank, 2), load_shard(task.val_files, shape, rank, 2), once,
+            SingleProcess(), save_checkpoint=saved.append, log=lambda line: None)
+        alone.append(saved[-1])
+    for key, value in averaged["state_dict"].items():
+        a, b = alone[0]["model"][key], alone[1]["model"][key]
+        if value.is_floating_point():
+            assert torch.allclose(value, (a + b) / 2, atol=1e-6), key
+        else:
+            assert torch.equal(value, a) and torch.equal(a, b), key  # batch-norm step counts
+    assert any("running_var" in key for key in averaged["state_dict"])
+    moments = checkpoints.load(checkpoints.latest(task.checkpoint_dir))["optimizer"]["state"]
+    assert moments
+    for param, state in moments.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            mean = (alone[0]["optimizer"]["state"][param][key] + alone[1]["optimizer"]["state"][param][key]) / 2
+            assert torch.allclose(state[key], mean, atol=1e-7), (param, key)
+
+    every_step = dict(epochs=2, batch_size=16, lr=0.01, optimizer="adam", shuffle=True, seed=5)
+    allreduce = launch(spark, _task(tmp_path, FitConfig(sync="allreduce", **every_step), **BN_NET), "horovod", 2)
+    average_1 = launch(spark, _task(tmp_path, FitConfig(sync="average", average_every=1, **every_step), **BN_NET),
+                       "horovod", 2)
+    assert not _close(allreduce["state_dict"], average_1["state_dict"], atol=1e-4)
 
 
 def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepared_small):
@@ -116,6 +167,7 @@ def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepa
         max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1,
     )
     result = launch(spark, task, "horovod", 2)
+    assert (result["backend"], result["world_size"]) == ("horovod", 2)
     history = result["history"]
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
     assert history[-1]["val_accuracy"] > 0.4  # 10 classes: chance is 0.1
