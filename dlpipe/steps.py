@@ -251,7 +251,7 @@ def score(spark: SparkSession, cfg: Config) -> dict:
     run_date = datetime.date.fromisoformat(cfg.score.run_date) if cfg.score.run_date else datetime.datetime.now(datetime.UTC).date()
     predictions = predict(spark, lake.read_table(spark, test_uri, test_version), model_uri)
     predictions = predictions.select(  # regression models give a `prediction` only
-        "key", "prediction", *[c for c in ("label_name", "probabilities") if c in predictions.columns],
+        "key", "prediction", *[c for c in ("label_name", "probabilities") if c in predictions.columns], "rejected_reason",
         F.lit(name).alias("model_name"), F.lit(int(version)).alias("model_version"),
         F.lit(run_date).alias("run_date"), F.current_timestamp().alias("scored_at"),
     )

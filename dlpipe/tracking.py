@@ -71,7 +71,8 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
         }
         torch.export.save(program, paths["program"])
         paths["meta"].write_text(json.dumps({"input_shape": list(input_shape), "classes": classes, "task": net.task,
-                                             "input_column": input_column, "net": net.to_dict()}))
+                                             "input_column": input_column, "net": net.to_dict(),
+                                             "input_range": [0.0, 1.0] if input_column == "pixels" else None}))
         torch.save(model.state_dict(), paths["state_dict"])
         paths["config"].write_text(json.dumps(config, indent=2))
         return mlflow.pyfunc.log_model(
