@@ -126,13 +126,15 @@ def run(args: argparse.Namespace, cfg) -> dict:
         tracking.setup(cfg.mlflow)
         return explain.explain(args.model or f"models:/{cfg.registry.model_name}@champion", args.image, args.out)
 
-    from dlpipe import bench, retrain, similar
+    from dlpipe import retrain, similar
     from dlpipe.spark import get_session
 
+    if args.step == "bench":
+        benchmark = benchmark_module(args.benchmark)  # before Spark starts
     spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
     if args.step == "bench":
-        job = {"training": steps.bench_training, "prepare": bench.prepare, "score": steps.bench_score,
-               "models": lambda spark, cfg: bench.models(spark, cfg, args.family)}[args.benchmark]
+        options = {"family": args.family} if args.benchmark == "models" else {}
+        job = lambda spark, cfg: benchmark.run(spark, cfg, **options)  # noqa: E731
     else:
         job = {"prepare": steps.prepare, "train": steps.train, "evaluate": steps.evaluate, "score": steps.score,
                "retrain": retrain.retrain, "demo": steps.demo,
@@ -140,6 +142,22 @@ def run(args: argparse.Namespace, cfg) -> dict:
                "similar": lambda spark, cfg: similar.similar(spark, cfg, args.image, args.k)}[args.step]
     return job(spark, cfg) | {"spark_master": spark.sparkContext.master,
                               "spark_app_id": spark.sparkContext.applicationId}
+
+
+def benchmark_module(name: str):
+    """benchmarks.<name> from the checkout this dlpipe runs from (the benchmarks are not installed)."""
+    import importlib
+
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "benchmarks" / "__init__.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        return importlib.import_module(f"benchmarks.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", f"benchmarks.{name}"):
+            raise
+        raise errors.InputNotFound(f"`dlpipe bench` runs from a dlpipe checkout (its benchmarks/ folder is not "
+                                   f"installed); {checkout} has none") from None
 
 
 def lake_command(args: argparse.Namespace, cfg) -> dict:

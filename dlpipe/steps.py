@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dl.models import Net, build
+from dl.models import build
 from dlpipe import checkpoints, demo_data, evaluation, lake, modeling, registry, tracking
 from dlpipe.config import Config
 from dlpipe.errors import InputNotFound
@@ -163,10 +163,6 @@ def train(spark: SparkSession, cfg: Config) -> dict:
             "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
 
 
-def model_config(cfg: Config) -> Net:
-    return modeling.image_net(cfg)
-
-
 def _run_finished(client: MlflowClient, run_id: str) -> bool:
     try:
         return client.get_run(run_id).info.status == "FINISHED"
@@ -284,30 +280,6 @@ def demo(spark: SparkSession, cfg: Config) -> dict:
     steps["score"] = score(spark, cfg)
     return {"step": "demo", "dataset": dataset, "steps": steps,
             "mlflow_ui": f"mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}"}
-
-
-def bench_training(spark: SparkSession, cfg: Config) -> dict:
-    from dlpipe import bench
-
-    summary = bench.training(spark, cfg, model_config(cfg))
-    for name, run in summary["runs"].items():
-        reached = "not reached" if run["time_to_target_s"] is None else f"{run['time_to_target_s']:.0f} s"
-        say(f"{name}: {run['samples_per_sec']:.0f} samples/s, test accuracy {run['test_accuracy']:.4f}, "
-            f"time to {summary['target_test_accuracy']}: {reached}")
-    for name, ratio in summary["ratios"].items():
-        say(f"{name} = {ratio:.2f} (goal {summary['goals'][name]})")
-    return summary
-
-
-def bench_score(spark: SparkSession, cfg: Config) -> dict:
-    from dlpipe import bench
-
-    summary = bench.score(spark, cfg)
-    for name, run in summary["runs"].items():
-        say(f"{name}: {run['rows_per_sec']:.0f} rows/s ({run['rows']} rows in {run['seconds']:.1f} s)")
-    for name, ratio in summary["ratios"].items():
-        say(f"{name} = {ratio:.2f} (goal {summary['goals'][name]})")
-    return summary
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dl.train import FitConfig
-from dlpipe import lake, steps
+from dlpipe import lake, modeling
 from dlpipe.launch import TrainTask, WorkerError, launch
 from tests.test_train import _blobs, tiny_net
 
@@ -160,7 +160,7 @@ def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepa
     cfg, prepared = prepared_small
     tables = prepared["tables"]
     task = TrainTask(
-        net=steps.model_config(cfg),
+        net=modeling.image_net(cfg),
         fit=FitConfig(epochs=6, batch_size=8, lr=0.003, sync="average", average_every=8, seed=1),
         train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
         val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
