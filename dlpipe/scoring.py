@@ -65,7 +65,7 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
                 probs = np.stack(out["probabilities"].to_numpy()).astype(np.float32) if len(out) else \
                     np.zeros((0, len(meta["classes"])), np.float32)
                 columns |= {"prediction": _spread(pa.array(out["prediction"].to_numpy(np.int64)), good),
-                            "label_name": _spread(pa.array(out["label_name"].to_numpy(), pa.string()), good),
+                            "label_name": _spread(pa.array(out["label_name"].astype(object).to_numpy(), pa.string()), good),
                             "probabilities": _spread(pa.FixedSizeListArray.from_arrays(
                                 pa.array(probs.ravel(), pa.float32()), probs.shape[1]).cast(pa.list_(pa.float32())), good)}
             columns["rejected_reason"] = pa.array(reasons, pa.string())
