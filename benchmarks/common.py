@@ -10,7 +10,7 @@ import numpy as np
 from dlpipe import lake
 from dlpipe.config import Config
 from dlpipe.errors import InputNotFound
-from dlpipe.launch import TrainTask, launch, load_shard
+from dlpipe.launchers import TrainTask, launch, load_shard
 
 
 def say(line: str) -> None:

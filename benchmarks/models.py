@@ -10,16 +10,16 @@ import dataclasses as dc
 import os
 import time
 
-import numpy as np
 import torch
 
 from benchmarks.common import arrays, dlpipe_run, latest_tables
 from benchmarks.plain_loop import plain_fit
 from dl.models import build
-from dl.train import FitConfig
+from dl.train import TrainConfig
 from dlpipe import lake, modeling
 from dlpipe.config import Config
-from dlpipe.launch import TrainTask
+from dlpipe.launchers import TrainTask
+from dlpipe.refs import TableRef
 from dlpipe.scoring import binary_auc
 
 FAMILIES = ("feedforward",)
@@ -31,8 +31,7 @@ def _say(line: str) -> None:
 
 
 def _run(spark, net, fit, train_files, test_files, backend, workers, threads, **extra) -> dict:
-    task = TrainTask(net=net, fit=fit, train_files=train_files, val_files=test_files, max_rows=0,
-                     tracking_uri="", run_id="", threads=threads, **extra)
+    task = TrainTask(net=net, train=fit, train_files=train_files, val_files=test_files, threads=threads, **extra)
     r = dlpipe_run(spark, task, backend, workers)
     return {"test_accuracy": r["test_accuracy"], "train_wall_s": r["train_wall_s"], "epochs": fit.epochs,
             "backend": r["backend"], "world_size": r["world_size"], "state_dict": r["state_dict"],
@@ -72,10 +71,11 @@ def run(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "conf
     summary: dict = {"step": "bench models", "family": family, "tables": {k: v for k, v in files.items() if k.endswith("_table")},
                      "backend": backend, "workers": workers, "threads": threads, "cases": {}}
     test = arrays(files["test"], shape)
-    base_fit = FitConfig(epochs=cnn_epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule="cosine", seed=t.seed)
+    base_fit = TrainConfig(epochs=cnn_epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule="cosine", seed=t.seed,
+                           checkpoint_every=0)
 
     # 1. CNN on Fashion-MNIST vs the plain loop: same net, epochs, global batch, lr, cosine schedule, thread budget
-    net = modeling.image_net(dc.replace(cfg, model=dc.replace(cfg.model, name="cnn", task="classification")))
+    net = modeling.image_net(dc.replace(cfg.model, name="cnn", task="classification"), cfg.data)
     _say(f"CNN {net.params} on {files['train_table']}, {cnn_epochs} epochs, {backend} x {workers}")
     ours = _run(spark, net, base_fit, files["train"], files["test"], backend, workers, per_worker_threads)
     ours.pop("state_dict")
@@ -92,7 +92,7 @@ def run(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "conf
     torch.set_num_threads(threads)
 
     # 2. MLP on Fashion-MNIST vs scikit-learn's MLPClassifier, same hidden sizes and epochs
-    mlp_net = modeling.image_net(dc.replace(cfg, model=dc.replace(cfg.model, name="mlp", task="classification")))
+    mlp_net = modeling.image_net(dc.replace(cfg.model, name="mlp", task="classification"), cfg.data)
     mlp_fit = dc.replace(base_fit, epochs=mlp_epochs, lr=0.001)
     ours = _run(spark, mlp_net, mlp_fit, files["train"], files["test"], backend, workers, per_worker_threads)
     ours.pop("state_dict")
@@ -159,10 +159,11 @@ def _adult(spark, cfg: Config, tables: dict, backend: str, workers: int, threads
 
     train_files = lake.table_files(*tables["train"])
     test_files = lake.table_files(*tables["test"])
-    column, shape = modeling.input_of(spark, *tables["test"], cfg)
-    net = modeling.net_for(cfg, column, shape, 2)
+    column, shape = modeling.input_of(spark, TableRef(*tables["test"]), cfg.data)
+    net = modeling.net_for(cfg.model, cfg.data.name, column, shape, 2)
     t = cfg.train
-    fit = FitConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule=t.lr_schedule, seed=t.seed)
+    fit = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule=t.lr_schedule, seed=t.seed,
+                      checkpoint_every=0)
     ours = _run(spark, net, fit, train_files, test_files, backend, workers, threads)
     model = build(net)
     model.load_state_dict(ours.pop("state_dict"))

@@ -61,9 +61,9 @@ def _images_baseline(cfg: Config, files: list[tuple[str, int]], out: str) -> int
 
 
 def _dlpipe_prepare(spark, cfg: Config) -> dict:
-    from pipelines import prepare as pipeline
+    from dlpipe.stages import prepare
 
-    return pipeline.run(spark, cfg)
+    return prepare.run(spark, cfg.data, cfg.paths)
 
 
 def _images_decode_only(spark, cfg: Config) -> None:
@@ -114,7 +114,7 @@ def _tables_decode_only(spark, cfg: Config) -> None:
     from pipelines.sources import read_files
     from pipelines.tables import parse
 
-    parse(read_files(spark, cfg.paths.landing), cfg, cfg.paths.landing, None).write.format("noop").mode("overwrite").save()
+    parse(read_files(spark, cfg.paths.landing), cfg.data, cfg.paths.landing, None).write.format("noop").mode("overwrite").save()
 
 
 def tables_config(cfg: Config, conf: str = "conf/adult.yaml", overrides: tuple[str, ...] = ()) -> Config:
@@ -122,13 +122,13 @@ def tables_config(cfg: Config, conf: str = "conf/adult.yaml", overrides: tuple[s
     landing is <repo>/landing/adult unless overridden, landed first (`dlpipe land`) if missing."""
     import os
 
-    from dlpipe import steps
     from dlpipe.config import load_config
+    from dlpipe.stages import land
 
     tables = load_config(REPO / conf, [f"paths.landing={REPO}/landing/adult", f"paths.lake={cfg.paths.lake}",
                                        f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}", *overrides])
     if not os.path.isdir(storage.path_of(tables.paths.landing)):
-        steps.land(tables)
+        land.run(tables.data, tables.paths)
     return tables
 
 

@@ -8,10 +8,10 @@ import dataclasses
 
 from benchmarks.common import arrays, dlpipe_run, latest_tables, say
 from benchmarks.plain_loop import plain_fit
-from dl.train import FitConfig
+from dl.train import TrainConfig
 from dlpipe import lake, modeling
 from dlpipe.config import Config
-from dlpipe.launch import TrainTask
+from dlpipe.launchers import TrainTask
 
 TARGET_ACCURACY = 0.88
 
@@ -26,14 +26,14 @@ def _reached(history: list[dict], key: str, start: float = 0.0, elapsed: str = "
 
 
 def run(spark, cfg: Config) -> dict:
-    net = modeling.image_net(cfg)
+    net = modeling.image_net(cfg.model, cfg.data)
     tables = latest_tables(cfg)
     train_files, test_files = lake.table_files(*tables["train"]), lake.table_files(*tables["test"])
     t = cfg.train
-    fit = FitConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed)  # constant lr, Adam
-    task = TrainTask(net=net, fit=fit, train_files=train_files, val_files=test_files,  # "val" = test set
-                     max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1)
-    averaging = dataclasses.replace(task, fit=dataclasses.replace(fit, sync="average", average_every=8))
+    fit = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed, lr_schedule="constant",
+                      checkpoint_every=0)  # constant lr, Adam: the plain loop's
+    task = TrainTask(net=net, train=fit, train_files=train_files, val_files=test_files, threads=1)  # "val" = test set
+    averaging = dataclasses.replace(task, train=dataclasses.replace(fit, sync="average", average_every=8))
     shape = tuple(net.input_shape)
     bare = plain_fit(net, arrays(train_files, shape), arrays(test_files, shape), epochs=t.epochs, batch_size=t.batch_size,
                      lr=t.lr, seed=t.seed, threads=1,

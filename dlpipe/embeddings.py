@@ -1,8 +1,8 @@
-"""Image similarity (course notes 001): the activations of the layer before the classifier are an
-embedding; images whose embeddings point the same way look alike. `embed` computes them on Spark
-for a whole image table (the model loaded once per executor process) into `<name>_embeddings`,
-clusters them with Spark MLlib's KMeans and reports cluster purity against the labels (beside the
-purity of KMeans on the raw pixels); `similar` returns the nearest images by cosine similarity."""
+"""Image embeddings (course notes 001): the activations of the layer before the classifier;
+images whose embeddings point the same way look alike. Computed on Spark for a whole image table
+(the model loaded once per executor process), clustered with MLlib's KMeans (cluster purity
+against the labels), searched by cosine similarity. The stages are dlpipe.stages.embed and
+dlpipe.stages.similar."""
 
 from __future__ import annotations
 
@@ -14,10 +14,7 @@ import torch
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dlpipe import lake, modeling
-from dlpipe.config import Config
 
-SPLITS = ("train", "val", "test")
 EMBEDDING_SCHEMA = "key string, source string, label int, label_name string, split string, embedding array<float>"
 _LOADED: dict[str, tuple] = {}  # per executor process: shipped model directory -> (module, meta)
 
@@ -78,61 +75,6 @@ def kmeans_purity(df: DataFrame, column: str, k: int, seed: int) -> tuple[float,
         return purity(clustered, k), clustered
     finally:
         vectors.unpersist()
-
-
-def embed(spark: SparkSession, cfg: Config, model_uri: str = "") -> dict:
-    """`dlpipe embed`: embeddings of the latest train/val/test tables -> <name>_embeddings, then
-    KMeans (k = number of classes) on embeddings and on raw pixels, purity logged to MLflow."""
-    import mlflow
-
-    from dlpipe import tracking
-
-    tracking.setup(cfg.mlflow)
-    model_uri = modeling.resolve(model_uri or f"models:/{cfg.registry.model_name}@champion")
-    parts, sources = [], []
-    for split in SPLITS:
-        uri = cfg.table_uri(split)
-        version = lake.latest_version(uri)
-        if version is None:
-            raise FileNotFoundError(f"no Delta table at {uri}: run the prepare step first")
-        parts.append(lake.read_table(spark, uri, version).withColumn("split", F.lit(split)))
-        sources.append(f"{uri}@{version}")
-    images = parts[0].unionByName(parts[1]).unionByName(parts[2])
-    out_uri = cfg.table_uri("embeddings")
-    print(f"dlpipe: embedding {', '.join(sources)} with {model_uri}", flush=True)
-    version = lake.write_table(embed_table(spark, images, model_uri), out_uri,
-                               metadata={"dlpipe.step": "embed", "dlpipe.model_uri": model_uri, "dlpipe.source": ",".join(sources)})
-    table = lake.read_table(spark, out_uri, version)
-    k = len(cfg.data.classes)
-    embedding_purity, clustered = kmeans_purity(table, "embedding", k, cfg.train.seed)
-    pixel_purity, _ = kmeans_purity(images, "pixels", k, cfg.train.seed)
-    rows = clustered.count()
-    print(f"dlpipe: KMeans k={k} on {rows} rows: cluster purity {embedding_purity:.3f} on embeddings, "
-          f"{pixel_purity:.3f} on raw pixels", flush=True)
-    with mlflow.start_run(run_name=f"{cfg.registry.model_name}-embed"):
-        mlflow.set_tags({"dlpipe.step": "embed", "dlpipe.model_uri": model_uri})
-        mlflow.log_params({"embeddings.uri": out_uri, "embeddings.version": version, "kmeans.k": k, "source": ",".join(sources)})
-        mlflow.log_metrics({"cluster_purity": embedding_purity, "raw_pixel_cluster_purity": pixel_purity})
-    return {"step": "embed", "model_uri": model_uri, "embeddings": {"uri": out_uri, "version": version, "rows": rows},
-            "kmeans": {"k": k, "cluster_purity": embedding_purity, "raw_pixel_cluster_purity": pixel_purity}}
-
-
-def similar(spark: SparkSession, cfg: Config, image_uri: str, k: int = 10) -> dict:
-    """`dlpipe similar`: the k images of <name>_embeddings nearest to `image_uri` by cosine
-    similarity, embedded with the model version that built the table."""
-    from dlpipe import tracking
-    from dlpipe.explain import load_image
-
-    tracking.setup(cfg.mlflow)
-    uri = cfg.table_uri("embeddings")
-    version = lake.latest_version(uri)
-    if version is None:
-        raise FileNotFoundError(f"no Delta table at {uri}: run `dlpipe embed` first")
-    model_uri = next(c["metadata"]["dlpipe.model_uri"] for c in lake.history(uri) if c["version"] == version)
-    module, meta = tracking.load_net(model_uri)
-    query = embeddings(module, load_image(image_uri, tuple(meta["input_shape"]))[None])[0]
-    return {"step": "similar", "image": image_uri, "model_uri": model_uri, "embeddings": {"uri": uri, "version": version},
-            "neighbours": nearest(spark, lake.read_table(spark, uri, version), query, k)}
 
 
 def nearest(spark: SparkSession, table: DataFrame, query: np.ndarray, k: int) -> list[dict]:

@@ -9,17 +9,18 @@ from pyspark.sql import DataFrame, SparkSession
 
 from dlpipe import lake, modeling
 from dlpipe.config import TASK_METRICS
+from dlpipe.refs import TableRef
 from dlpipe.scoring import confusion_and_metrics, predict, regression_metrics, roc_auc
 
 METRICS = TASK_METRICS  # every metric evaluate can log, by model.task
 
 
-def holdout(spark: SparkSession, model_uri: str, uri: str, version: int, *, task: str, label_ids: tuple[int, ...],
+def holdout(spark: SparkSession, model_uri: str, table: TableRef, *, task: str, label_ids: tuple[int, ...],
             num_classes: int) -> tuple[dict[str, float], DataFrame, np.ndarray | None]:
-    """(metrics, predictions, confusion matrix or None) of `model_uri` on table `uri@version`.
+    """(metrics, predictions, confusion matrix or None) of `model_uri` on `table`.
     Classification: test_accuracy, test_log_loss and, for two classes, test_roc_auc; regression:
     test_r2, test_mse, test_mae. Both: test_rows."""
-    rows = modeling.relabel(lake.read_table(spark, uri, version), label_ids)
+    rows = modeling.relabel(lake.read_table(spark, table.uri, table.version), label_ids)
     predictions = predict(spark, rows, model_uri)
     if task == "regression":
         m = regression_metrics(predictions)

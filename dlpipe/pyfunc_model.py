@@ -6,7 +6,7 @@ Input: a DataFrame with the model's input column: `pixels` (images: one flat lis
 channels*height*width floats in [0, 1] per row, channels first) or `features` (tables: one list
 of floats per row), or an array of that shape. A row with another length, a missing value, a NaN
 or infinite value, or (images) a value outside [0, 1] is rejected: predict raises an
-INVALID_PARAMETER_VALUE error (HTTP 400 under `mlflow models serve`) naming the rows, the reason
+INVALID_PARAMETER_VALUE error (`mlflow models serve` answers it with HTTP 400) naming the rows, the reason
 and the expected shape and range. Output, by the model's task: classification: `prediction`
 (class index), `label_name` and `probabilities` (one per class); regression: `prediction` (a double)."""
 

@@ -137,14 +137,14 @@ def load_net(model_uri: str):
 
 def net_from_dir(local: str):
     from dl.models import REGISTRY, Net, build
-    from dlpipe.config import _build
+    from dlpipe.typed import build as build_config
 
     artifacts = Path(local, "artifacts")
     meta = json.loads((artifacts / "meta.json").read_text())
     if "net" not in meta:
         raise ValueError(f"{local}: logged before models carried their net description; retrain it")
     d = meta["net"]
-    net = Net(name=d["name"], params=_build(REGISTRY[d["name"]].config, d["params"], f"model.{d['name']}."),
+    net = Net(name=d["name"], params=build_config(REGISTRY[d["name"]].config, d["params"], f"model.{d['name']}."),
               input_shape=tuple(d["input_shape"]), num_outputs=d["num_outputs"], task=d["task"])
     module = build(net)
     module.load_state_dict(torch.load(artifacts / "state_dict.pt", map_location="cpu"))

@@ -15,9 +15,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dl.train import FitConfig
+from dl.train import TrainConfig
 from dlpipe import lake, modeling
-from dlpipe.launch import TrainTask, WorkerError, launch
+from dlpipe.launchers import TrainTask, WorkerError, launch
 from tests.test_train import _blobs, tiny_net
 
 pytestmark = pytest.mark.slow
@@ -31,14 +31,13 @@ def _files(tmp_path, name, x, y, row_groups=1):
     return [str(path)]
 
 
-def _task(tmp_path, fit: FitConfig, train_files=None, **model):
+def _task(tmp_path, fit: TrainConfig, train_files=None, **model):
     x, y = _blobs(600, 1)
     vx, vy = _blobs(100, 2)
-    return TrainTask(
-        net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0,
+    return TrainTask(net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0,
                         batch_norm=False) if not model else tiny_net(**model),
-        fit=fit, train_files=train_files or _files(tmp_path, "train", x, y), val_files=_files(tmp_path, "val", vx, vy),
-        max_rows=0, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", run_id="", threads=1,
+        train=fit, train_files=train_files or _files(tmp_path, "train", x, y), val_files=_files(tmp_path, "val", vx, vy),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", threads=1,
     )
 
 
@@ -70,8 +69,8 @@ def _close(a: dict, b: dict, atol=1e-5):
 def test_two_workers_match_one_worker_with_the_global_batch(spark, tmp_path, backend):
     """Gradient allreduce: 2 workers x batch 16 == 1 worker x batch 32 (no shuffle, plain SGD)."""
     sgd = dict(epochs=2, lr=0.1, optimizer="sgd", shuffle=False, sync="allreduce")
-    single = launch(spark, _task(tmp_path, FitConfig(batch_size=32, **sgd)), "local", 1)
-    double = launch(spark, _task(tmp_path, FitConfig(batch_size=16, **sgd)), backend, 2)
+    single = launch(spark, _task(tmp_path, TrainConfig(batch_size=32, **sgd)), "local", 1)
+    double = launch(spark, _task(tmp_path, TrainConfig(batch_size=16, **sgd)), backend, 2)
     assert double["world_size"] == 2 and double["backend"] == backend
     assert _close(single["state_dict"], double["state_dict"])
     assert double["history"][-1]["loss"] < double["history"][0]["loss"]
@@ -83,9 +82,9 @@ def test_allreduce_reports_the_validation_of_the_saved_model(spark, tmp_path):
     shards) are those of the model rank 0 returns, on the whole val table (issue 12, defect 2)."""
     from dl.models import build
     from dl.train import _evaluate, _loss
-    from dlpipe.launch import load_shard
+    from dlpipe.launchers import load_shard
 
-    task = _task(tmp_path, FitConfig(epochs=2, batch_size=16, lr=0.01, sync="allreduce", seed=3),
+    task = _task(tmp_path, TrainConfig(epochs=2, batch_size=16, lr=0.01, sync="allreduce", seed=3),
                  in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0, batch_norm=True)
     result = launch(spark, task, "horovod", 2)
     assert result["backend"] == "horovod" and result["world_size"] == 2
@@ -100,8 +99,8 @@ def test_allreduce_reports_the_validation_of_the_saved_model(spark, tmp_path):
 
 def test_parameter_averaging_every_step_equals_allreduce_for_sgd(spark, tmp_path):
     base = dict(epochs=2, batch_size=16, lr=0.1, optimizer="sgd", shuffle=True, seed=5)
-    allreduce = launch(spark, _task(tmp_path, FitConfig(sync="allreduce", **base)), "horovod", 2)
-    averaged = launch(spark, _task(tmp_path, FitConfig(sync="average", average_every=1, **base)), "horovod", 2)
+    allreduce = launch(spark, _task(tmp_path, TrainConfig(sync="allreduce", **base)), "horovod", 2)
+    averaged = launch(spark, _task(tmp_path, TrainConfig(sync="average", average_every=1, **base)), "horovod", 2)
     for result in (allreduce, averaged):  # two real Horovod workers, not a fallback to one process
         assert (result["backend"], result["world_size"]) == ("horovod", 2)
     assert _close(allreduce["state_dict"], averaged["state_dict"])
@@ -120,9 +119,9 @@ def test_averaging_batch_norm_and_adam_is_the_hand_computed_average(spark, tmp_p
     from dl.models import build
     from dl.train import SingleProcess, fit
     from dlpipe import checkpoints
-    from dlpipe.launch import load_shard
+    from dlpipe.launchers import load_shard
 
-    once = FitConfig(epochs=1, batch_size=16, lr=0.01, optimizer="adam", shuffle=False, sync="average",
+    once = TrainConfig(epochs=1, batch_size=16, lr=0.01, optimizer="adam", shuffle=False, sync="average",
                      average_every=10_000, checkpoint_every=1, seed=3)
     task = dataclasses.replace(_task(tmp_path, once, **BN_NET), checkpoint_dir=str(tmp_path / "ckpt"))
     averaged = launch(spark, task, "horovod", 2)
@@ -153,8 +152,8 @@ def test_averaging_batch_norm_and_adam_is_the_hand_computed_average(spark, tmp_p
             assert torch.allclose(state[key], mean, atol=1e-7), (param, key)
 
     every_step = dict(epochs=2, batch_size=16, lr=0.01, optimizer="adam", shuffle=True, seed=5)
-    allreduce = launch(spark, _task(tmp_path, FitConfig(sync="allreduce", **every_step), **BN_NET), "horovod", 2)
-    average_1 = launch(spark, _task(tmp_path, FitConfig(sync="average", average_every=1, **every_step), **BN_NET),
+    allreduce = launch(spark, _task(tmp_path, TrainConfig(sync="allreduce", **every_step), **BN_NET), "horovod", 2)
+    average_1 = launch(spark, _task(tmp_path, TrainConfig(sync="average", average_every=1, **every_step), **BN_NET),
                        "horovod", 2)
     assert not _close(allreduce["state_dict"], average_1["state_dict"], atol=1e-4)
 
@@ -162,12 +161,11 @@ def test_averaging_batch_norm_and_adam_is_the_hand_computed_average(spark, tmp_p
 def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepared_small):
     cfg, prepared = prepared_small
     tables = prepared["tables"]
-    task = TrainTask(
-        net=modeling.image_net(cfg),
-        fit=FitConfig(epochs=6, batch_size=8, lr=0.003, sync="average", average_every=8, seed=1),
+    task = TrainTask(net=modeling.image_net(cfg.model, cfg.data),
+        train=TrainConfig(epochs=6, batch_size=8, lr=0.003, sync="average", average_every=8, seed=1),
         train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
         val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
-        max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1,
+        tracking_uri=cfg.mlflow.tracking_uri, threads=1,
     )
     result = launch(spark, task, "horovod", 2)
     assert (result["backend"], result["world_size"]) == ("horovod", 2)
@@ -180,13 +178,13 @@ def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepa
 def test_uneven_shards_finish_and_a_failing_worker_is_named(spark, tmp_path, backend):
     # 3 row groups over 2 workers: rank 0 gets two, rank 1 one; everyone takes the same steps
     x, y = _blobs(601, 3)
-    uneven = _task(tmp_path, FitConfig(epochs=1, batch_size=16, lr=0.05), train_files=_files(tmp_path, "uneven", x, y, 3))
+    uneven = _task(tmp_path, TrainConfig(epochs=1, batch_size=16, lr=0.05), train_files=_files(tmp_path, "uneven", x, y, 3))
     assert launch(spark, uneven, backend, 2)["train_rows"] == 601
     # rank 1's row group holds 3 values per image instead of 144: it fails while loading its shard
     good = _files(tmp_path, "good", *_blobs(64, 4))
     bad = pa.table({"label": pa.array([0, 1], pa.int32()), "pixels": pa.array([[0.0] * 3] * 2, pa.list_(pa.float32()))})
     pq.write_table(bad, tmp_path / "bad.parquet")
-    broken = _task(tmp_path, FitConfig(epochs=1, batch_size=16, lr=0.05), train_files=good + [str(tmp_path / "bad.parquet")])
+    broken = _task(tmp_path, TrainConfig(epochs=1, batch_size=16, lr=0.05), train_files=good + [str(tmp_path / "bad.parquet")])
     started = time.monotonic()
     with pytest.raises(WorkerError, match=r"rank 1: ValueError: .*bad.parquet row group 0: pixels hold 6 values for 2 rows"):
         launch(spark, broken, backend, 2)

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dl.train import FitConfig
-from dlpipe.launch import TrainTask, launch
+from dl.train import TrainConfig
+from dlpipe.launchers import TrainTask, launch
 from tests.test_train import _blobs, tiny_net
 
 
@@ -29,10 +29,9 @@ def _task(tmp_path, files_per_split=3, rows=600):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("launch", artifact_location=(tmp_path / "art").as_uri()))
-    return TrainTask(
-        net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
-        fit=FitConfig(epochs=3, batch_size=16, lr=0.01, seed=3), train_files=files["train"], val_files=files["val"],
-        max_rows=0, tracking_uri=uri, run_id=run.info.run_id, threads=1,
+    return TrainTask(net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
+        train=TrainConfig(epochs=3, batch_size=16, lr=0.01, seed=3), train_files=files["train"], val_files=files["val"],
+        tracking_uri=uri, run_id=run.info.run_id, threads=1,
     ), client
 
 

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlpipe import lake, retrain, steps
-from tests.conftest import make_config
+from dlpipe import lake
+from tests.conftest import make_config, stage
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +28,11 @@ def test_champion_is_scored_on_the_same_relabelled_holdout(spark, small_landing,
         "train.backend=local", "train.epochs=3", "train.batch_size=8", "train.checkpoint_every=0",
         "model.cnn.blocks=[{channels: 4}]", "model.cnn.hidden=[16]", "registry.model_name=two_classes",
         "registry.min_accuracy=0.0", "registry.metric=test_accuracy")
-    steps.prepare(spark, cfg)
-    assert retrain.retrain(spark, cfg)["action"] == "promoted"
+    stage("prepare", spark, cfg)
+    assert stage("retrain", spark, cfg)["action"] == "promoted"
     champion = _champion(cfg)
-    steps.prepare(spark, cfg)  # the same files again: new table versions holding the same rows
-    second = retrain.retrain(spark, cfg)
+    stage("prepare", spark, cfg)  # the same files again: new table versions holding the same rows
+    second = stage("retrain", spark, cfg)
     on_holdout = second["champion_metrics_on_holdout"]
     for metric in ("test_accuracy", "test_log_loss"):
         assert on_holdout[metric] == pytest.approx(float(champion.tags[f"dlpipe.metric.{metric}"]), abs=1e-6), metric
@@ -59,12 +59,12 @@ def test_regression_model_is_promoted_and_compared_on_r2(spark, tmp_path):
             lake.write_table(df.where(df.split == split).drop("split"), cfg.table_uri(split))
 
     write_tables()
-    first = retrain.retrain(spark, cfg)  # no champion yet: promoted when R^2 > 0
+    first = stage("retrain", spark, cfg)  # no champion yet: promoted when R^2 > 0
     assert first["action"] == "promoted", first["reason"]
     assert "R^2" in first["reason"]
     champion = _champion(cfg)
     write_tables()  # new versions, the same rows
-    second = retrain.retrain(spark, cfg)
+    second = stage("retrain", spark, cfg)
     reference = float(champion.tags["dlpipe.metric.test_r2"])
     assert second["champion_metrics_on_holdout"]["test_r2"] == pytest.approx(reference, abs=1e-6)
     assert set(second["challenger_metrics"]) >= {"test_r2", "test_mse", "test_mae"}

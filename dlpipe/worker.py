@@ -1,0 +1,250 @@
+"""What runs on every training worker, whichever launcher started it: connect to the others
+(Horovod, torch.distributed or none), read this rank's shard of the pinned snapshot, run the one
+loop (dl.train.fit), and on the main rank log epochs to MLflow, write checkpoints and return the
+weights. A failing worker leaves a report naming its rank for the driver."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from dl.models import Net, build
+from dl.train import SingleProcess, TrainConfig, fit
+from dlpipe import checkpoints
+from dlpipe.storage import filesystem
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainTask:
+    """Everything a worker needs, small enough to ship to executors (file URIs, not data)."""
+
+    net: Net  # which registered model, its hyperparameters, input shape, outputs and task
+    train: TrainConfig  # the `train:` section: what the loop does (and train.max_rows, train.use_gpu)
+    train_files: list[str]
+    val_files: list[str]
+    tracking_uri: str = ""
+    run_id: str = ""  # MLflow run the main rank logs epoch metrics to ("" = none)
+    threads: int = 1
+    checkpoint_dir: str = ""  # where the main rank writes checkpoints ("" = none)
+    resume_from: str = ""  # checkpoint URI to continue from ("" = start fresh)
+    error_dir: str = ""  # where a failing worker leaves its report for the driver (set by launch)
+    labels: tuple[int, ...] = ()  # keep rows with these labels only, relabelled 0..k-1 (data.select_classes)
+    label_fraction: float = 1.0  # of the training rows, chosen by a stable hash of the key
+    init_state: dict | None = None  # starting weights (train.init_from): every tensor but the head's
+
+
+class HorovodDist:
+    def __init__(self, hvd):
+        self.hvd = hvd
+        self.rank, self.size = hvd.rank(), hvd.size()
+
+    def sum(self, values):
+        return self.hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=self.hvd.Sum).tolist()
+
+    def min(self, value):
+        return int(self.hvd.allreduce(torch.tensor([value]), op=self.hvd.Min).item())
+
+    def average_(self, tensor):
+        self.hvd.allreduce_(tensor, op=self.hvd.Average)
+
+    def broadcast_(self, tensor, root=0):
+        self.hvd.broadcast_(tensor, root_rank=root)
+
+
+class TorchDist:
+    """torch.distributed: NCCL on GPU workers, Gloo on CPU workers."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as td
+
+        if not td.is_initialized():
+            td.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.td, self.device = td, device
+        self.rank, self.size = td.get_rank(), td.get_world_size()
+
+    def sum(self, values):
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        self.td.all_reduce(t)
+        return t.tolist()
+
+    def min(self, value):
+        t = torch.tensor([value], device=self.device)
+        self.td.all_reduce(t, op=self.td.ReduceOp.MIN)
+        return int(t.item())
+
+    def average_(self, tensor):
+        self.td.all_reduce(tensor)
+        tensor.div_(self.size)
+
+    def broadcast_(self, tensor, root=0):
+        self.td.broadcast(tensor, root)
+
+
+def pick_device(use_gpu: str | bool, local_rank: int) -> torch.device:
+    """CUDA device `local_rank` (modulo the visible devices) when asked for and present."""
+    available = torch.cuda.is_available()
+    if use_gpu is True and not available:
+        raise RuntimeError("train.use_gpu=true but this worker sees no CUDA device")
+    if use_gpu is False or not available:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, max_rows: int = 0, *,
+               task: str = "classification", labels: tuple[int, ...] = (), fraction: float = 1.0):
+    """This worker's rows of a pinned Delta snapshot, read with pyarrow into contiguous arrays:
+    the `pixels` column of an image table or the `features` column of a table, and `label`
+    (int for classification, double for regression).
+
+    Row groups are dealt out round-robin by rank; with fewer row groups than workers every
+    worker strides over the rows instead. `labels` keeps those classes (relabelled 0..k-1);
+    `fraction` < 1 keeps that share of rows by a stable hash of `key`. The driver never touches the data."""
+    parquet = {f: _open_parquet(f) for f in files}  # footers read once
+    names = next(iter(parquet.values())).schema_arrow.names if parquet else ["pixels"]
+    column = "pixels" if "pixels" in names else "features"
+    columns = ["label", column] + (["key"] if fraction < 1 else [])
+    pieces = [(f, g) for f, handle in parquet.items() for g in range(handle.num_row_groups)]
+    tables = []
+    if len(pieces) >= size:
+        for i, (f, g) in enumerate(pieces):
+            if i % size == rank:
+                tables.append((parquet[f].read_row_group(g, columns=columns), f"{f} row group {g}"))
+    else:
+        for f, handle in parquet.items():
+            table = handle.read(columns=columns)
+            tables.append((table.take(np.arange(rank, table.num_rows, size)), f))
+    tables = [(_select(t, labels, fraction), where) for t, where in tables]
+    rows = sum(t.num_rows for t, _ in tables)
+    x = np.empty((rows, *shape), dtype=np.float32)
+    y = np.empty(rows, dtype=np.int64 if task == "classification" else np.float32)
+    at = 0
+    for t, where in tables:
+        n = t.num_rows
+        values = pc.list_flatten(t.column(column)).to_numpy()
+        if values.size != n * int(np.prod(shape)):
+            raise ValueError(f"{where}: {column} hold {values.size} values for {n} rows, expected {int(np.prod(shape))} "
+                             f"per row (input shape {shape})")
+        x[at : at + n] = values.reshape(n, *shape)
+        y[at : at + n] = t.column("label").to_numpy()
+        at += n
+    if labels:  # original label -> its position in `labels`
+        lookup = np.full(max(labels) + 1, -1, dtype=np.int64)
+        lookup[list(labels)] = np.arange(len(labels))
+        y = lookup[y]
+    if max_rows:
+        keep = max(max_rows // size, 1)
+        x, y = x[:keep], y[:keep]
+    return x, y
+
+
+def _select(table: pa.Table, labels: tuple[int, ...], fraction: float) -> pa.Table:
+    if labels:
+        table = table.filter(pc.is_in(table.column("label"), value_set=pa.array(labels, table.column("label").type)))
+    if fraction < 1:
+        keep = [zlib.crc32(k.encode()) % 10_000 < fraction * 10_000 for k in table.column("key").to_pylist()]
+        table = table.filter(pa.array(keep, pa.bool_()))
+    return table
+
+
+def _open_parquet(uri: str) -> pq.ParquetFile:
+    filesys, path = filesystem(uri)  # local, file://, s3://, hdfs://
+    return pq.ParquetFile(filesys.open_input_file(path))
+
+
+def _connect(backend: str):
+    """(Dist, local rank) for this worker process."""
+    if backend == "horovod":
+        import horovod.torch as hvd
+
+        hvd.init()
+        return HorovodDist(hvd), hvd.local_rank()
+    if backend == "torch_distributor":
+        return None, int(os.environ.get("LOCAL_RANK", "0"))  # the Dist needs the device first
+    return SingleProcess(), 0
+
+
+def train_worker(task: TrainTask, backend: str):
+    """Runs on every worker. Rank 0 returns the weights and history. A worker that fails leaves a
+    report naming its rank in task.error_dir before re-raising, so the driver can name it."""
+    rank = os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "?"))
+    try:
+        torch.set_num_threads(task.threads)
+        dist, local_rank = _connect(backend)
+        device = pick_device(task.train.use_gpu, local_rank)
+        dist = dist or TorchDist(device)
+        rank = dist.rank
+        shape, kind = tuple(task.net.input_shape), task.net.task
+        rows = task.train.max_rows
+        train = load_shard(task.train_files, shape, dist.rank, dist.size, rows, task=kind,
+                           labels=task.labels, fraction=task.label_fraction)
+        val = load_shard(task.val_files, shape, dist.rank, dist.size, rows, task=kind, labels=task.labels)
+        torch.manual_seed(task.train.seed)  # the same initial weights for any world size
+        model = build(task.net)
+        if task.init_state:
+            load_features(model, task.init_state)
+        main = dist.rank == 0
+        history = fit(
+            model, train, val, task.train, dist, task=kind, device=device,
+            resume=checkpoints.load(task.resume_from) if task.resume_from else None,
+            on_epoch=_mlflow_logger(task) if main and task.run_id else None,
+            save_checkpoint=(lambda state: checkpoints.save(task.checkpoint_dir, state)) if main and task.checkpoint_dir else None,
+            log=lambda line: print(line, flush=True),
+        )
+        mine = history[-1]["worker_samples_per_sec"] if history else 0.0
+        per_worker = dist.sum([mine if i == dist.rank else 0.0 for i in range(dist.size)])
+        rows = dist.sum([len(train[0])])[0]  # a collective: every rank takes part
+        if not main:
+            return None
+        return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
+                "train_rows": int(rows), "world_size": dist.size, "device": str(device),
+                "worker_samples_per_sec": per_worker}
+    except BaseException as exc:  # noqa: BLE001 - reported to the driver with the rank, then re-raised
+        print(f"dlpipe: worker rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _report_failure(task.error_dir, rank, exc)
+        raise
+    finally:
+        if backend == "torch_distributor" and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def load_features(model: torch.nn.Module, state: dict) -> None:
+    """Every weight of a pretrained net except its head (the new head keeps its fresh init)."""
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")}, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ValueError(f"pretrained weights do not fit this model: missing {missing}, unexpected {unexpected}")
+
+
+def _report_failure(error_dir: str, rank, exc: BaseException) -> None:
+    """Best effort: the launchers' own errors do not carry the worker's exception."""
+    try:
+        filesys, path = filesystem(error_dir)
+        filesys.create_dir(path, recursive=True)
+        with filesys.open_output_stream(f"{path}/rank-{rank}.txt") as out:
+            out.write(f"{rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}".encode())
+    except Exception:  # noqa: BLE001 - never hide the original error
+        pass
+
+
+def _mlflow_logger(task: TrainTask):
+    def log(metrics: dict) -> None:
+        import time
+
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        now = int(time.time() * 1000)
+        step = metrics["epoch"]
+        MlflowClient(task.tracking_uri).log_batch(
+            task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+        )
+
+    return log
