@@ -50,3 +50,9 @@ def test_unreachable_tracking_server(tmp_path):
         port = s.getsockname()[1]  # nothing listens here
     proc, ours = _dlpipe(tmp_path, "evaluate", "--set", f"mlflow.tracking_uri=http://127.0.0.1:{port}")
     _assert_one_line(proc, ours, errors.EXIT_TRACKING, f"MLflow tracking server http://127.0.0.1:{port} is unreachable")
+
+
+def test_bench_runs_from_the_checkout_and_names_a_missing_table(tmp_path):
+    """`dlpipe bench` finds benchmarks/ (not installed) in the checkout; without tables it says so."""
+    proc, ours = _dlpipe(tmp_path, "bench", "training", "--set", "train.backend=local")
+    _assert_one_line(proc, ours, errors.EXIT_MISSING_INPUT, "run `dlpipe prepare` first")
