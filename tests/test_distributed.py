@@ -162,7 +162,8 @@ def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepa
     cfg, prepared = prepared_small
     tables = prepared["tables"]
     task = TrainTask(net=modeling.image_net(cfg.model, cfg.data),
-        train=TrainConfig(epochs=6, batch_size=8, lr=0.003, sync="average", average_every=8, seed=1),
+        train=TrainConfig(epochs=6, batch_size=8, lr=0.003, lr_schedule="constant", sync="average", average_every=8,
+                          seed=1),
         train_files=lake.table_files(tables["train"]["uri"], tables["train"]["version"]),
         val_files=lake.table_files(tables["val"]["uri"], tables["val"]["version"]),
         tracking_uri=cfg.mlflow.tracking_uri, threads=1,
