@@ -18,7 +18,7 @@ from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from dlpipe import storage
-from dlpipe.config import ConfigError
+from dlpipe.errors import ConfigError
 
 ENGINES = ("auto", "spark", "rs")
 ENGINE_KEY = "dlpipe.lake.engine"
