@@ -59,7 +59,7 @@ def get_session(master: str, app_name: str, conf: dict[str, str] | None = None, 
         if jars or _jvm_has("org.apache.hadoop.fs.s3a.S3AFileSystem"):
             settings.update({k: v for k, v in storage.spark_s3_conf().items() if k not in settings})
         if any(os.path.basename(j).startswith("dlpipe-spark-jars") for j in jars) or _jvm_has(S3_LOG_STORE):
-            for scheme in storage.S3_SCHEMES:  # commits with S3's conditional put (docs/lake-engines.md)
+            for scheme in storage.S3_SCHEMES:  # commits with S3's conditional put (docs/storage.md)
                 settings.setdefault(f"spark.delta.logStore.{scheme}.impl", S3_LOG_STORE)
         if jars or _jvm_has("io.delta.tables.DeltaTable") or _named_elsewhere(given, settings):
             for key, value in DELTA_CONF.items():
