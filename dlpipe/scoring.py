@@ -114,8 +114,23 @@ def _load(shipped: str):
     if path not in _LOADED:
         import mlflow.pyfunc
 
-        _LOADED[path] = mlflow.pyfunc.load_model(path).unwrap_python_model()
+        _LOADED[path] = with_input_checks(mlflow.pyfunc.load_model(path).unwrap_python_model())
     return _LOADED[path]
+
+
+def with_input_checks(model):
+    """A model registered before the input checks carries the pyfunc code of its day (MLflow
+    stores it with the model): give it this version's checks and predict, around the same
+    network, so that scoring an older champion keeps its rows with a reason instead of failing."""
+    if hasattr(model, "row_problems"):
+        return model
+    from dlpipe.pyfunc_model import TorchModel
+
+    checked = TorchModel.__new__(TorchModel)
+    checked.__dict__.update(vars(model))
+    checked.width = int(np.prod(model.input_shape))
+    checked.value_range = [0.0, 1.0] if getattr(model, "column", "pixels") == "pixels" else None
+    return checked
 
 
 def scored_rows(predictions: DataFrame) -> DataFrame:

@@ -42,3 +42,21 @@ def test_spark_scoring_keeps_rejected_rows_with_the_reason(spark, registered_sma
         assert out[key]["prediction"] is None and out[key]["probabilities"] is None, key
         assert out[key]["rejected_reason"] == f"{reason}; {EXPECTED}", key
         assert out[key]["label"] == dict((k, lab) for k, lab, _ in rows)[key]
+
+
+def test_a_model_registered_before_the_checks_gets_them(registered_small):
+    """MLflow stores each version's pyfunc code with it: an older version has no row checks. The
+    Spark path gives it this version's, around the same network."""
+    import types
+
+    import numpy as np
+    import pyarrow as pa
+
+    from dlpipe.scoring import _checked, with_input_checks
+
+    current = mlflow.pyfunc.load_model(_uri(registered_small)).unwrap_python_model()
+    old = types.SimpleNamespace(**{k: getattr(current, k) for k in ("input_shape", "classes", "task", "column", "module")})
+    model = with_input_checks(old)
+    x, reasons = _checked(model, pa.array([GOOD, NAN, [0.5] * 10], pa.list_(pa.float32())))
+    assert reasons[0] is None and reasons[1] == f"a NaN or infinite value; {EXPECTED}" and reasons[2].startswith("10 values")
+    assert np.allclose(model.predict(None, x[:1])["probabilities"][0], current.predict(None, x[:1])["probabilities"][0])
