@@ -125,7 +125,7 @@ def _s3() -> fs.S3FileSystem:
 
 def _hdfs(uri: str) -> fs.PyFileSystem:
     """hdfs-native's fsspec filesystem for the URI's name node (or name service; none: the
-    configured fs.defaultFS) as a pyarrow filesystem."""
+    configured fs.defaultFS) as a pyarrow filesystem; one client per name node and process."""
     from urllib.parse import urlsplit
 
     try:
@@ -134,7 +134,18 @@ def _hdfs(uri: str) -> fs.PyFileSystem:
         raise ImportError(f"cannot access {uri}: hdfs:// needs the hdfs-native package (pip install hdfs-native)") from None
     parts = urlsplit(uri)
     kind = ViewfsFileSystem if scheme(uri) == "viewfs" else HdfsFileSystem
-    return fs.PyFileSystem(_HdfsHandler(kind(host=parts.hostname, port=parts.port)))
+    key = (os.getpid(), kind.protocol, parts.hostname, parts.port)
+    if key not in _HDFS_CLIENTS:
+        _HDFS_CLIENTS[key] = kind(host=parts.hostname, port=parts.port, skip_instance_cache=True)
+    return fs.PyFileSystem(_HdfsHandler(_HDFS_CLIENTS[key]))
+
+
+# Every hdfs-native client this process made, its parent's included, kept for the life of the
+# process. A client owns a tokio runtime; dropping one in a forked child (where the runtime's
+# threads did not survive the fork) blocks forever. fsspec empties its own instance cache in every
+# forked child (os.register_at_fork), which is that drop, and so hung the fork of a subprocess
+# started with a preexec_fn (pyspark starting its JVM): its cache is skipped and ours never emptied.
+_HDFS_CLIENTS: dict[tuple, object] = {}
 
 
 class _HdfsHandler(fs.FSSpecHandler):
