@@ -34,6 +34,10 @@ public class HdfsCluster {
         conf.set("dfs.datanode.address", "127.0.0.1:0");
         conf.set("dfs.datanode.http.address", "127.0.0.1:0");
         conf.set("dfs.datanode.ipc.address", "127.0.0.1:0");
+        // Block locations name the DataNode "localhost", which Spark takes for "no preference" (as
+        // with S3A). Named 127.0.0.1, tasks prefer a host that runs no executor (the driver's is
+        // the machine's address), and local-mode Spark was seen to stall on delay scheduling.
+        conf.set("dfs.datanode.hostname", "localhost");
         // a stopped DataNode must make writes fail at once, not after minutes of retries
         conf.setInt("dfs.client.block.write.retries", 1);
         conf.setInt("ipc.client.connect.max.retries", 1);
@@ -43,6 +47,7 @@ public class HdfsCluster {
                 .numDataNodes(1)
                 .format(true)
                 .checkDataNodeAddrConfig(true)
+                .checkDataNodeHostConfig(true)
                 .build();
         cluster.waitActive();
         AtomicBoolean down = new AtomicBoolean(false);
