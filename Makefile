@@ -8,7 +8,20 @@ CONF ?= conf/fashion_cnn.yaml
 
 .PHONY: setup demo test test-fast demo-data clean airflow-venv
 
-setup: $(STAMP) demo-data
+JARS := .work/jars
+JARS_STAMP := $(JARS)/.resolved
+
+setup: $(STAMP) $(JARS_STAMP) demo-data
+
+# delta-spark and hadoop-aws for Spark's JVM, pinned in deploy/jars/pom.xml, resolved once by Maven
+# (into ~/.m2, then copied here); dlpipe puts this folder on spark.jars (config spark.jars_dir)
+$(JARS_STAMP): deploy/jars/pom.xml $(wildcard deploy/jars/src/main/java/dlpipe/delta/*.java)
+	@command -v mvn >/dev/null 2>&1 || { echo "dlpipe needs Maven (mvn) to fetch the delta-spark jars, or copy them into $(JARS) yourself (docs/storage.md)"; exit 1; }
+	rm -rf $(JARS)
+	mvn -q -B -f deploy/jars/pom.xml package dependency:copy-dependencies -DincludeScope=runtime \
+	  -DoutputDirectory=$(CURDIR)/$(JARS)
+	cp deploy/jars/target/dlpipe-spark-jars-1.jar $(JARS)/
+	touch $@
 
 $(STAMP): pyproject.toml deploy/install_horovod.sh
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dlpipe needs Python >= 3.11")'
@@ -57,4 +70,4 @@ $(AIRFLOW_VENV)/.installed:
 	touch $@
 
 clean:
-	rm -rf lake landing mlruns mlartifacts mlflow.db spark-warehouse demo-summary.json
+	rm -rf deploy/jars/target lake landing mlruns mlartifacts mlflow.db spark-warehouse demo-summary.json

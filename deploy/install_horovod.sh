@@ -113,4 +113,8 @@ fi
 
 "$PY" -c "import horovod.torch as hvd; assert hvd.gloo_built(), 'Horovod built without Gloo'" \
     || die "Horovod installed but was built without Gloo support"
+# PyPI's torch is the CUDA build, but without a CUDA toolkit (CUDA_HOME / nvcc) Horovod's CMake builds
+# no GPU operations: a CPU build whose allreduce runs over Gloo. Say which one this is.
+ops="$("$PY" -c 'import horovod.torch as h; print("GPU (CUDA) operations" if h.cuda_built() else "CPU only, Gloo")')"
+log "this Horovod build: $ops"
 log "Horovod $HOROVOD_VERSION installed in $VENV in $((SECONDS - start)) s (PyTorch + Gloo)."

@@ -18,7 +18,6 @@ PY="$BUILD/env/bin/python"
 "$PY" -m pip install --upgrade pip venv-pack
 "$PY" -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 "$PY" -m pip install "$ROOT[datasets]"
-"$PY" -m pip install --no-deps delta-spark==4.4.1
 bash "$ROOT/deploy/install_horovod.sh" "$BUILD/env"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp -r "$ROOT/conf" "$SITE/conf"   # dlpipe/config.py reads <package>/../conf/base.yaml

@@ -79,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         summary = run(args, cfg)
+    except ConfigError as exc:  # e.g. lake.engine=spark without the delta-spark jars
+        print(f"dlpipe: config error: {exc}", file=sys.stderr)
+        return 2
     except (LookupError, TimeoutError, OSError, ValueError) as exc:
-        if args.step not in ("lake", "models"):
-            raise
+        if args.step not in ("lake", "models") and not isinstance(exc, OSError):
+            raise  # storage errors (no bucket, access denied, no such path) are one line for every command
         print(f"dlpipe: error: {exc}", file=sys.stderr)  # no such table, bucket, version or alias: one line
         return 1
     if args.step == "demo":
@@ -115,7 +118,8 @@ def run(args: argparse.Namespace, cfg) -> dict:
     from dlpipe import bench, retrain, similar
     from dlpipe.spark import get_session
 
-    spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf)
+    spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-{args.step}", cfg.spark.conf,
+                        jars_dir=cfg.spark.jars_dir, engine=cfg.lake.engine)
     if args.step == "bench":
         job = {"training": steps.bench_training, "prepare": bench.prepare, "score": steps.bench_score,
                "models": lambda spark, cfg: bench.models(spark, cfg, args.family)}[args.benchmark]
@@ -129,16 +133,17 @@ def run(args: argparse.Namespace, cfg) -> dict:
 
 
 def lake_command(args: argparse.Namespace, cfg) -> dict:
-    """delta-rs, no Spark, unless the config turns native Delta on (spark.sql.extensions)."""
+    """delta-rs without Spark, unless lake.engine=spark."""
     from dlpipe import lake
 
     if args.action == "history":
         return {"step": "lake history", "table": args.table, "history": lake.history(args.table)}
     spark = None
-    if "DeltaSparkSessionExtension" in str(cfg.spark.conf.get("spark.sql.extensions", "")):
+    if cfg.lake.engine == "spark":
         from dlpipe.spark import get_session
 
-        spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-lake", cfg.spark.conf)
+        spark = get_session(cfg.spark.master, f"{cfg.spark.app_name}-lake", cfg.spark.conf,
+                            jars_dir=cfg.spark.jars_dir, engine="spark")
     files = lake.vacuum(args.table, args.retain_hours, dry_run=args.dry_run, spark=spark)
     return {"step": "lake vacuum", "table": args.table, "retain_hours": args.retain_hours, "dry_run": args.dry_run,
             "files_to_delete" if args.dry_run else "files_deleted": files,

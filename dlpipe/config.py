@@ -27,6 +27,13 @@ class SparkConfig:
     master: str
     app_name: str
     conf: dict[str, str]
+    jars_dir: str = ".work/jars"  # jars added to spark.jars (delta-spark, hadoop-aws: deploy/jars/pom.xml)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LakeConfig:
+    # spark: delta-spark on the JVM; rs: delta-rs commits, no jars needed; auto: spark when its classes load
+    engine: Literal["auto", "spark", "rs"] = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +186,7 @@ class ScoreConfig:
 class Config:
     spark: SparkConfig
     paths: PathsConfig
+    lake: LakeConfig
     data: DataConfig
     model: ModelConfig
     train: TrainConfig
@@ -447,8 +455,12 @@ def _resolve_paths(cfg: Config) -> Config:
     tracking = cfg.mlflow.tracking_uri
     if tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
         tracking = "sqlite:///" + str(Path(tracking[len("sqlite:///"):]).resolve())
+    jars_dir = cfg.spark.jars_dir  # relative: to the checkout (where `make setup` puts them)
+    if jars_dir and "://" not in jars_dir and not Path(jars_dir).is_absolute():
+        jars_dir = str(BASE_CONFIG.parent.parent / jars_dir)
     return dataclasses.replace(
         cfg,
+        spark=dataclasses.replace(cfg.spark, jars_dir=jars_dir),
         paths=PathsConfig(landing=_absolute_uri(cfg.paths.landing), lake=_absolute_uri(cfg.paths.lake)),
         train=dataclasses.replace(cfg.train, checkpoint_uri=_absolute_uri(cfg.train.checkpoint_uri),
                                   run_name=cfg.train.run_name or cfg.registry.model_name),

@@ -26,6 +26,7 @@ from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError
 from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
 from py4j.java_gateway import JavaClass
+from py4j.protocol import Py4JJavaError
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.types import StructType
 
@@ -36,18 +37,28 @@ if TYPE_CHECKING:
 
 MODES = ("overwrite", "append")
 _COMMIT_ID = "dlpipe.commit_id"  # lets write_table find the exact version of its own commit
+_ENGINE = "dlpipe.engine"  # spark (delta-spark) or rs (delta-rs): which engine made the commit
 _FILE_ROWS = "path string, size long, modification_time long, stats string"
 _native_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def native_delta_available(spark: SparkSession) -> bool:
-    """io.delta.tables.DeltaTable loadable on the driver JVM and the Delta SQL extension on."""
+    """True when this session writes Delta with delta-spark: its engine (dlpipe.spark.get_session,
+    `lake.engine`) is not `rs`, io.delta.tables.DeltaTable loads on the driver JVM and the Delta
+    SQL extension is on."""
+    if spark.conf.get("dlpipe.lake.engine", "auto") == "rs":
+        return False
     if spark not in _native_cache:
         jvm = getattr(spark, "_jvm", None)  # Spark Connect sessions have no JVM handle
         has_class = jvm is not None and isinstance(jvm.io.delta.tables.DeltaTable, JavaClass)
         extensions = spark.conf.get("spark.sql.extensions", "") or ""
         _native_cache[spark] = has_class and "io.delta.sql.DeltaSparkSessionExtension" in extensions
     return _native_cache[spark]
+
+
+def engine(spark: SparkSession) -> str:
+    """The Delta engine this session writes with: "spark" (delta-spark) or "rs" (delta-rs)."""
+    return "spark" if native_delta_available(spark) else "rs"
 
 
 def write_table(
@@ -58,13 +69,19 @@ def write_table(
     if mode not in MODES:
         raise ValueError(f"Invalid mode for Delta table {uri}: expected one of {MODES}, got {mode!r}")
     commit_id = str(uuid.uuid4())
-    user_metadata = json.dumps({**(metadata or {}), _COMMIT_ID: commit_id})
+    native = native_delta_available(df.sparkSession)
+    user_metadata = json.dumps({**(metadata or {}), _ENGINE: "spark" if native else "rs", _COMMIT_ID: commit_id})
     before = latest_version(uri)
-    if native_delta_available(df.sparkSession):
+    if before is not None and mode == "append":
+        _check_schema(uri, df)
+    if native:
         writer = df.write.format("delta").mode(mode).option("userMetadata", user_metadata)
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
-        writer.save(uri)
+        try:
+            writer.save(uri)
+        except Py4JJavaError as exc:
+            raise storage.storage_error(uri, exc) or exc from None
     else:
         _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None)
     return _find_commit(uri, commit_id, -1 if before is None else before)
@@ -76,7 +93,7 @@ def read_table(spark: SparkSession, uri: str, version: int | None = None) -> Dat
     table = _open(uri, version)
     if native_delta_available(spark):
         return spark.read.format("delta").option("versionAsOf", table.version()).load(uri)
-    schema = _spark_schema(table)
+    schema = _spark_schema(_files_are_rows(uri, table))
     files = table.file_uris()
     if not files:
         return spark.createDataFrame([], schema)
@@ -94,13 +111,17 @@ def latest_version(uri: str) -> int | None:
 
 
 def table_files(uri: str, version: int) -> list[str]:
-    """Absolute locations of the parquet files of one snapshot (plain paths for local tables)."""
-    return _open(_norm(uri), version).file_uris()
+    """Absolute locations of the parquet files of one snapshot (plain paths for local tables),
+    for readers that read them whole (the training shard loader). Refuses a snapshot whose rows
+    are not exactly its files' rows (deletion vectors, column mapping), naming the feature."""
+    uri = _norm(uri)
+    return _files_are_rows(uri, _open(uri, version)).file_uris()
 
 
 def table_rows(uri: str, version: int) -> int:
     """Rows of one snapshot, from the log's per-file statistics (no data read)."""
-    actions = pa.table(_delta(_norm(uri), version).get_add_actions(flatten=True))
+    uri = _norm(uri)
+    actions = pa.table(_files_are_rows(uri, _open(uri, version)).get_add_actions(flatten=True))
     return int(sum(n or 0 for n in actions.column("num_records").to_pylist()))
 
 
@@ -112,7 +133,8 @@ def history(uri: str) -> list[dict[str, Any]]:
             "version": c["version"],
             "timestamp": c["timestamp"],
             "operation": c.get("operation"),
-            "metadata": {k: v for k, v in _user_metadata(c).items() if k != _COMMIT_ID},
+            "engine": _user_metadata(c).get(_ENGINE) or _engine_of(c),
+            "metadata": {k: v for k, v in _user_metadata(c).items() if k not in (_COMMIT_ID, _ENGINE)},
         }
         for c in _open(uri, None).history()
     ]
@@ -168,13 +190,6 @@ def _write_with_delta_rs(
     df: DataFrame, uri: str, mode: str, user_metadata: str, *, table_exists: bool
 ) -> None:
     schema = Schema.from_json(df.schema.json())  # Delta's schema JSON is Spark's
-    if table_exists and mode == "append":
-        current = _spark_schema(_delta(uri))
-        if current.simpleString() != df.schema.simpleString():  # names and types, not nullability
-            raise ValueError(
-                f"Cannot append to Delta table {uri}: expected schema {current.simpleString()}, "
-                f"received {df.schema.simpleString()}"
-            )
     rows = df.mapInArrow(functools.partial(_write_files, uri), _FILE_ROWS).collect()
     actions = [AddAction(r.path, r.size, {}, r.modification_time, True, r.stats) for r in rows]
     props = CommitProperties(custom_metadata={"userMetadata": user_metadata})
@@ -183,6 +198,15 @@ def _write_with_delta_rs(
     else:
         create_table_with_add_actions(uri, schema, actions, mode="error", storage_options=storage.delta_options(uri),
                                       commit_properties=props)
+
+
+def _check_schema(uri: str, df: DataFrame) -> None:
+    """Both engines refuse to add rows of another schema (names and types, not nullability); delta-spark
+    alone would take a subset of the columns and fill the rest with nulls."""
+    current = _spark_schema(_delta(uri))
+    if current.simpleString() != df.schema.simpleString():
+        raise ValueError(f"Cannot write to Delta table {uri}: expected schema {current.simpleString()}, "
+                         f"received {df.schema.simpleString()}")
 
 
 def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -239,6 +263,24 @@ def _open(uri: str, version: int | None) -> DeltaTable:
     return table
 
 
+def _files_are_rows(uri: str, table: DeltaTable) -> DeltaTable:
+    """The table, when reading its snapshot's Parquet files whole gives exactly its rows and columns.
+    Deletion vectors (delta-spark's MERGE, DELETE and UPDATE where delta.enableDeletionVectors is on)
+    leave deleted rows in the files; column mapping renames the columns inside them. Both are
+    refused in one line; delta-spark reads such tables correctly (lake.engine=spark)."""
+    where = f"Delta table {uri} version {table.version()}"
+    mode = table.metadata().configuration.get("delta.columnMapping.mode", "none")
+    if mode != "none":
+        raise ValueError(f"{where} uses column mapping (delta.columnMapping.mode={mode}): its Parquet files hold "
+                         "physical column names; dlpipe reads such tables only through delta-spark (lake.engine=spark)")
+    if "deletionVectors" in (table.protocol().reader_features or []):
+        files = pa.table(table.deletion_vectors()).num_rows
+        if files:
+            raise ValueError(f"{where} has deletion vectors on {files} file(s): those files still hold deleted rows; "
+                             f"rewrite them with `REORG TABLE delta.`{uri}` APPLY (PURGE)` and pin the new version")
+    return table
+
+
 def _is_table(uri: str) -> bool:
     try:
         return DeltaTable.is_deltatable(uri, storage.delta_options(uri))
@@ -252,6 +294,13 @@ def _delta(uri: str, version: int | None = None) -> DeltaTable:
 
 def _spark_schema(table: DeltaTable) -> StructType:
     return StructType.fromJson(json.loads(table.schema().to_json()))
+
+
+def _engine_of(commit: dict[str, Any]) -> str | None:
+    """A commit not made by dlpipe: delta-spark writes engineInfo, delta-rs clientVersion."""
+    if "Delta-Lake" in str(commit.get("engineInfo", "")):
+        return "spark"
+    return "rs" if "delta-rs" in str(commit.get("clientVersion", "")) else None
 
 
 def _user_metadata(commit: dict[str, Any]) -> dict[str, Any]:
@@ -276,18 +325,16 @@ def replace_where(df: DataFrame, uri: str, where: dict[str, Any], *, metadata: d
     before = latest_version(uri)
     if before is None:
         return write_table(df, uri, mode="append", metadata=metadata)
+    _check_schema(uri, df)
     commit_id = str(uuid.uuid4())
-    user_metadata = json.dumps({**(metadata or {}), _COMMIT_ID: commit_id})
-    if native_delta_available(df.sparkSession):
+    native = native_delta_available(df.sparkSession)
+    user_metadata = json.dumps({**(metadata or {}), _ENGINE: "spark" if native else "rs", _COMMIT_ID: commit_id})
+    if native:
         condition = " AND ".join(f"`{col}` = '{value}'" for col, value in where.items())
         (df.write.format("delta").mode("overwrite").option("replaceWhere", condition)
          .option("userMetadata", user_metadata).save(uri))
         return _find_commit(uri, commit_id, before)
     table = _delta(uri)
-    current = _spark_schema(table)
-    if current.simpleString() != df.schema.simpleString():
-        raise ValueError(f"Cannot write to Delta table {uri}: expected schema {current.simpleString()}, "
-                         f"received {df.schema.simpleString()}")
     removes = [RemoveAction(path, True, int(time.time() * 1000), size)
                for path, size in _files_where(uri, table, where)]
     rows = df.mapInArrow(functools.partial(_write_files, uri), _FILE_ROWS).collect()

@@ -72,6 +72,22 @@ def spark_uri(spark, uri: str) -> str | None:
     return None
 
 
+def spark_s3_conf() -> dict[str, str]:
+    """Hadoop S3A settings for Spark (hadoop-aws on the classpath): s3:// read through S3A as s3a://
+    is, the endpoint and region from the same variables as above. No credential: S3A's default
+    provider chain reads the AWS variables, profiles and instance roles on the driver and on every
+    executor."""
+    conf = {"spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+            "spark.hadoop.fs.s3a.endpoint.region": _region(),
+            "spark.hadoop.fs.s3a.create.conditional.enabled": "true"}  # If-None-Match puts for Delta commits
+    endpoint = _endpoint()
+    if endpoint:  # an S3-compatible server (MinIO, moto, Ceph): path-style bucket addressing
+        conf["spark.hadoop.fs.s3a.endpoint"] = endpoint
+        conf["spark.hadoop.fs.s3a.path.style.access"] = "true"
+        conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] = str(endpoint.startswith("https://")).lower()
+    return conf
+
+
 def delta_options(uri: str) -> dict[str, str] | None:
     """delta-rs storage options for a table URI: where the S3 server is, never the credentials
     (delta-rs reads those from the same variables and profiles itself). Commits to S3 need no
@@ -104,6 +120,13 @@ def clear_error(uri: str, exc: BaseException) -> OSError:
         return FileNotFoundError(f"cannot access {uri}: no such file or directory{where}")
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return OSError(f"cannot access {uri}{where}: {first[:300]}")
+
+
+def storage_error(uri: str, exc: BaseException) -> OSError | None:
+    """clear_error(uri, exc) when the JVM's exception is about reaching the storage (no bucket, access
+    denied, no such path), else None: a failed task or a bad row is not a storage problem."""
+    error = clear_error(uri, exc)
+    return None if type(error) is OSError else error
 
 
 def _endpoint() -> str | None:

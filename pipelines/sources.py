@@ -15,6 +15,7 @@ import json
 import os
 from typing import Iterator
 
+from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
@@ -37,9 +38,9 @@ def read_files(spark: SparkSession, landing_uri: str) -> DataFrame:
         return spark.read.format(SOURCE_NAME).option("files", json.dumps(files)).load()
     try:
         found = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(spark_uri)
-    except AnalysisException as exc:
+        empty = [(path, b"") for path in _zero_byte_files(spark, spark_uri)]
+    except (AnalysisException, Py4JJavaError) as exc:  # no bucket, access denied, no such folder
         raise storage.clear_error(landing_uri, exc) from None
-    empty = [(path, b"") for path in _zero_byte_files(spark, spark_uri)]
     found = found.select("path", "content")
     if empty:
         found = found.unionByName(spark.createDataFrame(empty, FILES_SCHEMA))

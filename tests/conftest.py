@@ -16,6 +16,7 @@ os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
 @pytest.fixture(scope="session")
 def spark():
     """One local Spark per test run (start-up costs ~15 s on 2 cores)."""
+    from dlpipe.config import load_config
     from dlpipe.spark import get_session
 
     session = get_session(
@@ -27,6 +28,7 @@ def spark():
             "spark.driver.memory": "2g",
             "spark.sql.execution.arrow.pyspark.enabled": "true",
         },
+        jars_dir=load_config().spark.jars_dir, engine="spark",  # `make test` fetched the delta-spark jars
     )
     yield session
     session.stop()

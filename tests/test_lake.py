@@ -1,5 +1,7 @@
 import os
 import re
+import subprocess
+import sys
 
 import deltalake
 import pyarrow.parquet as pq
@@ -7,6 +9,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from dlpipe import lake
+from dlpipe.spark import ENGINE_KEY
 
 SCHEMA = "id long, n int, name string, x double, f float, af array<float>, ad array<double>, blob binary"
 
@@ -25,9 +28,24 @@ def contents(df):
 VERSIONS = {0: rows(range(5)), 1: rows(range(10, 13)), 2: rows(range(10, 13)) + rows([20, 21])}
 
 
+@pytest.fixture(scope="module", params=["spark", "rs"])
+def engine(request):
+    """The Delta engine a test runs with: delta-spark or delta-rs (`lake.engine`)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _session_engine(request, spark):
+    """The session writes with the test's `engine` (delta-spark for the tests without one)."""
+    spark.conf.set(ENGINE_KEY, request.getfixturevalue("engine") if "engine" in request.fixturenames else "spark")
+    yield
+    spark.conf.set(ENGINE_KEY, "spark")
+
+
 @pytest.fixture(scope="module")
-def table(spark, tmp_path_factory):
+def table(spark, engine, tmp_path_factory):
     """v0: write, v1: overwrite, v2: append."""
+    spark.conf.set(ENGINE_KEY, engine)
     uri = str(tmp_path_factory.mktemp("lake") / "t")
     df = lambda ids: spark.createDataFrame(rows(ids), SCHEMA).repartition(2)  # noqa: E731
     v0 = lake.write_table(df(range(5)), uri, metadata={"step": "v0"})
@@ -46,7 +64,7 @@ def test_each_version_reads_back_exactly(spark, table):
     assert lake.latest_version(table) == 2
 
 
-def test_delta_rs_reads_every_version_and_our_metadata(table):
+def test_delta_rs_reads_every_version_and_our_metadata(table, engine):
     for version, expected in VERSIONS.items():
         arrow = deltalake.DeltaTable(table, version=version).to_pyarrow_table()
         assert sorted(arrow.column("id").to_pylist()) == [r[0] for r in expected]
@@ -60,6 +78,7 @@ def test_delta_rs_reads_every_version_and_our_metadata(table):
         (0, {"step": "v0"}),
     ]
     assert ours[0]["operation"] == "WRITE" and ours[0]["timestamp"] >= ours[2]["timestamp"]
+    assert {h["engine"] for h in ours} == {engine}
 
 
 def test_table_files_exist_and_hold_the_rows(table):
@@ -95,7 +114,7 @@ def test_append_with_another_schema_is_refused(spark, table):
     assert lake.latest_version(table) == 2
 
 
-def test_empty_table_has_the_schema(spark, tmp_path):
+def test_empty_table_has_the_schema(spark, engine, tmp_path):
     uri = str(tmp_path / "empty")
     assert lake.write_table(spark.createDataFrame([], SCHEMA), uri) == 0
     df = lake.read_table(spark, uri)
@@ -103,7 +122,7 @@ def test_empty_table_has_the_schema(spark, tmp_path):
     assert df.schema.simpleString() == spark.createDataFrame([], SCHEMA).schema.simpleString()
 
 
-def test_failed_job_commits_nothing(spark, tmp_path):
+def test_failed_job_commits_nothing(spark, engine, tmp_path):
     uri = str(tmp_path / "t")
     lake.write_table(spark.createDataFrame(rows(range(4)), SCHEMA), uri)
 
@@ -122,19 +141,94 @@ def test_failed_job_commits_nothing(spark, tmp_path):
 
 
 def test_native_delta_engine(spark, tmp_path):
-    if not lake.native_delta_available(spark):
-        pytest.skip(
-            "delta-spark JVM classes not on the classpath: io.delta.tables.DeltaTable not "
-            "loadable or spark.sql.extensions lacks io.delta.sql.DeltaSparkSessionExtension"
-        )
+    assert lake.native_delta_available(spark) and lake.engine(spark) == "spark"  # `make test` fetched the jars
     uri = str(tmp_path / "native")
     assert lake.write_table(spark.createDataFrame(rows(range(3)), SCHEMA), uri, metadata={"a": "1"}) == 0
     assert lake.write_table(spark.createDataFrame(rows([9]), SCHEMA), uri, mode="append") == 1
     assert contents(lake.read_table(spark, uri, 0)) == rows(range(3))
     assert contents(lake.read_table(spark, uri)) == rows([0, 1, 2, 9])
     assert lake.history(uri)[1]["metadata"] == {"a": "1"}
+    info = [c.get("engineInfo", "") for c in deltalake.DeltaTable(uri).history()]
+    assert all(i.startswith("Apache-Spark/4.2.0 Delta-Lake/4.4.0") for i in info), info
     assert lake.write_table(spark.createDataFrame(rows([5]), SCHEMA), uri, mode="overwrite") == 2
     assert lake.vacuum(uri, 0, dry_run=True, spark=spark)  # native VACUUM ... RETAIN 0 HOURS DRY RUN lists v0/v1 files
     lake.vacuum(uri, 0, spark=spark)
     assert lake.vacuum(uri, 0, dry_run=True, spark=spark) == []
     assert contents(lake.read_table(spark, uri)) == rows([5])
+    assert [h["operation"] for h in lake.history(uri)][:2] == ["VACUUM END", "VACUUM START"]
+
+
+@pytest.mark.parametrize("first,second", [("spark", "rs"), ("rs", "spark")])
+def test_engines_read_and_append_to_each_others_tables(spark, tmp_path, first, second):
+    uri = str(tmp_path / "mixed")
+    df = lambda ids: spark.createDataFrame(rows(ids), SCHEMA)  # noqa: E731
+    try:
+        spark.conf.set(ENGINE_KEY, first)
+        assert lake.write_table(df(range(3)), uri, metadata={"by": first}) == 0
+        spark.conf.set(ENGINE_KEY, second)
+        assert contents(lake.read_table(spark, uri)) == rows(range(3))
+        assert lake.write_table(df([7]), uri, mode="append", metadata={"by": second}) == 1
+        assert lake.replace_where(df([7, 8]).withColumn("name", F.lit("row7")), uri, {"name": "row7"}) == 2
+        for engine in (first, second):
+            spark.conf.set(ENGINE_KEY, engine)
+            assert contents(lake.read_table(spark, uri)) == rows(range(3)) + [
+                (i, i * 2, "row7", i / 4, i / 2, [i / 2, 0.25], [i / 4, -1.5], bytes([i, 7])) for i in (7, 8)]
+            assert contents(lake.read_table(spark, uri, 1)) == rows([0, 1, 2, 7])  # time travel past later commits
+            assert contents(lake.read_table(spark, uri, 0)) == rows(range(3))
+        history = lake.history(uri)
+        assert [(h["version"], h["engine"]) for h in history] == [(2, second), (1, second), (0, first)]
+        assert [h["metadata"].get("by") for h in history] == [None, second, first]
+        assert sorted(deltalake.DeltaTable(uri).to_pyarrow_table().column("id").to_pylist()) == [0, 1, 2, 7, 8]
+    finally:
+        spark.conf.set(ENGINE_KEY, "spark")
+
+
+def test_deleted_rows_never_reach_a_file_reader(spark, tmp_path):
+    """A native MERGE that deletes rows on a table with deletion vectors: the rows stay in the Parquet
+    files, so every reader of whole files (training's shard loader, delta-rs reads) must refuse the
+    snapshot until the files are rewritten; delta-spark reads it correctly."""
+    from delta.tables import DeltaTable as SparkDeltaTable
+
+    uri = str(tmp_path / "dv")
+    lake.write_table(spark.createDataFrame(rows(range(10)), SCHEMA).coalesce(1), uri)
+    spark.sql(f"ALTER TABLE delta.`{uri}` SET TBLPROPERTIES ('delta.enableDeletionVectors' = 'true')")
+    (SparkDeltaTable.forPath(spark, uri).alias("t").merge(spark.range(3).alias("u"), "t.id = u.id")
+     .whenMatchedDelete().execute())
+    latest = lake.latest_version(uri)
+    assert sorted(r.id for r in lake.read_table(spark, uri).collect()) == list(range(3, 10))
+    for call in (lambda: lake.table_files(uri, latest), lambda: lake.table_rows(uri, latest)):
+        with pytest.raises(ValueError, match=re.escape(uri) + r".*deletion vectors on 1 file.*REORG TABLE"):
+            call()
+    try:
+        spark.conf.set(ENGINE_KEY, "rs")
+        with pytest.raises(ValueError, match="deletion vectors"):
+            lake.read_table(spark, uri)
+    finally:
+        spark.conf.set(ENGINE_KEY, "spark")
+    assert len(lake.table_files(uri, 0)) == 1  # the version before the MERGE has no deletion vectors
+    spark.sql(f"REORG TABLE delta.`{uri}` APPLY (PURGE)")
+    purged = lake.latest_version(uri)
+    ids = sorted(i for f in lake.table_files(uri, purged) for i in pq.read_table(f).column("id").to_pylist())
+    assert ids == list(range(3, 10)) and lake.table_rows(uri, purged) == 7
+
+
+def test_column_mapping_is_refused_by_file_readers(spark, tmp_path):
+    uri = str(tmp_path / "cm")
+    lake.write_table(spark.createDataFrame(rows(range(2)), SCHEMA), uri)
+    spark.sql(f"ALTER TABLE delta.`{uri}` SET TBLPROPERTIES ('delta.columnMapping.mode' = 'name')")
+    spark.sql(f"ALTER TABLE delta.`{uri}` RENAME COLUMN name TO label_name")
+    with pytest.raises(ValueError, match=re.escape(uri) + r".*column mapping \(delta.columnMapping.mode=name\)"):
+        lake.table_files(uri, lake.latest_version(uri))
+    assert "label_name" in lake.read_table(spark, uri).columns  # delta-spark maps the names
+
+
+def test_engine_spark_without_jars_is_one_line_before_spark_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlpipe.cli", "lake", "vacuum", "--table", str(tmp_path / "t"), "--retain-hours", "1",
+         "--set", "lake.engine=spark", "--set", f"spark.jars_dir={tmp_path}/no-jars"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"dlpipe: config error: lake.engine=spark: no delta-spark jars in spark.jars_dir={tmp_path}/no-jars and none "
+        "given to Spark; run `make setup` (Maven fetches deploy/jars/pom.xml into .work/jars), or give Spark the jars "
+        "with --packages io.delta:delta-spark_4.2_2.13:4.4.0"]

@@ -60,7 +60,7 @@ def killed(spark, small_landing, tmp_path_factory):
     script.write_text(CHILD)
     cmd = [sys.executable, str(script), "prepare", "--set", f"paths.landing={cfg.paths.landing}",
            "--set", f"paths.lake={cfg.paths.lake}", "--set", f"data.classes={json.dumps(cfg.data.classes)}",
-           "--set", "spark.master=local[2]"]
+           "--set", "spark.master=local[2]", "--set", "lake.engine=rs"]  # the engine whose writes the child holds
     child = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": os.getcwd()}, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

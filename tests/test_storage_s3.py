@@ -87,8 +87,9 @@ def test_listing_skips_hidden_files_and_keeps_zero_byte_ones(aws, s3_landing):
 @pytest.mark.slow
 def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_path):
     """The whole step in its own process (its executors get the credentials the way a cluster's
-    do: from their environment), reading the landing zone as s3a://, which Spark has no connector
-    for here; every table read back with delta-rs; the secret is nowhere."""
+    do: from their environment), reading the landing zone as s3a:// with hadoop-aws and writing
+    the lake on s3:// with delta-spark; every table read back with delta-rs; then train (shards and
+    checkpoints on S3), evaluate and score; the secret is nowhere."""
     cfg, uri = s3_landing
     uri = uri.replace("s3://", "s3a://")
     lake_uri = "s3://lake-bucket/lake"
@@ -125,23 +126,124 @@ def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_pat
             assert secret.encode() not in f.read(), path
     assert secret not in done.stdout + done.stderr + summary_path.read_text()
     assert lake.history(f"{lake_uri}/fashion_mnist_train")[0]["metadata"]["dlpipe.source"] == uri
+    assert {h["engine"] for t in summary["tables"].values() for h in lake.history(t["uri"])} == {"spark"}
+
+    # train 1 epoch reading its shards from S3 (checkpoints on S3), register, score into the S3 lake
+    common = ["--set", f"paths.lake={lake_uri}", "--set", "spark.master=local[2]",
+              "--set", f"data.classes={json.dumps(cfg.data.classes)}",
+              "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"mlflow.artifact_root={tmp_path}/art",
+              "--set", "registry.model_name=s3_cnn", "--set", "registry.min_accuracy=0.0"]
+    steps = {
+        "train": ["--set", "train.backend=local", "--set", "train.epochs=1", "--set", "train.batch_size=16",
+                  "--set", "model.cnn.blocks=[{channels: 4}]", "--set", "model.cnn.hidden=[16]",
+                  "--set", "train.checkpoint_uri=s3://lake-bucket/checkpoints"],
+        "evaluate": [], "score": []}
+    results = {}
+    for step, extra in steps.items():
+        if step == "evaluate":
+            extra = ["--set", f"evaluate.run_id={results['train']['run_id']}"]
+        out = tmp_path / f"{step}.json"
+        done = subprocess.run([sys.executable, "-m", "dlpipe.cli", step, "--summary", str(out), *common, *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (step, done.stderr[-3000:])
+        assert secret not in done.stdout + done.stderr
+        results[step] = json.loads(out.read_text())
+    checkpoints = s3.get_file_info(fs.FileSelector("lake-bucket/checkpoints", recursive=True))
+    assert any(i.type == fs.FileType.File for i in checkpoints)
+    predictions = f"{lake_uri}/fashion_mnist_predictions"
+    scored = deltalake.DeltaTable(predictions, storage_options=options).to_pyarrow_table()
+    assert scored.num_rows == summary["tables"]["test"]["rows"] > 0
+    assert set(scored.column("model_name").to_pylist()) == {"s3_cnn"}
+    assert lake.history(predictions)[0]["engine"] == "spark"
 
 
-def test_wrong_credentials_are_a_clear_error_naming_the_uri(spark, aws, s3_landing, monkeypatch):
-    _, uri = s3_landing
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    with pytest.raises(PermissionError, match=re.escape(uri) + ".*access denied.*AWS_SECRET_ACCESS_KEY") as err:
-        read_files(spark, uri)
-    assert len(str(err.value).splitlines()) == 1
+def _prepare(aws, cfg, landing, lake_uri, **env):
+    """`dlpipe prepare` in its own process, as a scheduler runs it (the JVM reads the AWS variables
+    of its own environment, as every executor of a cluster does)."""
+    cmd = [sys.executable, "-m", "dlpipe.cli", "prepare", "--set", f"paths.landing={landing}",
+           "--set", f"paths.lake={lake_uri}", "--set", "spark.master=local[1]",
+           "--set", f"data.classes={json.dumps(cfg.data.classes)}", "--set", "data.max_rejected_fraction=0.05"]
+    return subprocess.run(cmd, env={**os.environ, **aws, **env, "PYTHONPATH": os.getcwd()}, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_wrong_credentials_are_a_clear_error_naming_the_uri(aws, s3_landing, monkeypatch, tmp_path):
+    cfg, uri = s3_landing
+    landing = uri.replace("s3://", "s3a://")
+    done = _prepare(aws, cfg, landing, str(tmp_path / "lake"), AWS_SECRET_ACCESS_KEY="not-the-secret")
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"dlpipe: error: cannot access " + re.escape(landing) + r".*access denied.*AWS_SECRET_ACCESS_KEY.*",
+                        last), done.stderr[-3000:]
+    assert "not-the-secret" not in done.stderr + done.stdout
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")  # delta-rs, in this process
     with pytest.raises(PermissionError, match=re.escape("s3://lake-bucket/lake/t") + ".*access denied"):
         lake.latest_version("s3://lake-bucket/lake/t")
 
 
-def test_missing_bucket_is_a_clear_error_naming_the_uri(spark, aws, s3_landing):
-    with pytest.raises(FileNotFoundError, match=re.escape("s3://no-such-bucket/raw") + ".*bucket 'no-such-bucket' does not exist"):
-        read_files(spark, "s3://no-such-bucket/raw")
-    with pytest.raises(FileNotFoundError, match="s3://landing-zone/nothing-here: no such file or directory"):
-        read_files(spark, "s3://landing-zone/nothing-here")
-    table = "s3://no-such-bucket/lake/t"
-    with pytest.raises(FileNotFoundError, match=re.escape(table) + ".*does not exist"):
-        lake.write_table(spark.range(3), table)
+@pytest.mark.slow
+def test_missing_bucket_is_a_clear_error_naming_the_uri(aws, s3_landing, tmp_path):
+    cfg, uri = s3_landing
+    done = _prepare(aws, cfg, "s3a://no-such-bucket/raw", str(tmp_path / "lake"))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"dlpipe: error: cannot access s3a://no-such-bucket/raw: bucket 'no-such-bucket' does not exist "
+        f"(endpoint {aws['AWS_ENDPOINT_URL']})"), done.stderr[-3000:]
+    done = _prepare(aws, cfg, uri, "s3a://no-such-bucket/lake")
+    assert done.returncode == 1
+    assert re.fullmatch(r"dlpipe: error: cannot access s3a://no-such-bucket/lake/\S+: bucket 'no-such-bucket' does "
+                        r"not exist.*", done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]
+
+
+WRITER = """
+import json, sys
+from dlpipe import lake
+from dlpipe.config import load_config
+from dlpipe.spark import get_session
+
+cfg = load_config()
+spark = get_session("local[1]", "writer", {"spark.ui.enabled": "false"}, jars_dir=cfg.spark.jars_dir, engine="spark")
+jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()
+if sys.argv[1] == "twice":  # the LogStore alone: the second create of the same version is refused
+    store = jvm.dlpipe.delta.S3ConditionalPutLogStore(conf)
+    path = jvm.org.apache.hadoop.fs.Path(sys.argv[2] + "/_delta_log/00000000000000000000.json")
+    store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
+    try:
+        store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
+        print("second write accepted")
+    except Exception as exc:
+        print("refused:", exc.java_exception.getClass().getName(), exc.java_exception.getMessage())
+else:
+    versions = [lake.write_table(spark.range(int(sys.argv[3]), int(sys.argv[3]) + 5), sys.argv[2], mode="append")
+                for _ in range(3)]
+    print(json.dumps(versions))
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_native_writers_on_s3_lose_no_commit(aws, s3_landing, tmp_path):
+    """Two drivers append to one S3 table at the same moment, 3 commits each: with S3's conditional
+    put (dlpipe's LogStore) every commit lands as its own version; no version file is overwritten."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ, **aws, "PYTHONPATH": os.getcwd()}
+    once = subprocess.run([sys.executable, str(script), "twice", "s3a://lake-bucket/logstore"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert once.returncode == 0, once.stderr[-3000:]
+    assert "refused: " in once.stdout and "FileAlreadyExistsException" in once.stdout, once.stdout
+
+    uri = "s3a://lake-bucket/concurrent"
+    spark_setup = subprocess.run([sys.executable, str(script), "append", uri, "0"], env=env, capture_output=True,
+                                 text=True, timeout=300)  # v0..v2: the table exists before the race
+    assert spark_setup.returncode == 0, spark_setup.stderr[-3000:]
+    writers = [subprocess.Popen([sys.executable, str(script), "append", uri, str(start)], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for start in (100, 200)]
+    outputs = [w.communicate(timeout=600) for w in writers]
+    assert [w.returncode for w in writers] == [0, 0], [err[-3000:] for _, err in outputs]
+    versions = sorted(v for out, _ in outputs for v in json.loads(out.strip().splitlines()[-1]))
+    assert versions == list(range(3, 9))  # six distinct versions, none taken twice
+    table = deltalake.DeltaTable(uri.replace("s3a://", "s3://"), storage_options=lake.storage.delta_options(uri))
+    assert table.version() == 8
+    ids = sorted(table.to_pyarrow_table().column("id").to_pylist())
+    assert ids == sorted([*range(5)] * 3 + [*range(100, 105)] * 3 + [*range(200, 205)] * 3)
