@@ -18,10 +18,20 @@ from mlflow.tracking import MlflowClient
 from pyarrow import fs
 
 from dlpipe import checkpoints, lake, steps, storage
+from dlpipe.spark import ENGINE_KEY
 from pipelines.sources import list_files, read_files
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(params=["spark", "rs"])
+def engine(request, spark):
+    """The Delta engine the test writes with (`lake.engine`): delta-spark or delta-rs."""
+    before = spark.conf.get(ENGINE_KEY, "auto")
+    spark.conf.set(ENGINE_KEY, request.param)
+    yield request.param
+    spark.conf.set(ENGINE_KEY, before)
 
 
 def _files(hdfs_fs, path):
@@ -86,10 +96,10 @@ def test_landing_on_hdfs_is_read_with_spark_and_listed_with_pyarrow(spark, hdfs)
                     f"{uri}/b/empty.png": b""}
 
 
-def test_delta_table_on_hdfs_with_time_travel(spark, hdfs):
-    uri = hdfs.url("/lake/numbers")
+def test_delta_table_on_hdfs_with_time_travel(spark, hdfs, engine):
+    uri = hdfs.url(f"/lake/numbers_{engine}")
     df = lambda lo, hi: spark.range(lo, hi, numPartitions=2).selectExpr("id", "CAST(id AS STRING) AS s")  # noqa: E731
-    assert lake.latest_version(uri) is None
+    assert lake.engine(spark) == engine and lake.latest_version(uri) is None
     v0 = lake.write_table(df(0, 10), uri, metadata={"step": "v0"})
     v1 = lake.write_table(df(10, 15), uri, mode="append", metadata={"step": "v1"})
     v2 = lake.write_table(df(100, 103), uri, mode="overwrite", metadata={"step": "v2"})
@@ -106,12 +116,16 @@ def test_delta_table_on_hdfs_with_time_travel(spark, hdfs):
         assert sorted(read.column("id").to_pylist()) == ids
         # and delta-rs by itself, given only the URI
         assert sorted(deltalake.DeltaTable(uri, version=version).to_pyarrow_table().column("id").to_pylist()) == ids
-    assert [(h["version"], h["metadata"]) for h in lake.history(uri)] == [
-        (2, {"step": "v2"}), (1, {"step": "v1"}), (0, {"step": "v0"})]
+    assert [(h["version"], h["engine"], h["metadata"]) for h in lake.history(uri)] == [
+        (2, engine, {"step": "v2"}), (1, engine, {"step": "v1"}), (0, engine, {"step": "v0"})]
     with pytest.raises(ValueError, match="has no version 7"):
         lake.read_table(spark, uri, 7)
-    # a version pinned before more commits still reads the same rows
-    lake.write_table(df(200, 201), uri, mode="append")
+    # the other engine appends to the same table; a version pinned before still reads the same rows
+    other = "rs" if engine == "spark" else "spark"
+    spark.conf.set(ENGINE_KEY, other)
+    assert lake.write_table(df(200, 201), uri, mode="append", metadata={"step": "v3"}) == 3
+    assert [h["engine"] for h in lake.history(uri)] == [other, engine, engine, engine]
+    assert sorted(r.id for r in lake.read_table(spark, uri).collect()) == [100, 101, 102, 200]
     assert sorted(r.id for r in lake.read_table(spark, uri, 1).collect()) == expected[1]
 
 
@@ -130,11 +144,11 @@ def test_checkpoints_round_trip_and_resume_lookup_on_hdfs(hdfs):
     assert checkpoints.latest(f"{root}/nightly/no-such-run") is None
 
 
-def test_stopped_datanode_mid_write_leaves_previous_version_readable(spark, hdfs, tmp_path):
+def test_stopped_datanode_mid_write_leaves_previous_version_readable(spark, hdfs, engine, tmp_path):
     """The DataNode stops while a write is half done (its first task's file is on HDFS, the
     second task is still running): the write fails, nothing is committed, and once the DataNode
     is back the table reads exactly its previous version; the next write commits normally."""
-    uri = hdfs.url("/lake/datanode_failure")
+    uri = hdfs.url(f"/lake/datanode_failure_{engine}")
     filesys, path = storage.filesystem(uri)
     before = lake.write_table(spark.range(0, 100, numPartitions=2).toDF("x"), uri)
     committed = set(lake.table_files(uri, before))
@@ -224,6 +238,7 @@ def test_end_to_end_on_hdfs(spark, hdfs, hdfs_landing, tmp_path):
     for split in steps.SPLITS:
         table = prepared["tables"][split]
         assert table["uri"] == hdfs.url(f"/e2e/lake/{small.data.name}_{split}")
+        assert lake.history(table["uri"])[0]["engine"] == lake.engine(spark) == "spark"  # delta-spark on HDFS
         files = lake.table_files(table["uri"], table["version"])
         assert files and all(f.startswith(hdfs.uri + "/") for f in files)  # what the workers read
     assert sum(prepared["tables"][s]["rows"] for s in steps.SPLITS) == 100
