@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Pack the Python environment that YARN executors unpack (Spark's "Python Package Management":
 # venv-pack + --archives). Builds a fresh venv with the same installs as `make setup`, installs
-# dlpipe into it (not editable) with conf/ beside the package so conf/base.yaml is found, and
+# dlpipe into it (not editable) with conf/ beside the package (the experiment files), and
 # writes dist/dlpipe-env.tar.gz.
 #
 #   deploy/pack-env.sh [OUT]        # OUT defaults to dist/dlpipe-env.tar.gz
@@ -20,7 +20,7 @@ PY="$BUILD/env/bin/python"
 "$PY" -m pip install "$ROOT[datasets]"
 bash "$ROOT/deploy/install_horovod.sh" "$BUILD/env"
 SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-cp -r "$ROOT/conf" "$SITE/conf"   # dlpipe/config.py reads <package>/../conf/base.yaml
+cp -r "$ROOT/conf" "$SITE/conf"   # the experiment files (--conf conf/<name>.yaml)
 mkdir -p "$(dirname "$OUT")"
 "$BUILD/env/bin/venv-pack" -p "$BUILD/env" -o "$OUT" --force
 echo "pack-env: wrote $OUT"

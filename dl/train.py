@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol
 
 import numpy as np
 import torch
@@ -55,24 +55,36 @@ class SingleProcess:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FitConfig:
-    epochs: int
-    batch_size: int  # per worker
-    lr: float
-    optimizer: str = "adam"  # adam | sgd
+class TrainConfig:
+    """The `train:` section. fit() reads the optimization fields; the launchers and the train stage
+    read the rest (backend, workers, device, checkpoints, inputs). Defaults are the documented ones."""
+
+    backend: Literal["horovod", "torch_distributor", "local"] = "horovod"  # the launcher (dlpipe.launchers)
+    num_workers: int = 2  # Spark tasks, one worker each (horovod, torch_distributor)
+    use_gpu: Literal["auto", True, False] = "auto"  # auto: CUDA when the worker has one
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 adds a gradient scaler
+    sync: Literal["allreduce", "average"] = "allreduce"  # average gradients every step | parameter averaging
+    average_every: int = 8  # sync: average -> local steps between averages of parameters and optimizer state
+    epochs: int = 6
+    batch_size: int = 64  # per worker; the global batch is batch_size * workers
+    optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.0  # sgd only
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"  # constant | cosine (annealed to 0 over all steps)
-    lr_scaling: str = "none"  # none | linear: lr * world size, reached after warmup_epochs
+    lr: float = 0.002
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # cosine: annealed to 0 over all steps
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr * workers, reached after warmup_epochs
     warmup_epochs: int = 0
-    sync: str = "allreduce"  # allreduce | average
-    average_every: int = 1  # local steps between parameter averages (sync: average)
-    shuffle: bool = True
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a gradient scaler)
-    checkpoint_every: int = 0  # epochs; 0 = never
-    seed: int = 0
-    task: str = "classification"  # classification: cross-entropy, accuracy | regression: MSE, mean absolute error
-    freeze: str = "none"  # none | features: only model.head is trained (frozen layers stay in eval mode)
+    weight_decay: float = 0.0
+    shuffle: bool = True  # reshuffle each worker's shard every epoch (from seed, epoch, rank)
+    seed: int = 42
+    max_rows: int = 0  # per split; 0 = every row of the input tables (tests use small slices)
+    run_name: str = ""  # checkpoints and resume are per run name; "" = registry.model_name
+    checkpoint_uri: str = "checkpoints"  # local path, file://, s3:// or hdfs:// (written by the main rank)
+    checkpoint_every: int = 1  # epochs; 0 = no checkpoints
+    resume: Literal["auto", "never"] = "auto"  # auto: continue the latest unfinished run of run_name
+    init_from: str = ""  # "" or models:/<name>@<alias> (or /<version>): start from its weights, new head
+    freeze: Literal["none", "features"] = "none"  # features: only the head is trained (needs init_from)
+    # input tables {train, val, test: <uri> or <uri>@<version>}; {} = the newest set one prepare job wrote
+    tables: dict[str, str] = field(default_factory=dict)
 
 
 def metric_name(task: str) -> str:
@@ -84,9 +96,10 @@ def fit(
     model: nn.Module,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
-    cfg: FitConfig,
+    cfg: TrainConfig,
     dist: Dist = SingleProcess(),
     *,
+    task: str = "classification",
     device: torch.device = torch.device("cpu"),
     resume: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
@@ -95,13 +108,17 @@ def fit(
 ) -> list[dict]:
     """Train on this worker's shard; returns per-epoch metrics (the same on every worker).
 
+    Every epoch ends with the same model on every worker (under allreduce the weights are equal
+    and the floating buffers, batch-norm statistics, are averaged; under average everything is),
+    so the validation figures are those of the model rank 0 saves, over all workers' val shards.
+
     Every worker takes the same number of steps per epoch (the smallest shard decides), so
     uneven shards never leave one worker waiting in a collective. `on_epoch` and
     `save_checkpoint` are called on rank 0 only; `resume` is a state from `save_checkpoint`.
     """
     model.to(device)
-    classify = cfg.task == "classification"
-    x_train, y_train = torch.from_numpy(train[0]), _targets(train[1], cfg.task)
+    classify = task == "classification"
+    x_train, y_train = torch.from_numpy(train[0]), _targets(train[1], task)
     if cfg.freeze == "features":
         model.features.requires_grad_(False)
     optimizer = _optimizer(model, cfg)
@@ -123,8 +140,8 @@ def fit(
     history: list[dict] = list(resume.get("history", [])) if resume else []
     if dist.rank == 0 and resume is not None:
         log(f"resuming after epoch {start_epoch - 1}/{cfg.epochs}")
-    loss_fn = _loss(cfg.task)
-    name = metric_name(cfg.task)
+    loss_fn = _loss(task)
+    name = metric_name(task)
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
@@ -150,9 +167,11 @@ def fit(
             correct += _metric_sum(logits.detach().float(), yb, classify)
         if cfg.sync == "average" and dist.size > 1:
             _average_state(model, optimizer, dist)  # every worker ends the epoch with the same model
+        elif dist.size > 1:  # allreduce kept the weights equal; batch-norm statistics are per worker until now
+            _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
         seen = steps * cfg.batch_size
         train_seconds = time.perf_counter() - t0
-        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn, device, cfg.task)
+        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn, device, task)
         seconds = time.perf_counter() - t0
         totals = dist.sum([loss_sum, correct, seen, val_loss, val_correct, val_n])
         metrics = {
@@ -205,7 +224,7 @@ def _metric_sum(out: torch.Tensor, y: torch.Tensor, classify: bool) -> float:
     return (out.reshape(-1) - y).abs().sum().item()
 
 
-def _optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -214,7 +233,7 @@ def _optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected adam or sgd)")
 
 
-def _lr_factor(cfg: FitConfig, steps_per_epoch: int, world_size: int) -> Callable[[int], float]:
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int, world_size: int) -> Callable[[int], float]:
     """Multiplier of the base lr after `step` steps: linear scaling with warmup, then the schedule."""
     total = cfg.epochs * steps_per_epoch
     peak = world_size if cfg.lr_scaling == "linear" else 1.0
@@ -238,7 +257,7 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _backward_and_step(loss, model, optimizer, scaler, dist: Dist, cfg: FitConfig) -> None:
+def _backward_and_step(loss, model, optimizer, scaler, dist: Dist, cfg: TrainConfig) -> None:
     if scaler is None:
         loss.backward()
     else:

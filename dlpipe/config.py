@@ -1,33 +1,42 @@
-"""Typed configuration: conf/base.yaml holds every default, experiment files hold overrides,
-`--set section.key=value` overrides last. Everything is validated before Spark starts."""
+"""The one typed configuration schema. Every default lives in these dataclasses; experiment files
+(conf/*.yaml) hold only what they change and `--set section.key=value` overrides last. Each stage
+receives only the sections it uses. Everything is validated before Spark starts, and every error
+names the key (dlpipe.errors.ConfigError, exit code 2). `dlpipe config` prints the resolved config
+and docs/configuration.md describes every key."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import types
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from dl.models import REGISTRY, TASKS, ParamError
+from dl.models import REGISTRY, TASKS
+from dl.train import TrainConfig
+from dlpipe import typed
 
-BASE_CONFIG = Path(__file__).resolve().parent.parent / "conf" / "base.yaml"
+CHECKOUT = Path(__file__).resolve().parent.parent  # where `make setup` puts .work/jars
+from dlpipe.errors import ConfigError  # re-exported: callers import it from here
 
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message names the key and what was expected."""
+# the metrics evaluate logs for each model.task (test_roc_auc: two classes only); the first is registry.metric's auto
+TASK_METRICS = {"classification": ("test_accuracy", "test_log_loss", "test_roc_auc"),
+                "regression": ("test_r2", "test_mse", "test_mae")}
+FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class SparkConfig:
-    master: str
-    app_name: str
-    conf: dict[str, str]
-    jars_dir: str = ".work/jars"  # jars added to spark.jars (delta-spark, hadoop-aws: deploy/jars/pom.xml)
+    master: str = "local[*]"  # ignored under spark-submit: its --master wins
+    app_name: str = "dlpipe"
+    # applied only where spark-submit --conf did not set the key; openCostInBytes 16 KiB: many small
+    # raw files (one PNG per image) are packed thousands to a task instead of ~30
+    conf: dict[str, str] = field(default_factory=lambda: {
+        "spark.sql.shuffle.partitions": "8", "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.files.openCostInBytes": "16384", "spark.driver.memory": "4g"})
+    jars_dir: str = ".work/jars"  # jars for spark.jars (delta-spark, hadoop-aws: deploy/jars/pom.xml); relative: to the checkout
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,182 +47,164 @@ class LakeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PathsConfig:
-    landing: str  # raw files, one folder per class
-    lake: str  # Delta tables live under this URI
+    landing: str = "landing/fashion_mnist"  # raw files: images in one folder per class, or table files
+    lake: str = "lake"  # Delta tables: <lake>/<data.name>_{train,val,test,rejected,predictions,...}
 
 
 @dataclass(frozen=True, kw_only=True)
 class TableDataConfig:
     """data.kind: table. CSV / JSON lines / Parquet rows with a declared label column."""
-    format: Literal["csv", "jsonl", "parquet"]
-    key: str  # column with a unique row key; "" = <file>:<line>
-    label: str
-    task: Literal["classification", "regression"]
-    numeric: list[str]  # standardized with train-split statistics
-    categorical: list[str]  # one-hot with a train-split vocabulary
-    classes: list[str]  # classification label values in label order; [] = sorted values seen
+    format: Literal["csv", "jsonl", "parquet"] = "csv"  # csv with a header
+    key: str = ""  # column with a unique row key; "" = <file>:<line>
+    label: str = "label"
+    task: Literal["classification", "regression"] = "classification"
+    numeric: list[str] = field(default_factory=list)  # standardized with train-split mean/std
+    categorical: list[str] = field(default_factory=list)  # one-hot over the train-split values
+    classes: list[str] = field(default_factory=list)  # label values in label order; [] = sorted values seen
 
 
 @dataclass(frozen=True, kw_only=True)
 class RatingsDataConfig:
     """data.kind: ratings. (user, item, rating) rows."""
-    format: Literal["csv", "jsonl", "parquet"]
-    user: str
-    item: str
-    rating: str
-    min_rating: float
-    max_rating: float
-    split_by: Literal["rating", "user"]
+    format: Literal["csv", "jsonl", "parquet"] = "csv"
+    user: str = "user"
+    item: str = "item"
+    rating: str = "rating"
+    min_rating: float = 1.0
+    max_rating: float = 5.0
+    split_by: Literal["rating", "user"] = "rating"  # hash of user:item | of user (a user's ratings in one split)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TextDataConfig:
     """data.kind: text. Labelled documents (csv/jsonl/parquet) or a raw corpus (lines)."""
-    format: Literal["csv", "jsonl", "parquet", "lines"]
-    encoding: str  # of csv/jsonl/lines files
-    key: str  # "" = <file>:<line>
-    text: str  # column with the text (ignored for format: lines)
-    label: str  # "" = unlabelled
-    classes: list[str]  # [] = sorted label values seen
-    lowercase: bool
-    min_count: int  # vocabulary: tokens seen at least this often in the train split
-    max_vocab: int  # ... at most this many (plus <pad>=0 and <unk>=1)
-    max_length: int  # id sequences padded with 0 or truncated to this length
+    format: Literal["csv", "jsonl", "parquet", "lines"] = "jsonl"  # lines: every non-blank line is a document
+    encoding: str = "utf-8"  # of csv/jsonl/lines files
+    key: str = ""  # "" = <file>:<line>
+    text: str = "text"  # column with the text (ignored for format: lines)
+    label: str = ""  # "" = unlabelled
+    classes: list[str] = field(default_factory=list)  # [] = sorted label values seen
+    lowercase: bool = True
+    min_count: int = 2  # vocabulary: tokens seen at least this often in the train split
+    max_vocab: int = 20000  # ... at most this many (plus <pad>=0 and <unk>=1)
+    max_length: int = 128  # id sequences padded with 0 or truncated to this length
 
 
 @dataclass(frozen=True, kw_only=True)
 class TimeSeriesDataConfig:
     """data.kind: timeseries. (time, value) observations -> (history, horizon) windows."""
-    format: Literal["csv", "jsonl", "parquet"]
-    time: str  # column: a number (e.g. a year) or a timestamp string
-    value: str
-    series: str  # column naming the series; "" = one series
-    history: int
-    horizon: int
-    stride: int
-    val_start: str  # windows wholly at/after this time are val, at/after test_start test,
-    test_start: str  # wholly before val_start train; windows straddling a boundary are dropped
+    format: Literal["csv", "jsonl", "parquet"] = "csv"
+    time: str = "time"  # column: a number (e.g. a year) or a timestamp string
+    value: str = "value"
+    series: str = ""  # column naming the series; "" = one series
+    history: int = 24
+    horizon: int = 1
+    stride: int = 1
+    val_start: str = "1"  # windows wholly at/after this time are val, at/after test_start test,
+    test_start: str = "2"  # wholly before val_start train; windows straddling a boundary are dropped
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    kind: Literal["images", "table", "ratings", "text", "timeseries"]
-    mode: Literal["overwrite", "append", "merge"]  # append: only new source files; merge: upsert by key
-    dataset: str  # `dlpipe land`: the packaged dataset to land ("" = the image demo data)
-    land_shards: int  # `dlpipe land`: files to split a dataset into
-    name: str  # table name prefix: <lake>/<name>_train, ...
-    classes: list[str]  # class folder names, in label order
-    image_size: int
-    channels: int
-    split_fractions: dict[str, float]  # train/val/test; assigned from a hash of the file path
-    land_limit_per_class: int  # land-demo-data: images per class to land, 0 = all
-    max_rejected_fraction: float  # prepare fails, writing no new train/val/test version, above this
-    select_classes: list[str]  # train/evaluate on these classes only (relabelled 0..k-1); [] = all
-    label_fraction: float  # keep this fraction of the training rows (stable hash of the key); 1.0 = all
-    table: TableDataConfig
-    ratings: RatingsDataConfig
-    text: TextDataConfig
-    timeseries: TimeSeriesDataConfig
+    kind: Literal["images", "table", "ratings", "text", "timeseries"] = "images"
+    mode: Literal["overwrite", "append", "merge"] = "overwrite"  # append: only new source files; merge: upsert by key
+    dataset: str = ""  # `dlpipe land`: the packaged dataset to land ("" = the image demo data)
+    land_shards: int = 4  # `dlpipe land`: files to split a dataset into
+    name: str = "fashion_mnist"  # table name prefix: <lake>/<name>_train, ...
+    classes: list[str] = field(default_factory=lambda: list(FASHION_CLASSES))  # class folder names, in label order
+    image_size: int = 28
+    channels: int = 1
+    split_fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    land_limit_per_class: int = 0  # land-demo-data: images per class to land, 0 = all
+    max_rejected_fraction: float = 0.01  # prepare fails, writing no new train/val/test version, above this
+    select_classes: list[str] = field(default_factory=list)  # train/evaluate on these only (relabelled 0..k-1)
+    label_fraction: float = 1.0  # keep this fraction of the training rows (stable hash of the key)
+    table: TableDataConfig = field(default_factory=TableDataConfig)
+    ratings: RatingsDataConfig = field(default_factory=RatingsDataConfig)
+    text: TextDataConfig = field(default_factory=TextDataConfig)
+    timeseries: TimeSeriesDataConfig = field(default_factory=TimeSeriesDataConfig)
 
 
 # model.name picks one registered model (dl/models/<name>.py); its hyperparameters are validated
-# against that model's own config dataclass under model.<name>.
+# against that model's own config dataclass under model.<name>, with that dataclass's defaults.
 ModelConfig = dataclasses.make_dataclass(
     "ModelConfig",
-    [("name", Literal[tuple(REGISTRY)]), ("task", Literal[TASKS]), *[(n, spec.config) for n, spec in REGISTRY.items()]],
+    [("name", Literal[tuple(REGISTRY)], field(default="cnn")),
+     ("task", Literal[TASKS], field(default="classification")),
+     *[(n, spec.config, field(default_factory=spec.config)) for n, spec in REGISTRY.items()]],
     frozen=True, kw_only=True,
 )
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    backend: Literal["horovod", "torch_distributor", "local"]
-    num_workers: int
-    use_gpu: Literal["auto", True, False]
-    precision: Literal["fp32", "bf16", "fp16"]
-    sync: Literal["allreduce", "average"]
-    average_every: int  # local steps between parameter averages (sync: average)
-    epochs: int
-    batch_size: int  # per worker
-    optimizer: Literal["adam", "sgd"]
-    momentum: float
-    lr: float
-    lr_schedule: Literal["constant", "cosine"]
-    lr_scaling: Literal["none", "linear"]
-    warmup_epochs: int
-    weight_decay: float
-    shuffle: bool
-    seed: int
-    max_rows: int  # 0 = every row of the pinned train table (tests use small slices)
-    run_name: str  # checkpoints and resume are per run name; "" = registry.model_name
-    checkpoint_uri: str
-    checkpoint_every: int  # epochs; 0 = no checkpoints
-    resume: Literal["auto", "never"]
-    init_from: str  # "" or models:/<name>@<alias> (or /<version>): start from its weights, new head
-    freeze: Literal["none", "features"]  # features: only the head is trained
-
-
-@dataclass(frozen=True, kw_only=True)
 class RegistryConfig:
-    model_name: str
-    min_accuracy: float  # the new version becomes `champion` only at or above this test accuracy
-    metric: Literal["test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae"]  # retrain compares challenger and champion on this
-    min_improvement: float  # retrain promotes a challenger only if it beats the champion by at least this
-    lock_ttl_s: int  # a promotion lock older than this was left by a crashed job and is broken
-    lock_wait_s: int  # how long a job waits for the promotion lock before failing
+    model_name: str = "fashion_cnn"
+    min_accuracy: float = 0.85  # evaluate, first retrain: champion only at or above this test accuracy
+    # retrain compares challenger and champion on this; auto = test_accuracy (classification) or test_r2 (regression)
+    metric: Literal["auto", "test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae"] = "auto"
+    min_improvement: float = 0.005  # retrain promotes a challenger only if it beats the champion by at least this
+    lock_ttl_s: int = 1800  # a promotion lock older than this was left by a crashed job and is broken
+    lock_wait_s: int = 600  # how long a job waits for the promotion lock before failing
 
 
 @dataclass(frozen=True, kw_only=True)
 class MlflowConfig:
-    tracking_uri: str
-    artifact_root: str
-    experiment: str
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlartifacts"
+    experiment: str = "dlpipe"
 
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
-    run_id: str  # "" = the latest finished training run of this experiment and model
+    run_id: str = ""  # "" = the latest finished training run of this experiment and model
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig:
-    model_uri: str  # "" = models:/<registry.model_name>@champion
-    batch_size: int
-    run_date: str  # YYYY-MM-DD the predictions are for; "" = today (UTC). Rerun = same slice replaced
+    model_uri: str = ""  # "" = models:/<registry.model_name>@champion, resolved once to its version
+    # the table to score: "" = the test table the model's lineage names (else the latest <name>_test),
+    # <uri> = its latest version, <uri>@<version> = that version
+    input: str = ""
+    batch_size: int = 1024
+    run_date: str = ""  # YYYY-MM-DD the predictions are for; "" = today (UTC). Rerun = same slice replaced
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    spark: SparkConfig
-    paths: PathsConfig
-    lake: LakeConfig
-    data: DataConfig
-    model: ModelConfig
-    train: TrainConfig
-    registry: RegistryConfig
-    mlflow: MlflowConfig
-    evaluate: EvaluateConfig
-    score: ScoreConfig
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    lake: LakeConfig = field(default_factory=LakeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
 
     def table_uri(self, suffix: str) -> str:
-        return f"{self.paths.lake.rstrip('/')}/{self.data.name}_{suffix}"
+        return table_uri(self.paths, self.data, suffix)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Path = BASE_CONFIG) -> Config:
-    """base.yaml <- experiment file <- `key=value` overrides, then typed validation."""
-    raw = _read_yaml(base)
+def table_uri(paths: PathsConfig, data: DataConfig, suffix: str) -> str:
+    """<paths.lake>/<data.name>_<suffix>: where prepare writes and the stages read by default."""
+    return f"{paths.lake.rstrip('/')}/{data.name}_{suffix}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- experiment file <- `key=value` overrides, then typed validation."""
+    raw: dict = {}
     if path is not None:
-        _merge(raw, _read_yaml(Path(path)))
+        typed.merge(raw, _read_yaml(Path(path)))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
-        _merge(raw, _nest(_split_key(key.strip()), yaml.safe_load(value)))
-    cfg = _build(Config, raw, prefix="")
-    return _resolve_paths(cfg)
+        typed.merge(raw, typed.nest(typed.split_key(Config, key.strip()), yaml.safe_load(value)))
+    return _resolve_paths(typed.build(Config, raw, prefix=""))
 
 
 def _read_yaml(path: Path) -> dict:
@@ -226,108 +217,6 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
     return data
-
-
-def _split_key(dotted: str) -> list[str]:
-    """`spark.conf.spark.ui.enabled` -> ["spark", "conf", "spark.ui.enabled"]: below a free-form
-    mapping (such as Spark settings) the rest of the key is one name."""
-    parts, cls = dotted.split("."), Config
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        tp = hints.get(part)
-        if typing.get_origin(tp) is dict:
-            return parts[: i + 1] + ([".".join(parts[i + 1 :])] if i + 1 < len(parts) else [])
-        if tp is None or not dataclasses.is_dataclass(tp):
-            return parts
-        cls = tp
-    return parts
-
-
-def _nest(parts: list[str], value: Any) -> dict:
-    out: Any = value
-    for part in reversed(parts):
-        out = {part: out}
-    return out
-
-
-def _merge(into: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "<top level>"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config key '{where}': expected a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}' (expected one of: {', '.join(sorted(fields))})"
-        )
-    optional = {f.name for f in fields.values()
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-    missing = sorted(set(fields) - set(raw) - optional)
-    if missing:
-        raise ConfigError(f"missing config key '{prefix}{missing[0]}'")
-    try:
-        return cls(**{name: _check(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw})
-    except ParamError as exc:  # a model's own check of its hyperparameters
-        raise ConfigError(f"config key '{prefix}{exc.field}': {exc.message}") from None
-
-
-def _check(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=f"{key}.")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"config key '{key}': expected one of {list(choices)}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_check(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
-        _, val_tp = typing.get_args(tp)
-        if val_tp is str:  # free-form settings such as Spark conf: scalars become strings
-            return {str(k): _scalar_str(v, f"{key}.{k}") for k, v in value.items()}
-        return {str(k): _check(val_tp, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, datetime.date):  # YAML reads an unquoted 2026-01-02 as a date
-            value = value.isoformat()
-        if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp} for {key}")  # a bug in this module, not user input
-
-
-def _scalar_str(value: Any, key: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    raise ConfigError(f"config key '{key}': expected a scalar value, got {value!r}")
 
 
 def _validate(cfg: Config) -> None:
@@ -376,6 +265,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.max_rejected_fraction': expected a number in [0, 1], got {cfg.data.max_rejected_fraction}")
     if not 0 <= cfg.registry.min_accuracy <= 1:
         raise ConfigError(f"config key 'registry.min_accuracy': expected a number in [0, 1], got {cfg.registry.min_accuracy}")
+    metric = cfg.registry.metric
+    if metric != "auto" and metric not in TASK_METRICS[cfg.model.task]:
+        raise ConfigError(f"config key 'registry.metric': a {cfg.model.task} model is evaluated on "
+                          f"{list(TASK_METRICS[cfg.model.task])} (or auto), got {metric!r}")
+    n_classes = len(cfg.data.select_classes or names)
+    if metric == "test_roc_auc" and n_classes != 2 and n_classes:
+        raise ConfigError(f"config key 'registry.metric': test_roc_auc needs exactly two classes, got {n_classes}")
     if cfg.registry.min_improvement < 0:
         raise ConfigError(f"config key 'registry.min_improvement': expected a non-negative number, got {cfg.registry.min_improvement}")
     for key, value in {"registry.lock_ttl_s": cfg.registry.lock_ttl_s, "registry.lock_wait_s": cfg.registry.lock_wait_s}.items():
@@ -386,6 +282,13 @@ def _validate(cfg: Config) -> None:
             datetime.date.fromisoformat(cfg.score.run_date)
         except ValueError:
             raise ConfigError(f"config key 'score.run_date': expected YYYY-MM-DD or \"\", got {cfg.score.run_date!r}") from None
+    tables = cfg.train.tables
+    if tables and sorted(tables) != ["test", "train", "val"]:
+        raise ConfigError(f"config key 'train.tables': expected {{train: <uri>[@<version>], val: ..., test: ...}} "
+                          f"(all three) or {{}} (the newest set one prepare job wrote), got keys {sorted(tables)}")
+    for key, spec in [*((f"train.tables.{k}", v) for k, v in tables.items()), ("score.input", cfg.score.input)]:
+        if spec != spec.strip() or (key != "score.input" and not spec):
+            raise ConfigError(f"config key '{key}': expected <table uri> or <table uri>@<version>, got {spec!r}")
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError("config key 'data.classes': expected at least two distinct class folder names")
     _validate_data_kind(cfg.data)
@@ -457,10 +360,12 @@ def _resolve_paths(cfg: Config) -> Config:
         tracking = "sqlite:///" + str(Path(tracking[len("sqlite:///"):]).resolve())
     jars_dir = cfg.spark.jars_dir  # relative: to the checkout (where `make setup` puts them)
     if jars_dir and "://" not in jars_dir and not Path(jars_dir).is_absolute():
-        jars_dir = str(BASE_CONFIG.parent.parent / jars_dir)
+        jars_dir = str(CHECKOUT / jars_dir)
+    metric = TASK_METRICS[cfg.model.task][0] if cfg.registry.metric == "auto" else cfg.registry.metric
     return dataclasses.replace(
         cfg,
         spark=dataclasses.replace(cfg.spark, jars_dir=jars_dir),
+        registry=dataclasses.replace(cfg.registry, metric=metric),
         paths=PathsConfig(landing=_absolute_uri(cfg.paths.landing), lake=_absolute_uri(cfg.paths.lake)),
         train=dataclasses.replace(cfg.train, checkpoint_uri=_absolute_uri(cfg.train.checkpoint_uri),
                                   run_name=cfg.train.run_name or cfg.registry.model_name),

@@ -84,7 +84,9 @@ def write_table(
             raise storage.storage_error(uri, exc) or exc from None
     else:
         _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None)
-    return _find_commit(uri, commit_id, -1 if before is None else before)
+    version = _find_commit(uri, commit_id, -1 if before is None else before, required=not native or mode != "append")
+    # delta-spark makes no commit for an append of no rows: the table's rows are those of `before`
+    return before if version is None else version
 
 
 def read_table(spark: SparkSession, uri: str, version: int | None = None) -> DataFrame:
@@ -238,13 +240,15 @@ def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.Re
     )
 
 
-def _find_commit(uri: str, commit_id: str, before: int) -> int:
+def _find_commit(uri: str, commit_id: str, before: int, *, required: bool = True) -> int | None:
     """Our commit is one of the versions after `before`; other writers may have committed too."""
     table = _delta(uri)
     for commit in table.history(table.version() - before):
         if _user_metadata(commit).get(_COMMIT_ID) == commit_id:
             return commit["version"]
-    raise RuntimeError(f"Commit {commit_id} not found in the log of Delta table {uri}")
+    if required:
+        raise RuntimeError(f"Commit {commit_id} not found in the log of Delta table {uri}")
+    return None
 
 
 def _open(uri: str, version: int | None) -> DeltaTable:

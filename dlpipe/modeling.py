@@ -1,5 +1,5 @@
-"""Driver-side glue between the config, the model registry (dl.models) and the tables: which net
-to build for a table, which labels a run sees, the fit settings, pretrained weights."""
+"""Driver-side glue between the config sections, the model registry (dl.models) and the tables:
+which net to build for a table, which labels a run sees, pretrained weights."""
 
 from __future__ import annotations
 
@@ -8,28 +8,29 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from dl.models import REGISTRY, Net
-from dl.train import FitConfig
 from dlpipe import lake
-from dlpipe.config import Config
+from dlpipe.config import DataConfig, ModelConfig
+from dlpipe.errors import InputNotFound
+from dlpipe.refs import TableRef
 
 
-def class_names(cfg: Config) -> list[str]:
+def class_names(data: DataConfig, task: str) -> list[str]:
     """Label names in label order: image class folders, or data.table.classes for tables."""
-    if cfg.data.kind != "table":
-        return list(cfg.data.classes)
-    if cfg.model.task != cfg.data.table.task:
-        raise ValueError(f"model.task={cfg.model.task} but the table's labels are for {cfg.data.table.task} (data.table.task)")
-    if cfg.model.task == "classification" and len(cfg.data.table.classes) < 2:
+    if data.kind != "table":
+        return list(data.classes)
+    if task != data.table.task:
+        raise ValueError(f"model.task={task} but the table's labels are for {data.table.task} (data.table.task)")
+    if task == "classification" and len(data.table.classes) < 2:
         raise ValueError("data.table.classes is empty: a classifier needs the class names in label order")
-    return list(cfg.data.table.classes)
+    return list(data.table.classes)
 
 
-def label_view(cfg: Config) -> tuple[list[str], tuple[int, ...]]:
+def label_view(data: DataConfig, task: str) -> tuple[list[str], tuple[int, ...]]:
     """(class names this run trains on, their original label ids or () for all classes)."""
-    names = class_names(cfg)
-    if not cfg.data.select_classes:
+    names = class_names(data, task)
+    if not data.select_classes:
         return names, ()
-    return list(cfg.data.select_classes), tuple(names.index(c) for c in cfg.data.select_classes)
+    return list(data.select_classes), tuple(names.index(c) for c in data.select_classes)
 
 
 def relabel(df: DataFrame, ids: tuple[int, ...]) -> DataFrame:
@@ -40,42 +41,33 @@ def relabel(df: DataFrame, ids: tuple[int, ...]) -> DataFrame:
     return df.where(F.col("label").isin(list(ids))).withColumn("label", mapping[F.col("label")].cast("int"))
 
 
-def input_of(spark: SparkSession, uri: str, version: int, cfg: Config) -> tuple[str, tuple[int, ...]]:
+def input_of(spark: SparkSession, table: TableRef, data: DataConfig) -> tuple[str, tuple[int, ...]]:
     """(input column, shape of one example): images carry `pixels`, tables carry `features`."""
-    columns = lake.read_table(spark, uri, version).columns
-    if "pixels" in columns:
-        return "pixels", (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    if "features" in columns:
-        n = lake.read_table(spark, uri, version).select(F.size("features").alias("n")).first()
+    frame = lake.read_table(spark, table.uri, table.version)
+    if "pixels" in frame.columns:
+        return "pixels", (data.channels, data.image_size, data.image_size)
+    if "features" in frame.columns:
+        n = frame.select(F.size("features").alias("n")).first()
         if n is None:
-            raise ValueError(f"{uri}@{version} is empty: cannot tell how many features a row has")
+            raise ValueError(f"{table} is empty: cannot tell how many features a row has")
         return "features", (int(n["n"]),)
-    raise ValueError(f"{uri}@{version} has neither a `pixels` nor a `features` column (columns: {columns})")
+    raise ValueError(f"{table} has neither a `pixels` nor a `features` column (columns: {frame.columns})")
 
 
-def net_for(cfg: Config, input_column: str, input_shape: tuple[int, ...], num_classes: int) -> Net:
-    spec = REGISTRY[cfg.model.name]
+def net_for(model: ModelConfig, data_name: str, input_column: str, input_shape: tuple[int, ...], num_classes: int) -> Net:
+    spec = REGISTRY[model.name]
     kind = "image" if input_column == "pixels" else "table"
     if kind not in spec.inputs:
-        raise ValueError(f"model.name={cfg.model.name} takes {' or '.join(spec.inputs)} input; "
-                         f"data.name={cfg.data.name} is a {kind} table")
-    return Net(name=cfg.model.name, params=getattr(cfg.model, cfg.model.name), input_shape=tuple(input_shape),
-               num_outputs=num_classes if cfg.model.task == "classification" else 1, task=cfg.model.task)
+        raise ValueError(f"model.name={model.name} takes {' or '.join(spec.inputs)} input; "
+                         f"data.name={data_name} is a {kind} table")
+    return Net(name=model.name, params=getattr(model, model.name), input_shape=tuple(input_shape),
+               num_outputs=num_classes if model.task == "classification" else 1, task=model.task)
 
 
-def image_net(cfg: Config) -> Net:
+def image_net(model: ModelConfig, data: DataConfig) -> Net:
     """The configured model for the configured image data (no table needed)."""
-    return net_for(cfg, "pixels", (cfg.data.channels, cfg.data.image_size, cfg.data.image_size), len(label_view(cfg)[0]))
-
-
-def fit_config(cfg: Config) -> FitConfig:
-    t = cfg.train
-    return FitConfig(
-        epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer, momentum=t.momentum,
-        weight_decay=t.weight_decay, lr_schedule=t.lr_schedule, lr_scaling=t.lr_scaling,
-        warmup_epochs=t.warmup_epochs, sync=t.sync, average_every=t.average_every, shuffle=t.shuffle,
-        precision=t.precision, checkpoint_every=t.checkpoint_every, seed=t.seed, task=cfg.model.task, freeze=t.freeze,
-    )
+    shape = (data.channels, data.image_size, data.image_size)
+    return net_for(model, data.name, "pixels", shape, len(label_view(data, model.task)[0]))
 
 
 def resolve(model_uri: str) -> str:
@@ -86,7 +78,7 @@ def resolve(model_uri: str) -> str:
     try:
         version = MlflowClient().get_model_version_by_alias(name, alias).version
     except Exception:
-        raise LookupError(f"{model_uri} does not resolve: no version of {name!r} has alias {alias!r}") from None
+        raise InputNotFound(f"{model_uri} does not resolve: no version of {name!r} has alias {alias!r}") from None
     return f"models:/{name}/{version}"
 
 

@@ -4,9 +4,11 @@ pandas: it must never import dlpipe.
 
 Input: a DataFrame with the model's input column: `pixels` (images: one flat list of
 channels*height*width floats in [0, 1] per row, channels first) or `features` (tables: one list
-of floats per row), or an array of that shape. Output, by the model's task: classification:
-`prediction` (class index), `label_name` and `probabilities` (one per class); regression:
-`prediction` (a double)."""
+of floats per row), or an array of that shape. A row with another length, a missing value, a NaN
+or infinite value, or (images) a value outside [0, 1] is rejected: predict raises an
+INVALID_PARAMETER_VALUE error (`mlflow models serve` answers it with HTTP 400) naming the rows, the reason
+and the expected shape and range. Output, by the model's task: classification: `prediction`
+(class index), `label_name` and `probabilities` (one per class); regression: `prediction` (a double)."""
 
 import json
 
@@ -14,24 +16,70 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 
 class TorchModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         with open(context.artifacts["meta"]) as f:
             meta = json.load(f)
-        self.input_shape = tuple(meta["input_shape"])  # (channels, height, width)
+        self.input_shape = tuple(meta["input_shape"])  # (channels, height, width) or (features,)
+        self.width = int(np.prod(self.input_shape))
         self.classes = meta["classes"]
         self.task = meta.get("task", "classification")
         self.column = meta.get("input_column", "pixels")
+        # pixels are in [0, 1] (prepare scales them); table features are standardized: any finite value
+        self.value_range = meta.get("input_range", [0.0, 1.0] if self.column == "pixels" else None)
         self.module = torch.export.load(context.artifacts["program"]).module()
 
-    def predict(self, context, model_input, params=None):
+    def expected(self) -> str:
+        bounds = f" in [{self.value_range[0]:g}, {self.value_range[1]:g}]" if self.value_range else ""
+        return f"`{self.column}`: {self.width} finite floats per row (input shape {self.input_shape}){bounds}"
+
+    def row_problems(self, x: np.ndarray) -> list:
+        """x: rows x width floats. Per row: None when it can be scored, else why not."""
+        finite = np.isfinite(x).all(axis=1) if x.size else np.ones(len(x), bool)
+        inside = np.ones(len(x), bool)
+        if self.value_range and x.size:
+            with np.errstate(invalid="ignore"):
+                inside = ((x >= self.value_range[0]) & (x <= self.value_range[1])).all(axis=1)
+        return [None if ok and within else ("a NaN or infinite value" if not ok else "a value out of range")
+                for ok, within in zip(finite, inside)]
+
+    def length_problem(self, length) -> str:
+        return "no value" if length is None else f"{length} values"
+
+    def _matrix(self, model_input) -> np.ndarray:
+        """The input as a rows x width float32 matrix; raises naming every rejected row."""
         if isinstance(model_input, pd.DataFrame):
-            values = np.stack([np.asarray(p, dtype=np.float32) for p in model_input[self.column]]) if len(model_input) else np.zeros((0, int(np.prod(self.input_shape))), np.float32)
+            x, problems = self._from_rows(list(model_input[self.column]) if len(model_input) else [])
         else:
             values = np.asarray(model_input, dtype=np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(-1, *self.input_shape))
+            if values.ndim >= 1 and values.size == len(values) * self.width:  # the common case: one matrix, no copy
+                x = values.reshape(len(values), self.width)
+                problems = self.row_problems(x)
+            else:
+                x, problems = self._from_rows(list(values) if values.ndim >= 1 else [values])
+        rejected = [(i, p) for i, p in enumerate(problems) if p is not None]
+        if rejected:
+            shown = "; ".join(f"row {i}: {p}" for i, p in rejected[:5]) + ("; ..." if len(rejected) > 5 else "")
+            raise MlflowException(f"{len(rejected)} of {len(problems)} input rows rejected ({shown}); "
+                                  f"expected {self.expected()}", error_code=INVALID_PARAMETER_VALUE)
+        return x
+
+    def _from_rows(self, rows: list):
+        arrays = [None if r is None else np.asarray(r, dtype=np.float32).ravel() for r in rows]
+        problems = [None if a is not None and a.size == self.width else self.length_problem(None if a is None else a.size)
+                    for a in arrays]
+        good = [i for i, p in enumerate(problems) if p is None]
+        x = np.stack([arrays[i] for i in good]) if good else np.zeros((0, self.width), np.float32)
+        for i, p in zip(good, self.row_problems(x)):
+            problems[i] = p
+        return x, problems
+
+    def predict(self, context, model_input, params=None):
+        x = torch.from_numpy(np.ascontiguousarray(self._matrix(model_input)).reshape(-1, *self.input_shape))
         if self.task == "regression":
             with torch.no_grad():
                 out = self.module(x).reshape(-1).numpy() if len(x) else np.zeros(0, np.float32)

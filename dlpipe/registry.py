@@ -23,16 +23,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dlpipe import lake
+from dlpipe.errors import TrackingUnreachable  # re-exported
+from dlpipe.refs import SPLITS, TableRef
 
 CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK = "champion", "challenger", "previous", "rolled_back"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK)
 HIGHER_IS_BETTER = {"test_accuracy": True, "test_log_loss": False, "test_roc_auc": True,
                     "test_r2": True, "test_mse": False, "test_mae": False}
-SPLITS = ("train", "val", "test")
-
-
-class TrackingUnreachable(RuntimeError):
-    """The MLflow tracking server does not answer; nothing was trained or registered."""
 
 
 def say(message: str) -> None:
@@ -81,7 +78,7 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def lineage_tags(client: MlflowClient, run_id: str, tables: dict[str, dict], metrics: dict[str, float]) -> dict[str, str]:
+def lineage_tags(client: MlflowClient, run_id: str, tables: dict[str, TableRef], metrics: dict[str, float]) -> dict[str, str]:
     """Everything a registered version must say about where it came from."""
     config = json.loads(Path(client.download_artifacts(run_id, "config.json")).read_text())
     code = code_version()
@@ -94,8 +91,8 @@ def lineage_tags(client: MlflowClient, run_id: str, tables: dict[str, dict], met
         "dlpipe.code.git_sha": code["git_sha"],
     }
     for split, table in tables.items():
-        tags[f"dlpipe.table.{split}"] = f"{table['uri']}@{table['version']}"
-        tags[f"dlpipe.rows.{split}"] = str(lake.table_rows(table["uri"], table["version"]))
+        tags[f"dlpipe.table.{split}"] = str(table)
+        tags[f"dlpipe.rows.{split}"] = str(lake.table_rows(table.uri, table.version))
     if "train.rows" in params:
         tags["dlpipe.rows.train_used"] = params["train.rows"]
     for name, value in metrics.items():
@@ -103,15 +100,10 @@ def lineage_tags(client: MlflowClient, run_id: str, tables: dict[str, dict], met
     return tags
 
 
-def tables_of(version) -> dict[str, tuple[str, int]]:
-    """The Delta tables (uri, version) a registered version was trained and evaluated on."""
-    out = {}
-    for split in SPLITS:
-        value = version.tags.get(f"dlpipe.table.{split}")
-        if value:
-            uri, _, v = value.rpartition("@")
-            out[split] = (uri, int(v))
-    return out
+def tables_of(version) -> dict[str, TableRef]:
+    """The table versions a registered version was trained and evaluated on (its lineage tags)."""
+    return {split: TableRef.parse(version.tags[f"dlpipe.table.{split}"]) for split in SPLITS
+            if version.tags.get(f"dlpipe.table.{split}")}
 
 
 def metric_of(version, metric: str) -> float | None:
@@ -130,9 +122,9 @@ def register(client: MlflowClient, name: str, model_uri: str, run_id: str, tags:
     return mlflow.register_model(model_uri, name, tags=tags)
 
 
-def versions_trained_on(client: MlflowClient, name: str, tables: dict[str, dict]) -> list:
+def versions_trained_on(client: MlflowClient, name: str, tables: dict[str, TableRef]) -> list:
     """Registered versions of `name` whose train/val/test lineage is exactly `tables`."""
-    wanted = {s: (t["uri"], int(t["version"])) for s, t in tables.items()}
+    wanted = dict(tables)
     try:
         versions = client.search_model_versions(f"name = '{name}'", max_results=10000)
     except MlflowException:
@@ -297,8 +289,7 @@ def describe(client: MlflowClient, name: str) -> dict:
         t = v.tags
         out["aliases"][alias] = {
             "version": int(v.version), "run_id": v.run_id, "created": v.creation_timestamp,
-            "tables": {s: {"uri": u, "version": n, "rows": int(t.get(f"dlpipe.rows.{s}", -1))}
-                       for s, (u, n) in tables_of(v).items()},
+            "tables": {s: ref.to_dict() | {"rows": int(t.get(f"dlpipe.rows.{s}", -1))} for s, ref in tables_of(v).items()},
             "rows_train_used": int(t["dlpipe.rows.train_used"]) if "dlpipe.rows.train_used" in t else None,
             "metrics": {k.removeprefix("dlpipe.metric."): float(x) for k, x in t.items() if k.startswith("dlpipe.metric.")},
             "config_sha256": t.get("dlpipe.config_sha256"), "config_artifact": t.get("dlpipe.config_artifact"),

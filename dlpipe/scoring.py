@@ -16,8 +16,10 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-PREDICTION_SCHEMA = "key string, label int, prediction long, label_name string, probabilities array<float>"
-REGRESSION_SCHEMA = "key string, label double, prediction double"
+# rows the model cannot take (wrong length, NaN or infinite, out of range) are kept: no prediction, the reason
+PREDICTION_SCHEMA = ("key string, label int, prediction long, label_name string, probabilities array<float>, "
+                     "rejected_reason string")
+REGRESSION_SCHEMA = "key string, label double, prediction double, rejected_reason string"
 _LOADED: dict[str, object] = {}  # per executor process: model directory -> loaded pyfunc model
 
 
@@ -40,9 +42,11 @@ def model_meta(shipped: str) -> dict:
 
 
 def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame:
-    """Classification: key, label, prediction, label_name, probabilities for every row of an image
-    or feature table; regression: key, label, prediction (doubles). Arrow batches go straight to
-    the model as one float32 matrix (no per-row Python objects)."""
+    """Classification: key, label, prediction, label_name, probabilities, rejected_reason for every
+    row of an image or feature table; regression: key, label, prediction (doubles), rejected_reason.
+    Arrow batches go straight to the model as one float32 matrix (no per-row Python objects). A row
+    the model cannot take keeps its key and label, no prediction, and the reason (rejected_reason,
+    null for scored rows), with the expected shape and range."""
     shipped = ship_model(spark, model_uri)
     meta = model_meta(shipped)
     column = meta.get("input_column", "pixels")
@@ -51,17 +55,20 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = _load(shipped)
         for batch in batches:
-            out = model.predict(None, _matrix(batch.column(column)))
+            x, reasons = _checked(model, batch.column(column))
+            good = np.array([r is None for r in reasons], dtype=bool)
+            out = model.predict(None, x[good])
             columns = {"key": batch.column("key"), "label": batch.column("label")}
             if regression:
-                columns["prediction"] = pa.array(out["prediction"].to_numpy(np.float64))
+                columns["prediction"] = _spread(pa.array(out["prediction"].to_numpy(np.float64)), good)
             else:
                 probs = np.stack(out["probabilities"].to_numpy()).astype(np.float32) if len(out) else \
                     np.zeros((0, len(meta["classes"])), np.float32)
-                columns |= {"prediction": pa.array(out["prediction"].to_numpy(np.int64)),
-                            "label_name": pa.array(out["label_name"].to_numpy(), pa.string()),
-                            "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.ravel()), probs.shape[1])
-                            .cast(pa.list_(pa.float32()))}
+                columns |= {"prediction": _spread(pa.array(out["prediction"].to_numpy(np.int64)), good),
+                            "label_name": _spread(pa.array(out["label_name"].astype(object).to_numpy(), pa.string()), good),
+                            "probabilities": _spread(pa.FixedSizeListArray.from_arrays(
+                                pa.array(probs.ravel(), pa.float32()), probs.shape[1]).cast(pa.list_(pa.float32())), good)}
+            columns["rejected_reason"] = pa.array(reasons, pa.string())
             yield pa.RecordBatch.from_pydict(columns)
 
     label = F.col("label").cast("double") if regression else F.col("label")
@@ -69,10 +76,33 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
         run, REGRESSION_SCHEMA if regression else PREDICTION_SCHEMA)
 
 
-def _matrix(values: pa.Array) -> np.ndarray:
-    """A list<float> column (no nulls: prepare rejects those rows) as a rows x width float32 matrix."""
-    flat = np.array(pc.list_flatten(values).to_numpy(zero_copy_only=False), dtype=np.float32)  # writable, for torch
-    return flat.reshape(len(values), -1) if len(values) else flat.reshape(0, 0)
+def _checked(model, values: pa.Array) -> tuple[np.ndarray, list[str | None]]:
+    """(rows x width float32 matrix, per-row reason or None) of a list<float> column: rows of the
+    wrong length (or null) become zeros and carry a reason, as do rows the model's own
+    row_problems rejects (NaN, infinite, out of range)."""
+    width = model.width
+    lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)  # NaN for a null row
+    right = np.nan_to_num(lengths, nan=-1).astype(np.int64) == width
+    if right.all():
+        x = np.array(pc.list_flatten(values).to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(values), width)
+    else:  # rare: the rows of the right length only, the others stay zero
+        x = np.zeros((len(values), width), np.float32)
+        taken = values.filter(pa.array(right))
+        if len(taken):
+            x[right] = np.asarray(pc.list_flatten(taken).to_numpy(zero_copy_only=False), np.float32).reshape(-1, width)
+    reasons = list(model.row_problems(x))
+    for i in np.flatnonzero(~right):
+        reasons[i] = model.length_problem(None if np.isnan(lengths[i]) else int(lengths[i]))
+    return x, [None if r is None else f"{r}; expected {model.expected()}" for r in reasons]
+
+
+def _spread(scored: pa.Array, good: np.ndarray) -> pa.Array:
+    """The scored rows' values at their positions, null at the rejected rows."""
+    if good.all():
+        return scored
+    positions = np.full(len(good), -1, np.int64)
+    positions[good] = np.arange(int(good.sum()))
+    return scored.take(pa.array(positions, mask=~good))
 
 
 def _load(shipped: str):
@@ -88,8 +118,17 @@ def _load(shipped: str):
     return _LOADED[path]
 
 
+def scored_rows(predictions: DataFrame) -> DataFrame:
+    """The rows the model took (rejected_reason is null)."""
+    if "rejected_reason" not in predictions.columns:
+        return predictions
+    return predictions.where(F.col("rejected_reason").isNull())
+
+
 def confusion_and_metrics(predictions: DataFrame, num_classes: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Confusion matrix, accuracy and mean log loss, aggregated by Spark (only counts reach the driver)."""
+    """Confusion matrix, accuracy and mean log loss of the scored rows, aggregated by Spark (only
+    counts reach the driver)."""
+    predictions = scored_rows(predictions)
     p_true = F.element_at("probabilities", F.col("label") + 1)
     stats = predictions.agg(
         F.count("*").alias("n"),
@@ -103,7 +142,8 @@ def confusion_and_metrics(predictions: DataFrame, num_classes: int) -> tuple[np.
 
 
 def regression_metrics(predictions: DataFrame) -> dict[str, float]:
-    """Mean squared and absolute error and R^2, aggregated by Spark."""
+    """Mean squared and absolute error and R^2 of the scored rows, aggregated by Spark."""
+    predictions = scored_rows(predictions)
     err = F.col("prediction") - F.col("label")
     s = predictions.agg(F.count("*").alias("n"), F.avg(err * err).alias("mse"), F.avg(F.abs(err)).alias("mae"),
                         F.var_pop("label").alias("var")).first()
@@ -114,6 +154,7 @@ def regression_metrics(predictions: DataFrame) -> dict[str, float]:
 def roc_auc(predictions: DataFrame) -> float:
     """Binary ROC AUC of the class-1 probability (Mann-Whitney rank statistic), on the driver:
     one double and one label per row."""
+    predictions = scored_rows(predictions)
     pdf = predictions.select("label", F.element_at("probabilities", 2).alias("p")).toPandas()
     return binary_auc(pdf["label"].to_numpy(), pdf["p"].to_numpy())
 

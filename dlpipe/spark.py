@@ -18,7 +18,7 @@ from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from dlpipe import storage
-from dlpipe.config import ConfigError
+from dlpipe.errors import ConfigError
 
 ENGINES = ("auto", "spark", "rs")
 ENGINE_KEY = "dlpipe.lake.engine"
@@ -52,15 +52,16 @@ def get_session(master: str, app_name: str, conf: dict[str, str] | None = None, 
         given = SparkConf()
     settings = dict(conf or {})
     if engine != "rs":
-        jars = delta_jars(jars_dir)
+        # under spark-submit the driver's classpath is fixed already: only its --jars/--packages count
+        jars = [] if submitted else delta_jars(jars_dir)
         if jars and not (given.contains("spark.jars") or "spark.jars" in settings):
             settings["spark.jars"] = ",".join(jars)
-            for key, value in storage.spark_s3_conf().items():  # hadoop-aws is among the jars
-                settings.setdefault(key, value)
-            if any(os.path.basename(j).startswith("dlpipe-spark-jars") for j in jars):
-                for scheme in storage.S3_SCHEMES:  # commits with S3's conditional put (docs/storage.md)
-                    settings.setdefault(f"spark.delta.logStore.{scheme}.impl", S3_LOG_STORE)
-        if jars or _jvm_has_delta() or _named_elsewhere(given, settings):
+        if jars or _jvm_has("org.apache.hadoop.fs.s3a.S3AFileSystem"):
+            settings.update({k: v for k, v in storage.spark_s3_conf().items() if k not in settings})
+        if any(os.path.basename(j).startswith("dlpipe-spark-jars") for j in jars) or _jvm_has(S3_LOG_STORE):
+            for scheme in storage.S3_SCHEMES:  # commits with S3's conditional put (docs/storage.md)
+                settings.setdefault(f"spark.delta.logStore.{scheme}.impl", S3_LOG_STORE)
+        if jars or _jvm_has("io.delta.tables.DeltaTable") or _named_elsewhere(given, settings):
             for key, value in DELTA_CONF.items():
                 settings.setdefault(key, value)
         elif engine == "spark":
@@ -93,13 +94,14 @@ def delta_jars(jars_dir: str) -> list[str]:
     return jars if any(os.path.basename(j).startswith("delta-spark_") for j in jars) else []
 
 
-def _jvm_has_delta() -> bool:
-    """Under spark-submit: were the delta-spark classes given (--jars, --packages, the cluster)?"""
+def _jvm_has(class_name: str) -> bool:
+    """Under spark-submit: is the class on the driver's classpath (--jars, --packages, the cluster)?"""
     jvm = SparkContext._jvm
     if jvm is None:
         return False
     try:
-        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable", False, jvm.java.lang.Thread.currentThread().getContextClassLoader())
+        loader = jvm.org.apache.spark.util.Utils.getContextOrSparkClassLoader()
+        jvm.java.lang.Class.forName(class_name, False, loader)
         return True
     except Exception:  # py4j wraps ClassNotFoundException
         return False

@@ -40,7 +40,9 @@ def setup(cfg: MlflowConfig) -> str:
         experiment = client.get_experiment_by_name(cfg.experiment)
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise RuntimeError(f"MLflow tracking store {cfg.tracking_uri} is unreachable: {type(exc).__name__}: {first_line}") from None
+        from dlpipe.errors import TrackingUnreachable
+
+        raise TrackingUnreachable(f"MLflow tracking store {cfg.tracking_uri} is unreachable: {type(exc).__name__}: {first_line}") from None
     if experiment is None and cfg.tracking_uri.startswith(("http://", "https://")):
         experiment_id = client.create_experiment(cfg.experiment)  # the server's artifact store (--serve-artifacts)
     elif experiment is None:
@@ -69,7 +71,8 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
         }
         torch.export.save(program, paths["program"])
         paths["meta"].write_text(json.dumps({"input_shape": list(input_shape), "classes": classes, "task": net.task,
-                                             "input_column": input_column, "net": net.to_dict()}))
+                                             "input_column": input_column, "net": net.to_dict(),
+                                             "input_range": [0.0, 1.0] if input_column == "pixels" else None}))
         torch.save(model.state_dict(), paths["state_dict"])
         paths["config"].write_text(json.dumps(config, indent=2))
         return mlflow.pyfunc.log_model(
@@ -134,14 +137,14 @@ def load_net(model_uri: str):
 
 def net_from_dir(local: str):
     from dl.models import REGISTRY, Net, build
-    from dlpipe.config import _build
+    from dlpipe.typed import build as build_config
 
     artifacts = Path(local, "artifacts")
     meta = json.loads((artifacts / "meta.json").read_text())
     if "net" not in meta:
         raise ValueError(f"{local}: logged before models carried their net description; retrain it")
     d = meta["net"]
-    net = Net(name=d["name"], params=_build(REGISTRY[d["name"]].config, d["params"], f"model.{d['name']}."),
+    net = Net(name=d["name"], params=build_config(REGISTRY[d["name"]].config, d["params"], f"model.{d['name']}."),
               input_shape=tuple(d["input_shape"]), num_outputs=d["num_outputs"], task=d["task"])
     module = build(net)
     module.load_state_dict(torch.load(artifacts / "state_dict.pt", map_location="cpu"))

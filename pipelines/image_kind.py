@@ -7,25 +7,25 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines.images import decode_images
-from pipelines.prepare import hash_split
+from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
 STATE = None
 UNIT = "files"
 
 
-def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
-    d = cfg.data
+def parse(files: DataFrame, data, root: str, state) -> DataFrame:
+    d = data
     return decode_images(files, root, d.classes, d.image_size, d.channels).withColumn("row", F.lit(None).cast("long"))
 
 
-def assign_split(df: DataFrame, cfg) -> DataFrame:
-    return hash_split(df, cfg)
+def assign_split(df: DataFrame, data) -> DataFrame:
+    return hash_split(df, data.split_fractions)
 
 
-def to_base(accepted: DataFrame, cfg, state) -> DataFrame:
+def to_base(accepted: DataFrame, data, state) -> DataFrame:
     return accepted.drop("row")
 
 
-def derive(spark, cfg, state, written) -> dict:
+def derive(tables: dict, data, state) -> dict:
     return {}

@@ -8,13 +8,11 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 
 DECODED_SCHEMA = (
     "key string, source string, label int, label_name string, pixels array<float>, "
     "height int, width int, channels int, error string"
 )
-SPLIT_BUCKETS = 10_000
 
 
 def decode_images(files: DataFrame, landing_uri: str, classes: list[str], size: int, channels: int) -> DataFrame:
@@ -81,12 +79,3 @@ def _relative_key(path: str, root: str) -> str:
     marker = root.split("://", 1)[-1]
     _, found, rest = path.partition(marker + "/")
     return rest if found else path
-
-
-def assign_split(df: DataFrame, fractions: dict[str, float]) -> DataFrame:
-    """train/val/test from a hash of the key only: re-runs and new files never move a row."""
-    bucket = F.pmod(F.xxhash64("key"), F.lit(SPLIT_BUCKETS))
-    train_end = round(fractions["train"] * SPLIT_BUCKETS)
-    val_end = train_end + round(fractions["val"] * SPLIT_BUCKETS)
-    split = F.when(bucket < train_end, "train").when(bucket < val_end, "val").otherwise("test")
-    return df.withColumn("split", split)

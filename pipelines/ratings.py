@@ -15,17 +15,17 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from dlpipe import lake
 from pipelines import records
-from pipelines.prepare import hash_split, parse_files
+from pipelines.contract import parse_files
+from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
 STATE = None
 UNIT = "rows"
 
 
-def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
-    r = cfg.data.ratings
+def parse(files: DataFrame, data, root: str, state) -> DataFrame:
+    r = data.ratings
 
     def convert(record: dict) -> dict:
         user, item = records.text(record, r.user), records.text(record, r.item)
@@ -37,16 +37,17 @@ def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
     return parse_files(files, root, r.format, "utf-8", "", "user string, item string, rating float", convert)
 
 
-def assign_split(df: DataFrame, cfg) -> DataFrame:
-    return hash_split(df, cfg, "key" if cfg.data.ratings.split_by == "rating" else "user")
+def assign_split(df: DataFrame, data) -> DataFrame:
+    return hash_split(df, data.split_fractions, "key" if data.ratings.split_by == "rating" else "user")
 
 
-def to_base(accepted: DataFrame, cfg, state) -> DataFrame:
+def to_base(accepted: DataFrame, data, state) -> DataFrame:
     return accepted.select("key", "source", "user", "item", "rating", "split")
 
 
-def derive(spark, cfg, state, written: dict) -> dict:
-    splits = {s: lake.read_table(spark, written[s]["uri"], written[s]["version"]) for s in BASE}
+def derive(tables: dict, data, state) -> dict:
+    splits = {s: tables[s] for s in BASE}
+    spark = splits["train"].sparkSession
     everything = splits["train"].unionByName(splits["val"]).unionByName(splits["test"])
     items = [r["item"] for r in everything.select("item").distinct().collect()]
     numeric = all(i.lstrip("-").isdigit() for i in items)
@@ -72,5 +73,5 @@ def derive(spark, cfg, state, written: dict) -> dict:
     return out
 
 
-def report(spark, cfg, state, written) -> dict:
+def report(tables: dict, data, state, written: dict) -> dict:
     return {"items": written["items"]["rows"], "users_per_split": {s: written[f"vectors_{s}"]["rows"] for s in BASE}}

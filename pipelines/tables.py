@@ -18,7 +18,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines import records
-from pipelines.prepare import hash_split, parse_files
+from pipelines.contract import parse_files
+from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
 STATE = "stats"
@@ -26,8 +27,8 @@ STATE_SCHEMA = "kind string, column string, value string, index int, mean double
 UNIT = "rows"
 
 
-def parse(files: DataFrame, cfg, root: str, state: dict | None) -> DataFrame:
-    t = cfg.data.table
+def parse(files: DataFrame, data, root: str, state: dict | None) -> DataFrame:
+    t = data.table
     classes = (state or {}).get("classes") or t.classes
     classification = t.task == "classification"
 
@@ -47,13 +48,13 @@ def parse(files: DataFrame, cfg, root: str, state: dict | None) -> DataFrame:
                        "label_name string, target double, num array<double>, cat array<string>", convert)
 
 
-def assign_split(df: DataFrame, cfg) -> DataFrame:
-    return hash_split(df, cfg)
+def assign_split(df: DataFrame, data) -> DataFrame:
+    return hash_split(df, data.split_fractions)
 
 
-def fit(accepted: DataFrame, cfg) -> dict:
+def fit(accepted: DataFrame, data) -> dict:
     """Mean/std of each numeric column and the values of each categorical column, on train rows."""
-    t = cfg.data.table
+    t = data.table
     train = accepted.where(F.col("split") == "train")
     moments = {r["pos"]: (r["mean"], r["std"]) for r in train.select(F.posexplode("num")).groupBy("pos").agg(
         F.mean("col").alias("mean"), F.stddev_pop("col").alias("std")).collect()}
@@ -90,8 +91,8 @@ def state_from_rows(pdf: pd.DataFrame) -> dict:
             "classes": list(pdf.loc[pdf["kind"] == "label", "value"])}
 
 
-def to_base(accepted: DataFrame, cfg, state: dict) -> DataFrame:
-    classification = cfg.data.table.task == "classification"
+def to_base(accepted: DataFrame, data, state: dict) -> DataFrame:
+    classification = data.table.task == "classification"
     mean = np.array([m for _, m, _ in state["numeric"]], dtype=np.float64)
     std = np.array([s if s and s > 0 else 1.0 for _, _, s in state["numeric"]], dtype=np.float64)
     vocabularies = [{v: i for i, v in enumerate(values)} for _, values in state["categorical"]]
@@ -125,10 +126,10 @@ def to_base(accepted: DataFrame, cfg, state: dict) -> DataFrame:
     return accepted.mapInPandas(transform, schema)
 
 
-def derive(spark, cfg, state, written) -> dict:
+def derive(tables: dict, data, state) -> dict:
     return {}
 
 
-def report(spark, cfg, state, written) -> dict:
+def report(tables: dict, data, state, written: dict) -> dict:
     return {"features": len(state["numeric"]) + sum(len(v) for _, v in state["categorical"]),
             "classes": state["classes"]}

@@ -19,9 +19,9 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from dlpipe import lake
 from pipelines import records
-from pipelines.prepare import hash_split, parse_files
+from pipelines.contract import parse_files
+from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
 STATE = "vocab"
@@ -35,8 +35,8 @@ def tokenize(text: str, lowercase: bool) -> list[str]:
     return TOKEN.findall(text.lower() if lowercase else text)
 
 
-def parse(files: DataFrame, cfg, root: str, state: dict | None) -> DataFrame:
-    t = cfg.data.text
+def parse(files: DataFrame, data, root: str, state: dict | None) -> DataFrame:
+    t = data.text
     classes = (state or {}).get("classes") or t.classes
     column = "text" if t.format == "lines" else t.text
 
@@ -59,12 +59,12 @@ def parse(files: DataFrame, cfg, root: str, state: dict | None) -> DataFrame:
                        "label_name string, text string, tokens array<string>", convert)
 
 
-def assign_split(df: DataFrame, cfg) -> DataFrame:
-    return hash_split(df, cfg)
+def assign_split(df: DataFrame, data) -> DataFrame:
+    return hash_split(df, data.split_fractions)
 
 
-def fit(accepted: DataFrame, cfg) -> dict:
-    t = cfg.data.text
+def fit(accepted: DataFrame, data) -> dict:
+    t = data.text
     counts = (accepted.where(F.col("split") == "train").select(F.explode("tokens").alias("token"))
               .groupBy("token").count().where(F.col("count") >= t.min_count)
               .orderBy(F.desc("count"), "token").limit(t.max_vocab).collect())
@@ -87,8 +87,8 @@ def state_from_rows(pdf: pd.DataFrame) -> dict:
             "classes": list(pdf[pdf["kind"] == "label"].sort_values("id")["token"])}
 
 
-def to_base(accepted: DataFrame, cfg, state: dict) -> DataFrame:
-    length = cfg.data.text.max_length
+def to_base(accepted: DataFrame, data, state: dict) -> DataFrame:
+    length = data.text.max_length
     ids = {token: i + 2 for i, (token, _) in enumerate(state["vocab"])}
     label_of = {name: i for i, name in enumerate(state["classes"])}
 
@@ -111,18 +111,18 @@ def to_base(accepted: DataFrame, cfg, state: dict) -> DataFrame:
                                         "text string, tokens array<string>, ids array<int>, length int")
 
 
-def derive(spark, cfg, state, written) -> dict:
+def derive(tables: dict, data, state) -> dict:
     return {}
 
 
-def report(spark, cfg, state, written) -> dict:
+def report(tables: dict, data, state, written: dict) -> dict:
     """Token counts per document over every row of the written tables."""
-    frames = [lake.read_table(spark, written[s]["uri"], written[s]["version"]).select("length") for s in BASE]
+    frames = [tables[s].select("length") for s in BASE]
     lengths = frames[0].unionByName(frames[1]).unionByName(frames[2])
     row = lengths.agg(F.min("length").alias("min"), F.mean("length").alias("mean"),
                       F.percentile_approx("length", [0.5, 0.95]).alias("p"), F.max("length").alias("max"),
-                      F.mean((F.col("length") > cfg.data.text.max_length).cast("double")).alias("truncated")).first()
+                      F.mean((F.col("length") > data.text.max_length).cast("double")).alias("truncated")).first()
     return {"vocab_size": len(state["vocab"]) + 2, "classes": state["classes"],
             "length": {"min": row["min"], "mean": row["mean"], "p50": row["p"][0] if row["p"] else None,
                        "p95": row["p"][1] if row["p"] else None, "max": row["max"],
-                       "max_length": cfg.data.text.max_length, "truncated_fraction": row["truncated"]}}
+                       "max_length": data.text.max_length, "truncated_fraction": row["truncated"]}}

@@ -19,9 +19,8 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from dlpipe import lake
 from pipelines import records
-from pipelines.prepare import parse_files
+from pipelines.contract import parse_files
 
 BASE = ("observations",)
 STATE = None
@@ -31,8 +30,8 @@ WINDOW_SCHEMA = ("key string, series string, start double, end double, history a
                  "target array<float>, split string")
 
 
-def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
-    t = cfg.data.timeseries
+def parse(files: DataFrame, data, root: str, state) -> DataFrame:
+    t = data.timeseries
 
     def convert(record: dict) -> dict:
         raw = records.require(record, t.time)
@@ -46,11 +45,11 @@ def parse(files: DataFrame, cfg, root: str, state) -> DataFrame:
     return parse_files(files, root, t.format, "utf-8", "", "series string, time double, value double", convert)
 
 
-def assign_split(df: DataFrame, cfg) -> DataFrame:
+def assign_split(df: DataFrame, data) -> DataFrame:
     return df.withColumn("split", F.lit("observations"))
 
 
-def to_base(accepted: DataFrame, cfg, state) -> DataFrame:
+def to_base(accepted: DataFrame, data, state) -> DataFrame:
     return accepted.select("key", "source", "series", "time", "value", "split")
 
 
@@ -80,14 +79,14 @@ def windows(observations: pd.DataFrame, history: int, horizon: int, stride: int,
     return pd.DataFrame(rows, columns=[c.split()[0] for c in WINDOW_SCHEMA.split(", ")])
 
 
-def derive(spark, cfg, state, written: dict) -> dict:
-    t = cfg.data.timeseries
+def derive(tables: dict, data, state) -> dict:
+    t = data.timeseries
     args = (t.history, t.horizon, t.stride, records.parse_time(t.val_start), records.parse_time(t.test_start))
-    observations = lake.read_table(spark, written["observations"]["uri"], written["observations"]["version"])
+    observations = tables["observations"]
     all_windows = observations.select("series", "time", "value").groupBy("series").applyInPandas(
         lambda pdf: windows(pdf, *args), WINDOW_SCHEMA)
     return {split: all_windows.where(F.col("split") == split).drop("split") for split in SPLITS}
 
 
-def report(spark, cfg, state, written) -> dict:
+def report(tables: dict, data, state, written: dict) -> dict:
     return {"windows": {s: written[s]["rows"] for s in SPLITS}}

@@ -34,6 +34,49 @@ def spark():
     session.stop()
 
 
+def stage(name, spark, cfg, **args):
+    """The stage behind `dlpipe <name>` with this config, in this process: the CLI's own table
+    (dlpipe.cli.COMMANDS) picks the config sections it takes. `args` are the command's options."""
+    from argparse import Namespace
+
+    from dlpipe.cli import COMMANDS
+
+    return COMMANDS[name].run(spark, cfg, Namespace(**args))
+
+
+def with_run(cfg, run_id):
+    """cfg with evaluate.run_id set (evaluate that training run)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=run_id))
+
+
+# the start of a consumer script: a Python where dlpipe, dl and pipelines cannot be imported
+WITHOUT_DLPIPE = """
+import importlib.abc, json, sys
+class NoDlpipe(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"dlpipe", "dl", "pipelines"}:
+            raise ImportError(f"{name} is not importable for a consumer")
+sys.meta_path.insert(0, NoDlpipe())
+"""
+
+
+def read_table(summary, suffix):
+    """The table a prepare summary names, at the version it wrote, as pandas (delta-rs, no Spark)."""
+    import deltalake
+
+    table = summary["tables"][suffix]
+    return deltalake.DeltaTable(table["uri"], version=table["version"]).to_pandas()
+
+
+def split_rows(summary):
+    """Every row of a prepare summary's train/val/test tables, with a `split` column."""
+    import pandas as pd
+
+    return pd.concat([read_table(summary, s).assign(split=s) for s in ("train", "val", "test")], ignore_index=True)
+
+
 def make_config(root, *overrides, conf=None):
     """A config whose every output lives under `root` (a tmp dir)."""
     from dlpipe.config import load_config
@@ -53,14 +96,15 @@ def small_landing(tmp_path_factory):
     config for it with a small, fast model: (config, land summary)."""
     import json
 
-    from dlpipe import steps
+    from dlpipe.stages import land
 
     root = tmp_path_factory.mktemp("small")
-    cfg, _ = steps.demo_config(make_config(root, "data.land_limit_per_class=30"))
-    landed = steps.land_demo_data(cfg)
+    cfg = make_config(root, "data.land_limit_per_class=30")
+    data, paths, _ = land.demo_sections(cfg.data, cfg.paths)
+    landed = land.run_demo(data, paths)
     cfg = make_config(
-        root, f"paths.landing={cfg.paths.landing}", f"data.name={cfg.data.name}",
-        f"data.classes={json.dumps(cfg.data.classes)}", "train.epochs=3", "train.batch_size=16",
+        root, f"paths.landing={paths.landing}", f"data.name={data.name}",
+        f"data.classes={json.dumps(data.classes)}", "train.epochs=3", "train.batch_size=16",
         "model.cnn.blocks=[{channels: 8}, {channels: 16}]", "model.cnn.hidden=[32]", "registry.min_accuracy=0.3",
         "registry.model_name=e2e_cnn", f"train.checkpoint_uri={root}/checkpoints",
     )
@@ -70,10 +114,8 @@ def small_landing(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_small(spark, small_landing):
     """The small slice prepared into Delta tables once per test run: (config, prepare summary)."""
-    from dlpipe import steps
-
     cfg, _ = small_landing
-    return cfg, steps.prepare(spark, cfg)
+    return cfg, stage("prepare", spark, cfg)
 
 
 @pytest.fixture(scope="session")
@@ -123,14 +165,12 @@ def registered_small(spark, prepared_small):
     as `small_cnn` (alias champion): (config, evaluate summary). For heatmaps, similarity, transfer."""
     import dataclasses
 
-    from dlpipe import steps
-
     cfg, _ = prepared_small
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, backend="local", run_name="small_cnn", epochs=4),
         registry=dataclasses.replace(cfg.registry, model_name="small_cnn", min_accuracy=0.0))
-    trained = steps.train(spark, cfg)
-    return cfg, steps.evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=trained["run_id"])))
+    trained = stage("train", spark, cfg)
+    return cfg, stage("evaluate", spark, with_run(cfg, trained["run_id"]))
 
 
 @contextlib.contextmanager

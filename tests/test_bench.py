@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from dlpipe import bench, steps
+from benchmarks import training
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_bench_training_reports_every_run_and_ratio(spark, prepared_small):
     cfg, _ = prepared_small
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, batch_size=8))
-    summary = bench.training(spark, cfg, steps.model_config(cfg))
+    summary = training.run(spark, cfg)
     assert set(summary["runs"]) == {"a_bare_pytorch_1_process", "b_dlpipe_local", "c_horovod_2_workers",
                                     "d_torch_distributor_2_workers", "e_horovod_average_k8_2_workers"}
     for name, run in summary["runs"].items():

@@ -5,7 +5,8 @@ import dataclasses
 
 import pytest
 
-from dlpipe import bench, lake
+from benchmarks import prepare as bench
+from dlpipe import lake
 
 pytestmark = pytest.mark.slow
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_bench_prepare_measures_dlpipe_and_the_baseline_on_the_same_files(spark, small_landing):
     cfg, landed = small_landing
     before = {s: lake.latest_version(cfg.table_uri(s)) for s in ("train", "rejected")}
-    summary = bench.prepare(spark, cfg)
+    summary = bench.run(spark, cfg)
     images = summary["cases"]["images"]
     files = landed["files_written"] + landed["files_already_there"]
     assert images["files"] == files
@@ -33,7 +34,7 @@ def test_bench_prepare_tables_case_runs_on_its_own_adult_config(spark, small_lan
     datasets.write_shards(datasets.adult().iloc[:300], tmp_path / "adult", 2, "csv")
     tables = next(c for c in bench.PREPARE_CASES if c.name == "tables")
     case = dataclasses.replace(tables, config=lambda c: bench.tables_config(c, overrides=(f"paths.landing={tmp_path}/adult",)))
-    result = bench.prepare(spark, cfg, [case])["cases"]["tables"]
+    result = bench.run(spark, cfg, [case])["cases"]["tables"]
     assert result["landing"] == f"{tmp_path}/adult" and result["files"] == 2
     assert result["baseline_1_process"]["rows"] == result["dlpipe_spark"]["rows"] == result["dlpipe_spark"]["accepted"] == 300
     assert result["speedup"] == pytest.approx(result["baseline_1_process"]["seconds"] / result["dlpipe_spark"]["seconds"])

@@ -21,7 +21,7 @@ def test_set_overrides_file_and_base():
 def test_set_spark_conf_key_with_dots():
     cfg = load_config(None, ["spark.conf.spark.ui.enabled=false", "spark.conf.spark.executor.memory=2g"])
     assert cfg.spark.conf["spark.ui.enabled"] == "false" and cfg.spark.conf["spark.executor.memory"] == "2g"
-    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"  # merged with base.yaml, not replaced
+    assert cfg.spark.conf["spark.sql.shuffle.partitions"] == "8"  # merged with the defaults, not replaced
 
 
 def test_int_accepted_for_float():
@@ -66,9 +66,11 @@ def test_cli_config_error_exits_2_with_one_line_before_spark(tmp_path):
 
 
 def test_mnist_fallback_file_matches_what_the_demo_switches_to(monkeypatch):
-    from dlpipe import demo_data, steps
+    from dlpipe import demo_data
+    from dlpipe.stages import land
 
     monkeypatch.setattr(demo_data, "available_dataset", lambda: demo_data.MNIST_5K)
-    switched, dataset = steps.demo_config(load_config("conf/fashion_cnn.yaml"))
+    fashion, mnist = load_config("conf/fashion_cnn.yaml"), load_config("conf/mnist_5k_cnn.yaml")
+    data, paths, dataset = land.demo_sections(fashion.data, fashion.paths)
     assert dataset == demo_data.MNIST_5K
-    assert switched == load_config("conf/mnist_5k_cnn.yaml")
+    assert (data, paths) == (mnist.data, mnist.paths) and fashion.train == mnist.train

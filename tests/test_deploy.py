@@ -5,6 +5,7 @@ it: there is no YARN or Kubernetes here); the Dockerfiles agree with the Makefil
 the Airflow DAG imports under a real Airflow 3 in its own virtualenv."""
 
 import ast
+import json
 import os
 import re
 import shlex
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlpipe.cli import STEPS, parse_args
+from dlpipe.cli import STEPS, parse_args, upstream_overrides
 from dlpipe.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,8 @@ def check_dlpipe_command(args: list[str], image_root: str = "") -> str:
     ns = parse_args(args)
     assert ns.step in STEPS
     conf = ns.conf and (ns.conf if Path(ns.conf).is_absolute() else str(ROOT / ns.conf))
-    load_config(conf, ns.overrides)  # raises ConfigError naming a bad key or value
+    upstream = upstream_overrides(ns.step, ns.upstream) if ns.upstream else []
+    load_config(conf, [*upstream, *ns.overrides])  # raises ConfigError naming a bad key or value
     return ns.step
 
 
@@ -54,9 +56,17 @@ def test_airflow_dag_commands_are_valid_dlpipe_commands():
     tree = ast.parse((DEPLOY / "airflow" / "dlpipe_nightly.py").read_text())
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "COMMANDS")
     commands = ast.literal_eval(node.value)
+    # what retrain's last stdout line (its --summary-line), pushed to XCom, looks like
+    retrain_line = json.dumps({"step": "retrain", "action": "promoted", "champion_after": 7,
+                               "model_uri": "models:/fashion_cnn/7",
+                               "tables": {s: {"uri": f"/lake/fashion_mnist_{s}", "version": 3} for s in ("train", "val", "test")}})
     for task, args in commands.items():
-        rendered = [a.replace("{conf}", "conf/fashion_cnn.yaml").replace("{{ ds }}", "2026-01-02") for a in args]
+        rendered = [a.replace("{conf}", "conf/fashion_cnn.yaml").replace("{{ ds }}", "2026-01-02")
+                    .replace('{{ ti.xcom_pull(task_ids="retrain") }}', retrain_line) for a in args]
         assert check_dlpipe_command(rendered) == task
+        if task == "score":  # the model retrain left as champion, by version
+            assert upstream_overrides("score", retrain_line) == ["score.model_uri=models:/fashion_cnn/7"]
+    assert "--summary-line" in commands["retrain"]
 
 
 @pytest.fixture()

@@ -13,7 +13,9 @@ import deltalake
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlpipe import lake, steps
+from dlpipe import lake
+from dlpipe.refs import SPLITS
+from tests.conftest import WITHOUT_DLPIPE, stage
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +24,9 @@ pytestmark = pytest.mark.slow
 def pipeline(spark, small_landing, prepared_small):
     _, landed = small_landing
     cfg, prepared = prepared_small
-    trained = steps.train(spark, cfg)
-    evaluated = steps.evaluate(spark, cfg)  # finds the latest training run by itself
-    scored = steps.score(spark, cfg)
+    trained = stage("train", spark, cfg)
+    evaluated = stage("evaluate", spark, cfg)  # finds the latest training run by itself
+    scored = stage("score", spark, cfg)
     return cfg, landed, prepared, trained, evaluated, scored
 
 
@@ -33,7 +35,7 @@ def test_prepare_writes_three_versioned_tables(pipeline):
     assert prepared["input_files"] == landed["files_written"] + landed["files_already_there"] == 300
     assert prepared["accepted"] + prepared["rejected"] == prepared["input_files"] and prepared["rejected"] == 0
     rows = 0
-    for split in steps.SPLITS:
+    for split in SPLITS:
         table = prepared["tables"][split]
         delta = deltalake.DeltaTable(table["uri"])  # readable without Spark
         assert delta.version() == table["version"]
@@ -50,9 +52,9 @@ def test_train_logs_run_with_versions_curves_and_metrics(pipeline):
     cfg, _, prepared, trained, *_ = pipeline
     assert trained["world_size"] == 2 and trained["backend"] == "horovod"
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(trained["run_id"])
-    for split in steps.SPLITS:
-        assert run.data.params[f"table.{split}.version"] == str(prepared["tables"][split]["version"])
-        assert run.data.params[f"table.{split}.uri"] == prepared["tables"][split]["uri"]
+    for split in SPLITS:  # the TableRef form, as in the model's lineage tags
+        table = prepared["tables"][split]
+        assert run.data.params[f"table.{split}"] == f"{table['uri']}@{table['version']}"
     assert run.data.params["train.lr"] == str(cfg.train.lr)
     history = MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(trained["run_id"], "loss")
     assert [m.step for m in history] == [1, 2, 3]
@@ -78,6 +80,9 @@ def test_evaluate_registers_champion(pipeline):
 def test_score_appends_predictions_with_model_version(spark, pipeline):
     cfg, _, prepared, _, evaluated, scored = pipeline
     assert scored["model_uri"] == f"models:/e2e_cnn/{evaluated['model_version']}"
+    # the test table the model's lineage names, said in the summary
+    assert scored["input"] == {k: prepared["tables"]["test"][k] for k in ("uri", "version")}
+    assert scored["input_chosen_by"] == "the model's lineage" and scored["predictions"]["rows_rejected"] == 0
     predictions = deltalake.DeltaTable(scored["predictions"]["uri"], version=scored["predictions"]["version"]).to_pandas()
     assert len(predictions) == prepared["tables"]["test"]["rows"] == scored["predictions"]["rows_appended"]
     assert set(predictions["model_version"]) == {evaluated["model_version"]}
@@ -92,13 +97,7 @@ def test_score_appends_predictions_with_model_version(spark, pipeline):
     assert accuracy == pytest.approx(evaluated["metrics"]["test_accuracy"])
 
 
-CONSUMER = textwrap.dedent("""
-    import importlib.abc, json, sys
-    class NoDlpipe(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"dlpipe", "dl", "pipelines"}:
-                raise ImportError(f"{name} is not importable for a consumer")
-    sys.meta_path.insert(0, NoDlpipe())
+CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
     try:
         import dlpipe
         sys.exit("dlpipe should not be importable here")
@@ -116,7 +115,7 @@ CONSUMER = textwrap.dedent("""
 
 def test_scoring_again_replaces_its_slice(spark, pipeline):
     cfg, _, prepared, _, _, scored = pipeline
-    again = steps.score(spark, cfg)  # same model version, same run date: the slice is replaced in one commit
+    again = stage("score", spark, cfg)  # same model version, same run date: the slice is replaced in one commit
     assert again["predictions"]["version"] == scored["predictions"]["version"] + 1
     assert again["predictions"]["rows_appended"] == again["predictions"]["rows_replaced"] == prepared["tables"]["test"]["rows"]
     table = deltalake.DeltaTable(scored["predictions"]["uri"]).to_pandas()
@@ -141,8 +140,8 @@ def test_consumer_loads_champion_without_dlpipe(pipeline, tmp_path):
 
 def test_delta_versions_advance_on_rerun(spark, pipeline):
     cfg, _, prepared, *_ = pipeline
-    again = steps.prepare(spark, cfg)
-    for split in steps.SPLITS:
+    again = stage("prepare", spark, cfg)
+    for split in SPLITS:
         assert again["tables"][split]["version"] == prepared["tables"][split]["version"] + 1
         old = lake.read_table(spark, cfg.table_uri(split), prepared["tables"][split]["version"])
         new = lake.read_table(spark, cfg.table_uri(split), again["tables"][split]["version"])

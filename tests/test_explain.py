@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from mlflow.tracking import MlflowClient
 
-from dl.train import FitConfig, fit
-from dlpipe import cli
-from dlpipe.explain import occlusion, torch_proba
+from dl.train import TrainConfig, fit
+from dlpipe import cli, errors
+from dlpipe.occlusion import occlusion, torch_proba
 from tests.test_train import tiny_net
 
 
@@ -29,7 +29,7 @@ def test_occluding_the_informative_region_lowers_the_probability_most():
 
     torch.manual_seed(0)
     model = build(tiny_net(conv_channels=(8,), hidden=16, dropout=0.0))
-    fit(model, _squares(256, 1), _squares(64, 2), FitConfig(epochs=3, batch_size=32, lr=0.01), log=lambda line: None)
+    fit(model, _squares(256, 1), _squares(64, 2), TrainConfig(epochs=3, batch_size=32, lr=0.01), log=lambda line: None)
     x, y = _squares(20, 3)
     image = x[np.flatnonzero(y == 1)[0]]
     heat, target, p = occlusion(torch_proba(model), image, patch=6, stride=2, fill=0.1)
@@ -57,9 +57,5 @@ def test_explain_names_a_missing_image(registered_small, tmp_path, capsys):
     cfg, _ = registered_small
     args = ["explain", "--model", "models:/small_cnn@champion", "--image", str(tmp_path / "nope.png"),
             "--set", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}"]
-    try:
-        cli.main(args)
-    except FileNotFoundError as exc:
-        assert "nope.png" in str(exc)
-    else:
-        raise AssertionError("a missing image must fail")
+    assert cli.main(args) == errors.EXIT_MISSING_INPUT  # one line, no traceback
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"dlpipe: error: image {tmp_path / 'nope.png'} does not exist"

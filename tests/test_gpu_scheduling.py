@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = textwrap.dedent("""
     import json, sys
     from pyspark import TaskContext
-    from dlpipe.launch import task_slots
+    from dlpipe.launchers import task_slots
     from dlpipe.spark import get_session
 
     discovery, gpus_per_executor = sys.argv[1], sys.argv[2]

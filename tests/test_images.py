@@ -4,7 +4,8 @@ import numpy as np
 from PIL import Image
 from pyspark.sql import functions as F
 
-from pipelines.images import assign_split, decode_images
+from pipelines.images import decode_images
+from pipelines.split import hash_split as assign_split
 from pipelines.sources import read_files
 
 CLASSES = ["cat", "dog"]
@@ -56,3 +57,14 @@ def test_split_is_stable_across_landing_roots(spark, tmp_path):
         assert row["key"] == "cat/same.png"
         splits.add(row["split"])
     assert len(splits) == 1
+
+
+def test_one_split_function_for_every_kind():
+    """The function tested above is the one prepare uses: no kind keeps its own copy."""
+    import re
+    from pathlib import Path
+
+    import pipelines
+
+    defining = [p.name for p in sorted(Path(pipelines.__file__).parent.glob("*.py")) if re.search(r"xxhash64\(", p.read_text())]
+    assert defining == ["split.py"]

@@ -122,6 +122,14 @@ def test_empty_table_has_the_schema(spark, engine, tmp_path):
     assert df.schema.simpleString() == spark.createDataFrame([], SCHEMA).schema.simpleString()
 
 
+def test_appending_no_rows_keeps_the_table_readable_at_the_returned_version(spark, engine, tmp_path):
+    uri = str(tmp_path / "t")
+    assert lake.write_table(spark.createDataFrame(rows(range(2)), SCHEMA), uri) == 0
+    version = lake.write_table(spark.createDataFrame([], SCHEMA), uri, mode="append")
+    assert version == {"spark": 0, "rs": 1}[engine]  # delta-spark commits nothing for no rows
+    assert contents(lake.read_table(spark, uri, version)) == rows(range(2))
+
+
 def test_failed_job_commits_nothing(spark, engine, tmp_path):
     uri = str(tmp_path / "t")
     lake.write_table(spark.createDataFrame(rows(range(4)), SCHEMA), uri)

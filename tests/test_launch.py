@@ -1,3 +1,5 @@
+import os
+import subprocess
 import sys
 
 import mlflow
@@ -7,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dl.train import FitConfig
-from dlpipe.launch import TrainTask, launch
+from dl.train import TrainConfig
+from dlpipe.launchers import TrainTask, launch
 from tests.test_train import _blobs, tiny_net
 
 
@@ -27,10 +29,9 @@ def _task(tmp_path, files_per_split=3, rows=600):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("launch", artifact_location=(tmp_path / "art").as_uri()))
-    return TrainTask(
-        net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
-        fit=FitConfig(epochs=3, batch_size=16, lr=0.01, seed=3), train_files=files["train"], val_files=files["val"],
-        max_rows=0, tracking_uri=uri, run_id=run.info.run_id, threads=1,
+    return TrainTask(net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
+        train=TrainConfig(epochs=3, batch_size=16, lr=0.01, seed=3), train_files=files["train"], val_files=files["val"],
+        tracking_uri=uri, run_id=run.info.run_id, threads=1,
     ), client
 
 
@@ -42,14 +43,26 @@ def test_local_backend_trains_and_logs_every_epoch(tmp_path):
     assert [m.step for m in client.get_metric_history(task.run_id, "val_accuracy")] == [1, 2, 3]
 
 
-def test_missing_horovod_says_so_and_runs_one_process(tmp_path, monkeypatch, capsys):
+def test_missing_horovod_is_an_error_naming_the_key_not_a_fallback(tmp_path, monkeypatch):
     task, _ = _task(tmp_path)
     monkeypatch.setitem(sys.modules, "horovod", None)  # `import horovod...` raises ImportError
     monkeypatch.setitem(sys.modules, "horovod.spark", None)
-    result = launch(None, task, "horovod", 2)
-    assert result["world_size"] == 1
-    err = capsys.readouterr().err
-    assert "Horovod is not importable" in err and "ONE local process" in err
+    with pytest.raises(ValueError, match=r"config key 'train.backend': horovod, but Horovod is not importable .*"
+                                         r"install_horovod.sh"):
+        launch(None, task, "horovod", 2)
+
+
+def test_missing_horovod_fails_the_command_in_one_line_before_spark_starts(tmp_path):
+    hidden = tmp_path / "hide" / "horovod"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named horovod (hidden by the test)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hide"), *sys.path])}
+    proc = subprocess.run([sys.executable, "-m", "dlpipe.cli", "train", "--set", "train.backend=horovod",
+                           "--set", f"paths.lake={tmp_path}/lake", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()  # nothing else: Spark never started
+    assert line.startswith("dlpipe: config error: config key 'train.backend': horovod, but Horovod is not importable")
 
 
 @pytest.mark.slow

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from dl.models import REGISTRY, CNNConfig, ConvBlock, MLPConfig, Net, build
-from dl.train import FitConfig
-from dlpipe import lake, modeling, steps
+from dl.train import TrainConfig
+from dlpipe import lake, modeling
 from dlpipe.config import ConfigError, load_config
-from dlpipe.launch import TrainTask, launch
+from dlpipe.launchers import TrainTask, launch
+from tests.conftest import stage, with_run
 
 
 def test_registry_finds_every_model_file_with_its_tasks_and_inputs():
@@ -73,10 +74,10 @@ def test_partial_block_takes_the_block_defaults():
     assert cfg.model.cnn.blocks[1] == ConvBlock(channels=16, pool="avg")
 
 
-def _task(cfg, tables, net, epochs=4, task="classification", **extra) -> TrainTask:
-    return TrainTask(net=net, fit=FitConfig(epochs=epochs, batch_size=16, lr=0.003, seed=1, task=task),
+def _task(cfg, tables, net, epochs=4, **extra) -> TrainTask:
+    return TrainTask(net=net, train=TrainConfig(epochs=epochs, batch_size=16, lr=0.003, seed=1),
                      train_files=lake.table_files(*tables["train"]), val_files=lake.table_files(*tables["val"]),
-                     max_rows=0, tracking_uri=cfg.mlflow.tracking_uri, run_id="", threads=1, **extra)
+                     tracking_uri=cfg.mlflow.tracking_uri, threads=1, **extra)
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -84,7 +85,7 @@ def test_each_model_trains_on_real_images_and_its_loss_falls(spark, prepared_sma
     cfg, prepared = prepared_small
     tables = {s: (t["uri"], t["version"]) for s, t in prepared["tables"].items()}
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=name))
-    result = launch(spark, _task(cfg, tables, modeling.image_net(cfg)), "local", 1)
+    result = launch(spark, _task(cfg, tables, modeling.image_net(cfg.model, cfg.data)), "local", 1)
     history = result["history"]
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["accuracy"] > 0.2
 
@@ -95,7 +96,7 @@ def test_mlp_trains_on_two_horovod_workers(spark, prepared_small):
     cfg, prepared = prepared_small
     tables = {s: (t["uri"], t["version"]) for s, t in prepared["tables"].items()}
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="mlp"))
-    result = launch(spark, _task(cfg, tables, modeling.image_net(cfg)), "horovod", 2)
+    result = launch(spark, _task(cfg, tables, modeling.image_net(cfg.model, cfg.data)), "horovod", 2)
     assert result["world_size"] == 2 and result["history"][-1]["loss"] < result["history"][0]["loss"]
 
 
@@ -105,7 +106,7 @@ def diabetes_tables(spark, tmp_path_factory):
     Delta tables shaped like the table pipeline's: key, source, label double, features."""
     from sklearn.datasets import load_diabetes
 
-    from pipelines.images import assign_split
+    from pipelines.split import hash_split
 
     root = tmp_path_factory.mktemp("diabetes")
     cfg = load_config(None, [f"paths.lake={root}/lake", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
@@ -116,7 +117,7 @@ def diabetes_tables(spark, tmp_path_factory):
     x, y = load_diabetes(return_X_y=True)
     pdf = pd.DataFrame({"key": [f"patient_{i:03d}" for i in range(len(y))], "source": "sklearn.datasets.load_diabetes",
                         "label": (y / 100.0).astype(float), "features": [row.astype(np.float32).tolist() for row in x]})
-    df = assign_split(spark.createDataFrame(pdf, "key string, source string, label double, features array<float>"),
+    df = hash_split(spark.createDataFrame(pdf, "key string, source string, label double, features array<float>"),
                       {"train": 0.7, "val": 0.15, "test": 0.15}).cache()
     for split in ("train", "val", "test"):
         lake.write_table(df.where(df.split == split).drop("split"), cfg.table_uri(split))
@@ -127,9 +128,9 @@ def test_mlp_regression_on_a_table_end_to_end(spark, diabetes_tables):
     """Table in, `features` column, double labels: MSE training, R^2 at evaluate, a `prediction`
     double from the registered pyfunc model."""
     cfg = diabetes_tables
-    trained = steps.train(spark, cfg)
+    trained = stage("train", spark, cfg)
     assert trained["metrics"]["val_mae"] < trained["metrics"]["mae"] * 2 and "accuracy" not in trained["metrics"]
-    evaluated = steps.evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=trained["run_id"])))
+    evaluated = stage("evaluate", spark, with_run(cfg, trained["run_id"]))
     m = evaluated["metrics"]
     assert m["test_r2"] > 0.2 and m["test_mse"] > 0 and evaluated["champion"]
     model = mlflow.pyfunc.load_model("models:/diabetes_mlp@champion")

@@ -3,28 +3,17 @@ women's clothing reviews, yearly sunspots), each landing zone with planted bad i
 
 import json
 
-import deltalake
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dlpipe import datasets, steps
+from dlpipe import datasets
 from pipelines.records import read_records
 from pipelines.text import tokenize
 from pipelines.timeseries import windows
-from tests.conftest import make_config
-
-SPLITS = ("train", "val", "test")
-
-
-def _read(summary, suffix):
-    table = summary["tables"][suffix]
-    return deltalake.DeltaTable(table["uri"], version=table["version"]).to_pandas()
-
-
-def _rows(summary):
-    return pd.concat([_read(summary, s).assign(split=s) for s in SPLITS], ignore_index=True)
+from dlpipe.refs import SPLITS
+from tests.conftest import make_config, read_table, split_rows, stage
 
 
 def test_movielens_ratings_and_user_vectors(spark, tmp_path):
@@ -40,25 +29,25 @@ def test_movielens_ratings_and_user_vectors(spark, tmp_path):
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.ratings.split_by=user",
                       "data.max_rejected_fraction=0.02", conf="conf/movielens.yaml")
 
-    summary = steps.prepare(spark, cfg)
+    summary = stage("prepare", spark, cfg)
 
     assert summary["input_rows"] == 400 + 3 + 1 == summary["accepted"] + summary["rejected"]
     assert summary["rejected"] == 4
-    rejected = _read(summary, "rejected")
+    rejected = read_table(summary, "rejected")
     reasons = dict(zip(rejected["key"], rejected["reason"]))
     assert reasons[f"{first.user_id}:{first.movie_id}"].startswith(f"duplicate key {first.user_id}:{first.movie_id} (first seen in ")
     assert reasons["z-planted.parquet:2"] == "row 2: column 'rating': expected a number, got 'five'"
     assert reasons["z-planted.parquet:3"] == "row 3: column 'rating': 9 is outside [1, 5]"
     assert reasons["z-broken.parquet"].startswith("cannot read Parquet")
 
-    rows = _rows(summary)
+    rows = split_rows(summary)
     assert len(rows) == 400 and rows["key"].is_unique
     assert rows.groupby("user")["split"].nunique().max() == 1  # split_by: user
-    items = _read(summary, "items")
+    items = read_table(summary, "items")
     assert list(items["item"]) == [str(i) for i in sorted(ratings["movie_id"].unique())]
     position = dict(zip(items["item"], items["index"]))
     for split in SPLITS:
-        vectors = _read(summary, f"vectors_{split}").set_index("user")
+        vectors = read_table(summary, f"vectors_{split}").set_index("user")
         part = rows[rows["split"] == split]
         assert set(vectors.index) == set(part["user"])
         for r in part.head(20).itertuples():
@@ -79,18 +68,18 @@ def test_reviews_text_vocabulary_and_sequences(spark, tmp_path):
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.text.max_length=24",
                       "data.max_rejected_fraction=0.1", conf="conf/reviews.yaml")
 
-    summary = steps.prepare(spark, cfg)
+    summary = stage("prepare", spark, cfg)
 
     assert summary["input_rows"] == 303 == summary["accepted"] + summary["rejected"]
     assert summary["rejected"] == real_empty + 3
-    reasons = _read(summary, "rejected").set_index("key")["reason"]
+    reasons = read_table(summary, "rejected").set_index("key")["reason"]
     assert reasons["90000"] == "line 1: empty text in column 'review_text'"
     assert reasons["90001"].startswith("line 2: empty text in column 'review_text': no word tokens")
     assert reasons["z-planted.jsonl:3"].startswith("line 3: not valid JSON")
     assert sum(r.endswith("empty text in column 'review_text'") for r in reasons) == real_empty + 1
 
-    rows = _rows(summary)
-    vocab = _read(summary, "vocab")
+    rows = split_rows(summary)
+    vocab = read_table(summary, "vocab")
     tokens = vocab[vocab["kind"] == "token"].set_index("token")
     assert list(tokens.index[:2]) == ["<pad>", "<unk>"] and list(tokens["id"]) == list(range(len(tokens)))
     train_counts = pd.Series([t for ts in rows.loc[rows["split"] == "train", "tokens"] for t in ts]).value_counts()
@@ -116,21 +105,21 @@ def test_sunspots_windows_split_by_time_as_data_arrives(spark, tmp_path):
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.mode=append",
                       "data.max_rejected_fraction=0.02", conf="conf/sunspots.yaml")
 
-    first = steps.prepare(spark, cfg)
+    first = stage("prepare", spark, cfg)
 
     assert (first["input_rows"], first["accepted"], first["rejected"]) == (253, 250, 3)
-    reasons = _read(first, "rejected").set_index("row")["reason"]
+    reasons = read_table(first, "rejected").set_index("row")["reason"]
     assert reasons[2] == "line 2: column 'year': expected a number or a timestamp, got '17x5'"
     assert reasons[3].startswith("duplicate key @1750.0 (first seen in ")
     assert reasons[4] == "line 4: column 'sunactivity': expected a number, got 'not-a-number'"
-    windows_1 = {s: _read(first, s) for s in SPLITS}
+    windows_1 = {s: read_table(first, s) for s in SPLITS}
     assert len(windows_1["test"]) == 0  # no data from 1960 on yet
 
     datasets.write_shards(sun.iloc[250:], landing, 1, "csv", prefix="later")  # 1950-2008 arrives
-    second = steps.prepare(spark, cfg)
+    second = stage("prepare", spark, cfg)
     assert second["input_files"] == 1 and second["accepted"] == 59
-    assert _read(second, "observations")["key"].is_unique and len(_read(second, "observations")) == 309
-    w = {s: _read(second, s) for s in SPLITS}
+    assert read_table(second, "observations")["key"].is_unique and len(read_table(second, "observations")) == 309
+    w = {s: read_table(second, s) for s in SPLITS}
     assert w["train"]["end"].max() < w["val"]["start"].min()  # no future leaks into training
     assert w["val"]["end"].max() < w["test"]["start"].min()
     assert w["train"]["end"].max() < 1900 <= w["val"]["start"].min() and w["test"]["start"].min() >= 1960

@@ -5,24 +5,13 @@ idempotent, merge upserts."""
 import json
 import re
 
-import deltalake
 import numpy as np
 import pandas as pd
 import pytest
 
-from dlpipe import datasets, lake, steps
-from tests.conftest import make_config
-
-SPLITS = ("train", "val", "test")
-
-
-def _read(summary, suffix):
-    table = summary["tables"][suffix]
-    return deltalake.DeltaTable(table["uri"], version=table["version"]).to_pandas()
-
-
-def _all_rows(summary):
-    return pd.concat([_read(summary, s).assign(split=s) for s in SPLITS], ignore_index=True)
+from dlpipe import datasets, lake
+from dlpipe.refs import SPLITS
+from tests.conftest import make_config, read_table, split_rows, stage
 
 
 def test_wine_with_planted_bad_rows(spark, tmp_path):
@@ -42,11 +31,11 @@ def test_wine_with_planted_bad_rows(spark, tmp_path):
     (landing / "empty.jsonl").write_bytes(b"")
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.max_rejected_fraction=0.05", conf="conf/wine.yaml")
 
-    summary = steps.prepare(spark, cfg)
+    summary = stage("prepare", spark, cfg)
 
     assert summary["input_rows"] == 178 + 6 == summary["accepted"] + summary["rejected"]
     assert (summary["accepted"], summary["rejected"], summary["input_files"]) == (178, 6, 4)
-    rejected = _read(summary, "rejected").set_index("key")
+    rejected = read_table(summary, "rejected").set_index("key")
     planted_file = f"file:{landing}/z-planted.jsonl"
     assert rejected.loc["1000", "reason"] == "line 1: column 'alcohol': expected a number, got 'abc'"
     assert rejected.loc["z-planted.jsonl:2", "reason"].startswith("line 2: not valid JSON")
@@ -56,8 +45,8 @@ def test_wine_with_planted_bad_rows(spark, tmp_path):
     assert rejected.loc["1003", "reason"] == "line 5: column 'proline' is null"
     assert rejected.loc["empty.jsonl", "reason"] == "empty file"
 
-    rows = _all_rows(summary)
-    assert list(_read(summary, "train").columns) == ["key", "source", "label", "label_name", "features"]
+    rows = split_rows(summary)
+    assert list(read_table(summary, "train").columns) == ["key", "source", "label", "label_name", "features"]
     assert len(rows) == 178 and rows["key"].is_unique
     assert (rows["label_name"] == [f"class_{i}" for i in rows["label"]]).all()
     x = {s: np.stack(rows.loc[rows["split"] == s, "features"]) for s in SPLITS}
@@ -65,7 +54,7 @@ def test_wine_with_planted_bad_rows(spark, tmp_path):
     np.testing.assert_allclose(x["train"].mean(0), 0, atol=1e-5)  # fitted on train only ...
     np.testing.assert_allclose(x["train"].std(0), 1, atol=1e-4)
     assert np.abs(x["val"].mean(0)).max() > 0.01  # ... and applied unchanged to val
-    stats = _read(summary, "stats").set_index("column")
+    stats = read_table(summary, "stats").set_index("column")
     train_ids = rows.loc[rows["split"] == "train", "key"].astype(int)
     assert stats.loc["proline", "mean"] == pytest.approx(wine.set_index("id").loc[train_ids, "proline"].mean())
 
@@ -77,7 +66,7 @@ def test_wine_with_planted_bad_rows(spark, tmp_path):
     strict = make_config(tmp_path, f"paths.landing={landing}", "data.max_rejected_fraction=0.01", conf="conf/wine.yaml")
     with pytest.raises(ValueError, match=r"6 of 184 rows under .* were rejected \(3.3%\), more than "
                                          r"data.max_rejected_fraction=0.01; no new version"):
-        steps.prepare(spark, strict)
+        stage("prepare", spark, strict)
     for suffix in (*SPLITS, "stats"):
         assert lake.latest_version(summary["tables"][suffix]["uri"]) == summary["tables"][suffix]["version"]
     assert lake.latest_version(summary["tables"]["rejected"]["uri"]) == summary["tables"]["rejected"]["version"] + 1
@@ -90,25 +79,25 @@ def test_adult_append_is_idempotent_and_merge_upserts(spark, tmp_path):
     datasets.write_shards(adult.iloc[:200], landing, 2, "csv", prefix="a")
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.mode=append", conf="conf/adult.yaml")
 
-    first = steps.prepare(spark, cfg)
+    first = stage("prepare", spark, cfg)
     assert first["accepted"] == 200 and sum(first["tables"][s]["rows"] for s in SPLITS) == 200
-    stats, train = _read(first, "stats"), _read(first, "train")
+    stats, train = read_table(first, "stats"), read_table(first, "train")
     assert len(train["features"][0]) == (stats["kind"] != "label").sum()
     train_rows = adult.set_index("id").loc[train["key"].astype(int)]
     assert list(stats.loc[stats["column"] == "workclass", "value"]) == sorted(set(train_rows["workclass"]))
 
-    again = steps.prepare(spark, cfg)  # same landing zone: nothing new
+    again = stage("prepare", spark, cfg)  # same landing zone: nothing new
     assert again["input_files"] == 0 and again["input_rows"] == 0
     assert {s: lake.latest_version(first["tables"][s]["uri"]) for s in SPLITS} == \
            {s: first["tables"][s]["version"] for s in SPLITS}
 
     extra = pd.concat([adult.iloc[200:300], adult.iloc[[3]]])  # 100 new rows and key 3 again
     datasets.write_shards(extra, landing, 1, "csv", prefix="b")
-    second = steps.prepare(spark, cfg)
+    second = stage("prepare", spark, cfg)
     assert (second["input_files"], second["accepted"], second["rejected"]) == (1, 100, 1)
-    rejected = _read(second, "rejected").set_index("key")
+    rejected = read_table(second, "rejected").set_index("key")
     assert rejected.loc["3", "reason"].startswith("duplicate key 3 already in ") and "adult_" in rejected.loc["3", "reason"]
-    rows = _all_rows(second)
+    rows = split_rows(second)
     assert len(rows) == 300 and rows["key"].is_unique
     assert second["tables"]["stats"] == first["tables"]["stats"] | {"fitted_by_this_job": False}  # not refitted
 
@@ -116,9 +105,9 @@ def test_adult_append_is_idempotent_and_merge_upserts(spark, tmp_path):
     new = adult.iloc[[0]].assign(id=99_999)
     datasets.write_shards(pd.concat([flipped, new]), landing, 1, "csv", prefix="c")
     merge = make_config(tmp_path, f"paths.landing={landing}", "data.mode=merge", conf="conf/adult.yaml")
-    merged = steps.prepare(spark, merge)
+    merged = stage("prepare", spark, merge)
     assert (merged["input_files"], merged["accepted"], merged["rejected"]) == (1, 2, 0)
-    rows = _all_rows(merged).set_index("key")
+    rows = split_rows(merged).set_index("key")
     assert len(rows) == 301 and rows.index.is_unique
     assert rows.loc["0", "label_name"] == flipped.iloc[0]["income"]
     assert rows.loc["0", "source"].endswith("c-00000.csv") and "99999" in rows.index
@@ -166,9 +155,9 @@ def test_regression_label_is_a_double(spark, tmp_path):
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.table.task=regression", "data.table.label=proline",
                       "data.table.numeric=[alcohol, hue]", "data.table.categorical=[cultivar]", "data.table.classes=[]",
                       conf="conf/wine.yaml")
-    summary = steps.prepare(spark, cfg)
-    rows = _all_rows(summary).set_index("key")
-    assert list(_read(summary, "train").columns) == ["key", "source", "label", "features"]
+    summary = stage("prepare", spark, cfg)
+    rows = split_rows(summary).set_index("key")
+    assert list(read_table(summary, "train").columns) == ["key", "source", "label", "features"]
     assert rows["label"].dtype == np.float64 and len(rows) == 178
     assert (rows["label"].sort_index() == wine.set_index(wine["id"].astype(str))["proline"].sort_index()).all()
     assert summary["features"] == 2 + 3  # two standardized columns, three cultivars one-hot

@@ -5,8 +5,10 @@ import deltalake
 import pytest
 from PIL import Image
 
-from dlpipe import lake, steps
-from tests.conftest import make_config
+from dlpipe import lake
+from dlpipe.refs import SPLITS
+from dlpipe.stages.train import pinned_set
+from tests.conftest import make_config, stage
 
 CLASSES = ["cat", "dog"]
 
@@ -27,10 +29,10 @@ def _config(root, *overrides):
 
 def test_counts_reconcile_and_reasons_are_kept(spark, tmp_path):
     _landing(tmp_path)
-    summary = steps.prepare(spark, _config(tmp_path, "data.max_rejected_fraction=0.2"))
+    summary = stage("prepare", spark, _config(tmp_path, "data.max_rejected_fraction=0.2"))
     assert summary["input_files"] == 18 == summary["accepted"] + summary["rejected"]
     assert summary["rejected"] == 2
-    assert sum(summary["tables"][s]["rows"] for s in steps.SPLITS) == 16
+    assert sum(summary["tables"][s]["rows"] for s in SPLITS) == 16
     rejected = deltalake.DeltaTable(summary["tables"]["rejected"]["uri"]).to_pandas().set_index("key")["reason"]
     assert rejected["cat/corrupt.png"].startswith("cannot decode image")
     assert rejected["dog/empty.png"] == "empty file"
@@ -39,13 +41,13 @@ def test_counts_reconcile_and_reasons_are_kept(spark, tmp_path):
 def test_too_many_rejects_fail_and_write_no_new_version(spark, tmp_path):
     _landing(tmp_path)
     cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
-    first = steps.prepare(spark, cfg)
+    first = stage("prepare", spark, cfg)
     for i in range(3):  # now 5 bad files of 21: 24% > 20%
         (tmp_path / "landing" / "dog" / f"bad_{i}.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"5 of 21 files .* were rejected \(23.8%\), more than data.max_rejected_fraction=0.2; "
                                          r"no new version .* most common: 3 x cannot decode image: UnidentifiedImageError: not an image format"):
-        steps.prepare(spark, cfg)
-    for split in steps.SPLITS:
+        stage("prepare", spark, cfg)
+    for split in SPLITS:
         assert lake.latest_version(cfg.table_uri(split)) == first["tables"][split]["version"]
     assert lake.latest_version(cfg.table_uri("rejected")) == first["tables"]["rejected"]["version"] + 1
 
@@ -53,7 +55,7 @@ def test_too_many_rejects_fail_and_write_no_new_version(spark, tmp_path):
 def test_a_job_that_died_half_way_is_not_pinned(spark, tmp_path, monkeypatch):
     _landing(tmp_path)
     cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
-    first = steps.prepare(spark, cfg)
+    first = stage("prepare", spark, cfg)
     write = lake.write_table
 
     def dies_on_val(df, uri, **kwargs):
@@ -63,8 +65,28 @@ def test_a_job_that_died_half_way_is_not_pinned(spark, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lake, "write_table", dies_on_val)
     with pytest.raises(RuntimeError, match="executor lost"):
-        steps.prepare(spark, cfg)
+        stage("prepare", spark, cfg)
     assert lake.latest_version(cfg.table_uri("train")) == first["tables"]["train"]["version"] + 1  # half-written job
-    pinned = steps.pinned_tables(cfg)
-    assert {s: pinned[s]["version"] for s in steps.SPLITS} == {s: first["tables"][s]["version"] for s in steps.SPLITS}
-    assert {pinned[s]["prepare_job"] for s in steps.SPLITS} == {first["job_id"]}
+    pinned, job = pinned_set({s: cfg.table_uri(s) for s in SPLITS})
+    assert {s: pinned[s].version for s in SPLITS} == {s: first["tables"][s]["version"] for s in SPLITS}
+    assert job == first["job_id"]
+
+
+def test_new_files_arrive_and_no_existing_key_moves(spark, tmp_path):
+    """Through the prepare job itself: a second job over the landing zone with new files puts
+    every key it saw before in the same table, and the new files spread over all three."""
+    _landing(tmp_path, good=40)
+    cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
+    first = stage("prepare", spark, cfg)
+    before = {s: set(lake.read_table(spark, first["tables"][s]["uri"], first["tables"][s]["version"])
+                     .toPandas()["key"]) for s in SPLITS}
+    for i in range(40, 100):
+        path = tmp_path / "landing" / CLASSES[i % 2] / f"new_{i:03d}.png"
+        Image.new("L", (6, 6), color=i).save(path)
+    second = stage("prepare", spark, cfg)
+    after = {s: set(lake.read_table(spark, second["tables"][s]["uri"], second["tables"][s]["version"])
+                    .toPandas()["key"]) for s in SPLITS}
+    for split in SPLITS:
+        assert before[split] <= after[split], f"keys left {split}: {before[split] - after[split]}"
+    assert sum(len(k) for k in after.values()) == 100
+    assert all(any(k.split("/")[1].startswith("new_") for k in after[s]) for s in SPLITS)

@@ -13,8 +13,10 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlpipe import registry, retrain, steps
-from tests.conftest import make_config
+from dlpipe import registry
+from dlpipe.refs import SPLITS
+from dlpipe.stages.retrain import OUTCOME
+from tests.conftest import WITHOUT_DLPIPE, make_config, stage
 
 pytestmark = pytest.mark.slow
 NAME = "retrain_cnn"
@@ -52,14 +54,14 @@ def versions(cfg):
 
 def test_first_retrain_makes_a_champion_then_no_new_data(spark, base):
     cfg, _ = base
-    steps.prepare(spark, cfg())
-    first = retrain.retrain(spark, cfg(*MEDIUM))
+    stage("prepare", spark, cfg())
+    first = stage("retrain", spark, cfg(*MEDIUM))
     assert first["action"] == "promoted" and first["champion_before"] is None
     champion = client(cfg()).get_model_version_by_alias(NAME, "champion")
     assert int(champion.version) == first["champion_after"] == first["challenger_version"]
     # lineage on the version: tables, rows, config hash + copy, code version, metrics
     tags = champion.tags
-    for split in steps.SPLITS:
+    for split in SPLITS:
         table = first["tables"][split]
         assert tags[f"dlpipe.table.{split}"] == f"{table['uri']}@{table['version']}"
         assert int(tags[f"dlpipe.rows.{split}"]) == deltalake.DeltaTable(table["uri"], version=table["version"]).to_pyarrow_table().num_rows
@@ -69,10 +71,10 @@ def test_first_retrain_makes_a_champion_then_no_new_data(spark, base):
     assert registry.config_hash(config) == tags["dlpipe.config_sha256"] and config["train"]["epochs"] == 1
     assert tags["dlpipe.code.package_version"] and len(tags["dlpipe.code.git_sha"]) in (40, len("unknown"))
     assert 0 <= float(tags["dlpipe.metric.test_accuracy"]) <= 1 and float(tags["dlpipe.metric.test_log_loss"]) > 0
-    assert champion.tags[retrain.OUTCOME].startswith("promoted: no champion yet")
+    assert champion.tags[OUTCOME].startswith("promoted: no champion yet")
 
     before = versions(cfg())
-    again = retrain.retrain(spark, cfg(*MEDIUM))
+    again = stage("retrain", spark, cfg(*MEDIUM))
     assert again["action"] == "none" and again["reason"].startswith("no new data")
     assert versions(cfg()) == before
 
@@ -80,8 +82,8 @@ def test_first_retrain_makes_a_champion_then_no_new_data(spark, base):
 def test_new_data_worse_challenger_is_not_promoted(spark, base):
     cfg, _ = base
     champion = client(cfg()).get_model_version_by_alias(NAME, "champion")
-    prepared = steps.prepare(spark, cfg())  # new versions of the training tables
-    out = retrain.retrain(spark, cfg(*WEAK))
+    prepared = stage("prepare", spark, cfg())  # new versions of the training tables
+    out = stage("retrain", spark, cfg(*WEAK))
     assert out["action"] == "not promoted"
     assert out["tables"]["train"]["version"] == prepared["tables"]["train"]["version"]
     assert registry.tables_of(client(cfg()).get_model_version(NAME, str(out["challenger_version"])))["train"] == (
@@ -94,7 +96,7 @@ def test_new_data_worse_challenger_is_not_promoted(spark, base):
 
     # the same inputs again: nothing happens
     before = versions(cfg())
-    again = retrain.retrain(spark, cfg(*WEAK))
+    again = stage("retrain", spark, cfg(*WEAK))
     assert again["action"] == "none" and "already trained on these table versions" in again["reason"]
     assert versions(cfg()) == before
 
@@ -102,8 +104,8 @@ def test_new_data_worse_challenger_is_not_promoted(spark, base):
 def test_better_challenger_is_promoted_and_rollback(spark, base):
     cfg, _ = base
     old = client(cfg()).get_model_version_by_alias(NAME, "champion")
-    steps.prepare(spark, cfg())
-    out = retrain.retrain(spark, cfg(*GOOD))
+    stage("prepare", spark, cfg())
+    out = stage("retrain", spark, cfg(*GOOD))
     assert out["action"] == "promoted", out["reason"]
     assert out["challenger_metrics"]["test_accuracy"] >= out["champion_metrics_on_holdout"]["test_accuracy"] + 0.02
     aliases = client(cfg()).get_registered_model(NAME).aliases
@@ -124,19 +126,13 @@ def test_better_challenger_is_promoted_and_rollback(spark, base):
     with pytest.raises(LookupError, match="no previous version"):
         registry.rollback(client(cfg()), NAME, 60, 60)
     # a rolled-back version is not re-promoted by the next run on the same tables
-    assert retrain.retrain(spark, cfg(*GOOD))["action"] == "none"
+    assert stage("retrain", spark, cfg(*GOOD))["action"] == "none"
     # restore the better model for the consumer tests
     registry.set_aliases(client(cfg()), NAME, [("champion", str(out["challenger_version"])), ("previous", old.version),
                                                ("rolled_back", None)])
 
 
-CONSUMER = textwrap.dedent("""
-    import importlib.abc, json, sys
-    class NoDlpipe(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in {"dlpipe", "dl", "pipelines"}:
-                raise ImportError(f"{name} is not importable for a consumer")
-    sys.meta_path.insert(0, NoDlpipe())
+CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
     import mlflow, pandas as pd
     mlflow.set_tracking_uri(sys.argv[1])
     model = mlflow.pyfunc.load_model(f"models:/{sys.argv[2]}@champion")
@@ -188,7 +184,7 @@ def test_two_concurrent_retrains_promote_once(spark, base, tmp_path):
     # the champion must lose against MEDIUM on new data: make the weak version champion
     weak = min(client(cfg()).search_model_versions(f"name = '{NAME}'"), key=lambda v: registry.metric_of(v, "test_accuracy"))
     registry.set_aliases(client(cfg()), NAME, [("champion", str(weak.version))])
-    steps.prepare(spark, cfg())
+    stage("prepare", spark, cfg())
     common = [f"paths.landing={cfg().paths.landing}", f"paths.lake={cfg().paths.lake}",
               f"data.name={cfg().data.name}", f"data.classes={json.dumps(cfg().data.classes)}", "train.batch_size=16",
               "model.cnn.blocks=[{channels: 8}, {channels: 16}]", "model.cnn.hidden=[32]", "train.backend=local", "train.checkpoint_every=0",
@@ -208,7 +204,7 @@ def test_two_concurrent_retrains_promote_once(spark, base, tmp_path):
     assert aliases["champion"] == str(winner["challenger_version"]) and aliases["previous"] == str(weak.version)
     assert old.version != aliases["champion"]
     promoted = [v for v in client(cfg()).search_model_versions(f"name = '{NAME}'")
-                if v.tags.get(retrain.OUTCOME, "").startswith("promoted")
+                if v.tags.get(OUTCOME, "").startswith("promoted")
                 and registry.tables_of(v)["train"][1] == winner["tables"]["train"]["version"]]
     assert len(promoted) == 1
     assert client(cfg()).get_registered_model(NAME).name == NAME
@@ -226,7 +222,7 @@ def test_unreachable_server_fails_in_one_line_before_training(base, tmp_path):
     uri = f"http://127.0.0.1:{port}"
     proc = subprocess.run([sys.executable, "-m", "dlpipe.cli", "retrain", "--set", f"paths.lake={cfg().paths.lake}",
                            "--set", f"mlflow.tracking_uri={uri}"], capture_output=True, text=True, timeout=120, cwd=root)
-    assert proc.returncode == 1
+    assert proc.returncode == 5  # dlpipe.errors.EXIT_TRACKING
     assert proc.stderr.strip().splitlines() == [f"dlpipe: error: MLflow tracking server {uri} is unreachable "
                                                 "(ConnectionError); nothing was trained or registered"]
     assert "training" not in proc.stdout

@@ -3,12 +3,13 @@ similarity, KMeans cluster purity against the labels."""
 
 from mlflow.tracking import MlflowClient
 
-from dlpipe import lake, similar
+from dlpipe import lake
+from tests.conftest import stage
 
 
 def test_embed_then_an_images_nearest_neighbour_is_itself(spark, registered_small):
     cfg, evaluated = registered_small
-    summary = similar.embed(spark, cfg)
+    summary = stage("embed", spark, cfg, model="")
     table = lake.read_table(spark, summary["embeddings"]["uri"], summary["embeddings"]["version"])
     rows = table.count()
     assert rows == summary["embeddings"]["rows"] > 0
@@ -22,7 +23,7 @@ def test_embed_then_an_images_nearest_neighbour_is_itself(spark, registered_smal
         "tags.`dlpipe.step` = 'embed'")
     assert runs and runs[0].data.metrics["cluster_purity"] == k["cluster_purity"]
 
-    found = similar.similar(spark, cfg, first["source"], k=5)
+    found = stage("similar", spark, cfg, image=first["source"], k=5)
     neighbours = found["neighbours"]
     assert len(neighbours) == 5 and neighbours[0]["key"] == first["key"]
     assert neighbours[0]["similarity"] > 0.999

@@ -186,12 +186,12 @@ def test_wrong_credentials_are_a_clear_error_naming_the_uri(aws, s3_landing, mon
 def test_missing_bucket_is_a_clear_error_naming_the_uri(aws, s3_landing, tmp_path):
     cfg, uri = s3_landing
     done = _prepare(aws, cfg, "s3a://no-such-bucket/raw", str(tmp_path / "lake"))
-    assert done.returncode == 1
+    assert done.returncode == 4  # missing input (docs/configuration.md, exit codes)
     assert done.stderr.strip().splitlines()[-1] == (
         f"dlpipe: error: cannot access s3a://no-such-bucket/raw: bucket 'no-such-bucket' does not exist "
         f"(endpoint {aws['AWS_ENDPOINT_URL']})"), done.stderr[-3000:]
     done = _prepare(aws, cfg, uri, "s3a://no-such-bucket/lake")
-    assert done.returncode == 1
+    assert done.returncode == 4
     assert re.fullmatch(r"dlpipe: error: cannot access s3a://no-such-bucket/lake/\S+: bucket 'no-such-bucket' does "
                         r"not exist.*", done.stderr.strip().splitlines()[-1]), done.stderr[-3000:]
 

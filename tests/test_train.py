@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dl.models import CNN, CNNConfig, ConvBlock, Net, build
-from dl.train import FitConfig, fit
-from dlpipe.launch import load_shard
+from dl.train import TrainConfig, fit
+from dlpipe.launchers import load_shard
 
 
 def _blobs(n, seed):
@@ -40,7 +40,7 @@ def test_fit_single_process_learns():
     torch.manual_seed(0)
     model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0))
     lines = []
-    history = fit(model, _blobs(512, 1), _blobs(128, 2), FitConfig(epochs=3, batch_size=32, lr=0.01), log=lines.append)
+    history = fit(model, _blobs(512, 1), _blobs(128, 2), TrainConfig(epochs=3, batch_size=32, lr=0.01), log=lines.append)
     assert len(history) == 3 and len(lines) == 3 and "samples/s" in lines[0]
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["val_accuracy"] > 0.9
@@ -49,7 +49,7 @@ def test_fit_single_process_learns():
 def test_fit_rejects_a_shard_smaller_than_a_batch():
     model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,)))
     with pytest.raises(ValueError, match="fewer than one batch"):
-        fit(model, _blobs(8, 1), _blobs(8, 2), FitConfig(epochs=1, batch_size=32, lr=0.01))
+        fit(model, _blobs(8, 1), _blobs(8, 2), TrainConfig(epochs=1, batch_size=32, lr=0.01))
 
 
 @pytest.mark.parametrize("row_group_size", [7, 1000])  # many row groups, or fewer than workers
@@ -72,7 +72,7 @@ def test_shards_are_disjoint_and_complete(tmp_path, row_group_size):
 def test_cosine_schedule_anneals_to_zero():
     model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16))
     seen = []
-    history = fit(model, _blobs(64, 1), _blobs(32, 2), FitConfig(epochs=2, batch_size=32, lr=0.01, lr_schedule="cosine"),
+    history = fit(model, _blobs(64, 1), _blobs(32, 2), TrainConfig(epochs=2, batch_size=32, lr=0.01, lr_schedule="cosine"),
                   on_epoch=lambda m: seen.append(m), log=lambda line: None)
     assert len(history) == 2 and len(seen) == 2
     assert history[-1]["lr"] == pytest.approx(0.0, abs=1e-9) and history[0]["lr"] == pytest.approx(0.005)
@@ -81,19 +81,20 @@ def test_cosine_schedule_anneals_to_zero():
 def test_linear_lr_scaling_warms_up_then_follows_the_schedule():
     from dl.train import _lr_factor
 
-    factor = _lr_factor(FitConfig(epochs=4, batch_size=8, lr=0.1, lr_scaling="linear", warmup_epochs=1,
+    factor = _lr_factor(TrainConfig(epochs=4, batch_size=8, lr=0.1, lr_scaling="linear", warmup_epochs=1,
                                   lr_schedule="cosine"), steps_per_epoch=10, world_size=4)
     assert factor(0) == 1.0 and factor(5) == pytest.approx(2.5)  # halfway from 1x to 4x
     assert factor(10) == pytest.approx(4.0)  # warm-up done: lr x world size
     assert factor(40) == pytest.approx(0.0, abs=1e-9)  # cosine to zero at the end
-    constant = _lr_factor(FitConfig(epochs=2, batch_size=8, lr=0.1), steps_per_epoch=10, world_size=4)
+    constant = _lr_factor(TrainConfig(epochs=2, batch_size=8, lr=0.1, lr_schedule="constant"), steps_per_epoch=10,
+                          world_size=4)
     assert constant(0) == constant(19) == 1.0  # lr_scaling none: the world size does not matter
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_cpu(precision):
     model = build(tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0))
-    history = fit(model, _blobs(512, 1), _blobs(128, 2), FitConfig(epochs=3, batch_size=32, lr=0.01, precision=precision),
+    history = fit(model, _blobs(512, 1), _blobs(128, 2), TrainConfig(epochs=3, batch_size=32, lr=0.01, precision=precision),
                   log=lambda line: None)
     assert history[-1]["loss"] < history[0]["loss"] and history[-1]["val_accuracy"] > 0.9
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
@@ -102,7 +103,7 @@ def test_mixed_precision_trains_on_cpu(precision):
 def test_checkpoint_resume_replays_the_uninterrupted_run(tmp_path):
     from dlpipe import checkpoints
 
-    cfg = FitConfig(epochs=4, batch_size=32, lr=0.01, checkpoint_every=1, seed=7)
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.01, checkpoint_every=1, seed=7)
     data = (_blobs(256, 1), _blobs(64, 2))
 
     def model():
@@ -120,7 +121,8 @@ def test_checkpoint_resume_replays_the_uninterrupted_run(tmp_path):
     resumed = model()
     history = fit(resumed, *data, cfg, resume=state, log=lambda line: None)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
-    assert all(torch.allclose(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+    # bit for bit, as docs/training.md says: every weight, statistic and counter equal, not merely close
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
     assert checkpoints.latest(str(tmp_path / "run")).endswith("epoch-0004.pt")
 
 
@@ -136,7 +138,7 @@ def test_find_resumable_skips_finished_runs(tmp_path):
 
 
 def test_gpu_requested_without_cuda_is_a_clear_error():
-    from dlpipe.launch import pick_device
+    from dlpipe.worker import pick_device
 
     assert pick_device("auto", 3).type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device(False, 0).type == "cpu"

@@ -9,6 +9,7 @@ import torch
 from dl.models import build
 from dlpipe import modeling, steps
 from dlpipe.tracking import load_net
+from tests.conftest import stage
 
 
 def _replace(cfg, **sections):
@@ -22,7 +23,7 @@ def test_init_from_loads_a_registered_model_and_frozen_layers_do_not_change(spar
                      train={"init_from": "models:/small_cnn@champion", "freeze": "features", "epochs": 3,
                             "run_name": "small_cnn_tuned"},
                      registry={"model_name": "small_cnn_tuned"})
-    trained = steps.train(spark, tuned)
+    trained = stage("train", spark, tuned)
     source, _ = load_net(f"models:/small_cnn/{evaluated['model_version']}")
     result, meta = load_net(trained["model_uri"])
     assert meta["classes"] == classes[5:] and result.head[-1].out_features == 5
@@ -34,7 +35,7 @@ def test_init_from_loads_a_registered_model_and_frozen_layers_do_not_change(spar
     assert not torch.equal(fresh["head.1.weight"], after["head.1.weight"])
     assert trained["metrics"]["loss"] > 0
 
-    evaluated_tuned = steps.evaluate(spark, _replace(tuned, evaluate={"run_id": trained["run_id"]}))
+    evaluated_tuned = stage("evaluate", spark, _replace(tuned, evaluate={"run_id": trained["run_id"]}))
     assert evaluated_tuned["metrics"]["test_rows"] > 0  # the test rows of the five new classes only
 
 
@@ -42,6 +43,6 @@ def test_init_from_a_different_architecture_is_refused(spark, registered_small):
     cfg, evaluated = registered_small
     other = _replace(cfg, train={"init_from": "models:/small_cnn@champion"},
                      model={"cnn": dataclasses.replace(cfg.model.cnn, hidden=[8])})
-    net = modeling.image_net(other)
+    net = modeling.image_net(other.model, other.data)
     with pytest.raises(ValueError, match="train.init_from=models:/small_cnn@champion .* must match"):
         modeling.pretrained_state(other.train.init_from, net)

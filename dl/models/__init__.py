@@ -1,6 +1,6 @@
 """The model registry. Every module in this package that defines `SPEC` is a model, found by its
-file: adding a model means adding one file here (an `nn.Module`, its frozen config dataclass and a
-`SPEC`) and its defaults under `model.<name>` in conf/base.yaml.
+file: adding a model means adding one file here (an `nn.Module`, its frozen config dataclass with
+its defaults, and a `SPEC`); `model.name: <name>` in a conf file picks it (docs/models.md).
 
 Every model is `head(features(x))`: `features` ends in the layer before the classifier (the
 embedding used for image similarity, the part `train.freeze: features` keeps fixed) and `head`
@@ -8,52 +8,19 @@ is the last linear layer, replaced when a model is fine-tuned for a new label se
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import pkgutil
-from dataclasses import dataclass
-from typing import Any, Callable
 
 from torch import nn
 
-TASKS = ("classification", "regression")  # classification: logits per class; regression: one value
-
-
-class ParamError(ValueError):
-    """A bad hyperparameter; `field` names it so the config error can name the whole key."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    name: str  # model.name in the config; its hyperparameters live under model.<name>
-    config: type  # frozen dataclass of hyperparameters
-    build: Callable[[Any, tuple[int, ...], int], nn.Module]  # (config, input shape, outputs) -> module
-    tasks: tuple[str, ...]  # what its output can be trained for
-    inputs: tuple[str, ...]  # "image" (pixels, channels x height x width) and/or "table" (features)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Net:
-    """Everything needed to rebuild a trained net: saved with every logged model."""
-
-    name: str
-    params: Any  # the model's config dataclass
-    input_shape: tuple[int, ...]  # per example: (channels, height, width) or (features,)
-    num_outputs: int  # classes, or 1 for regression
-    task: str
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "params": dataclasses.asdict(self.params), "input_shape": list(self.input_shape),
-                "num_outputs": self.num_outputs, "task": self.task}
+from dl.models.base import TASKS, ModelSpec, Net, ParamError, activation, check_fraction, check_positive  # noqa: F401
 
 
 def _discover() -> dict[str, ModelSpec]:
     found = {}
     for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module.name == "base":
+            continue
         spec = getattr(importlib.import_module(f"{__name__}.{module.name}"), "SPEC", None)
         if isinstance(spec, ModelSpec):
             found[spec.name] = spec
@@ -67,24 +34,10 @@ def build(net: Net) -> nn.Module:
     return REGISTRY[net.name].build(net.params, tuple(net.input_shape), outputs)
 
 
-def activation(name: str) -> nn.Module:
-    return {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}[name]()
-
-
-def check_fraction(field: str, value: float) -> None:
-    if not 0 <= value < 1:
-        raise ParamError(field, f"expected a number in [0, 1), got {value}")
-
-
-def check_positive(field: str, values) -> None:
-    for v in values if isinstance(values, (list, tuple)) else [values]:
-        if v <= 0:
-            raise ParamError(field, f"expected positive integers, got {values}")
-
-
 REGISTRY: dict[str, ModelSpec] = _discover()
 
 from dl.models.cnn import CNN, CNNConfig, ConvBlock  # noqa: E402  (re-exported)
 from dl.models.mlp import MLP, MLPConfig  # noqa: E402
 
-__all__ = ["CNN", "CNNConfig", "ConvBlock", "MLP", "MLPConfig", "REGISTRY", "ModelSpec", "Net", "build", "TASKS"]
+__all__ = ["CNN", "CNNConfig", "ConvBlock", "MLP", "MLPConfig", "REGISTRY", "ModelSpec", "Net", "ParamError", "TASKS",
+           "activation", "build", "check_fraction", "check_positive"]

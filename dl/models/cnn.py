@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dl.models import ModelSpec, ParamError, activation, check_fraction, check_positive
+from dl.models.base import ModelSpec, ParamError, activation, check_fraction, check_positive
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dl.models import ModelSpec, activation, check_fraction, check_positive
+from dl.models.base import ModelSpec, activation, check_fraction, check_positive
 
 
 @dataclass(frozen=True, kw_only=True)

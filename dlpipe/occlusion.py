@@ -94,22 +94,6 @@ def load_image(uri: str, shape: tuple[int, int, int]) -> np.ndarray:
     return array.reshape(height, width, channels).transpose(2, 0, 1)
 
 
-def explain(model_uri: str, image_uri: str, out: str = "heatmap.png") -> dict:
-    """`dlpipe explain`: the heatmap of one image overlaid on it, written as a PNG to `out`."""
-    from dlpipe.tracking import load_net
-
-    module, meta = load_net(model_uri)
-    if meta.get("task") != "classification" or meta.get("input_column") != "pixels":
-        raise ValueError(f"{model_uri} is not an image classifier: occlusion heatmaps need one")
-    image = load_image(image_uri, tuple(meta["input_shape"]))
-    heat, target, p = occlusion(torch_proba(module), image)
-    name = meta["classes"][target]
-    fig = figure([image], [heat], [f"{name} p={p:.2f}"], columns=1)
-    fig.savefig(out, dpi=150)
-    return {"step": "explain", "model_uri": model_uri, "image": image_uri, "predicted": name, "probability": p,
-            "heatmap": str(out), "max_drop": float(heat.max())}
-
-
 def sample_grid(test_df, model_uri: str, classes: list[str], n: int = 8):
     """The evaluate step's grid: heatmaps of the first `n` test images (by key)."""
     from dlpipe.tracking import load_net

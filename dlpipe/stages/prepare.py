@@ -13,9 +13,12 @@ Delta tables. The contract handling is the same for every kind and lives here:
 - every commit carries the job id, kind, mode and source URIs in its metadata.
 
 A kind is a module with: BASE (tables the accepted rows go to, named by their `split` column),
-STATE (suffix of the fitted-state table or None), UNIT, parse(files, cfg, root, state),
-assign_split(df, cfg), fit(accepted, cfg), state_rows(state), state_from_rows(pdf),
-to_base(accepted, cfg, state) and derive(spark, cfg, state, written) -> {suffix: DataFrame}.
+STATE (suffix of the fitted-state table or None), UNIT, parse(files, data, root, state),
+assign_split(df, data), fit(accepted, data), state_rows(state), state_from_rows(pdf),
+to_base(accepted, data, state), derive(tables, data, state) -> {suffix: DataFrame} and optionally
+report(tables, data, state, written) -> dict, where `data` is the data section and `tables` the
+DataFrames of the tables this job wrote. The kinds (pipelines/*) are pure DataFrame transforms;
+every Delta read and write is here, through dlpipe.lake.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import uuid
 from types import ModuleType
 
 from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from dlpipe import lake
-from dlpipe.config import Config
+from dlpipe.config import DataConfig, PathsConfig, table_uri
+from dlpipe.errors import DataQualityError, InputNotFound
+from pipelines.contract import reject_duplicate_keys
 from pipelines.sources import read_files
 
 REJECTED_SCHEMA = "key string, source string, row long, reason string, job_id string"
@@ -46,17 +51,18 @@ def say(message: str) -> None:
     print(f"dlpipe: {message}", flush=True)
 
 
-def run(spark: SparkSession, cfg: Config) -> dict:
-    data, landing = cfg.data, cfg.paths.landing
+def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
+    """`dlpipe prepare`: the landing zone -> this kind's tables (see the module docstring)."""
+    landing = paths.landing
     kind = kind_module(data.kind)
     job_id = uuid.uuid4().hex
     try:
         files = read_files(spark, landing)
     except AnalysisException as exc:
-        raise FileNotFoundError(f"cannot read raw files under {landing}: {exc.getMessage()}") from None
-    base_uris = {suffix: cfg.table_uri(suffix) for suffix in kind.BASE}
-    rejected_uri = cfg.table_uri("rejected")
-    sources_uri = cfg.table_uri("sources")
+        raise InputNotFound(f"cannot read raw files under {landing}: {exc.getMessage()}") from None
+    base_uris = {suffix: table_uri(paths, data, suffix) for suffix in kind.BASE}
+    rejected_uri = table_uri(paths, data, "rejected")
+    sources_uri = table_uri(paths, data, "sources")
     if data.mode != "overwrite":  # append and merge take in only files no finished job took in
         done = ingested_sources(spark, sources_uri)
         if done:
@@ -64,24 +70,24 @@ def run(spark: SparkSession, cfg: Config) -> dict:
             files = files.join(F.broadcast(seen), files["path"] == seen["source"], "left_anti")
 
     state, state_table = None, None
-    if kind.STATE and data.mode != "overwrite" and lake.latest_version(cfg.table_uri(kind.STATE)) is not None:
-        uri = cfg.table_uri(kind.STATE)
+    if kind.STATE and data.mode != "overwrite" and lake.latest_version(table_uri(paths, data, kind.STATE)) is not None:
+        uri = table_uri(paths, data, kind.STATE)
         version = lake.latest_version(uri)
         rows = lake.read_table(spark, uri, version).toPandas()
         state = kind.state_from_rows(rows)
         state_table = {"uri": uri, "version": version, "fitted_by_this_job": False, "rows": len(rows)}
 
-    parsed = kind.assign_split(kind.parse(files, cfg, landing, state), cfg)
+    parsed = kind.assign_split(kind.parse(files, data, landing, state), data)
     existing = _existing_keys(spark, base_uris) if data.mode == "append" else None  # merge updates them
     parsed = reject_duplicate_keys(parsed, existing).persist()
     try:
-        return _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri)
+        return _write(spark, data, paths, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri)
     finally:
         parsed.unpersist()
 
 
-def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri) -> dict:
-    data, landing = cfg.data, cfg.paths.landing
+def _write(spark, data, paths, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri) -> dict:
+    landing = paths.landing
     counts, per_file = {}, {}
     for r in parsed.groupBy("source", "split", F.col("error").isNull().alias("ok")).count().collect():
         counts[r["split"], r["ok"]] = counts.get((r["split"], r["ok"]), 0) + r["count"]
@@ -121,7 +127,7 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
     if accepted == 0 or rejected > data.max_rejected_fraction * total:
         reasons = parsed.where(F.col("error").isNotNull()).groupBy(F.col("error")).count() \
             .orderBy(F.desc("count"), "error").limit(3).collect()
-        raise ValueError(
+        raise DataQualityError(
             f"{rejected} of {total} {unit} under {landing} were rejected ({rejected / max(total, 1):.1%}), more than "
             f"data.max_rejected_fraction={data.max_rejected_fraction}; no new version of the train/val/test "
             f"tables was written. Reasons are in {rejected_uri}@{summary['tables']['rejected']['version']}; most common: "
@@ -130,15 +136,15 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
 
     good = parsed.where(F.col("error").isNull()).drop("error")
     if state is None and kind.STATE:
-        state = kind.fit(good, cfg)
-        uri = cfg.table_uri(kind.STATE)
+        state = kind.fit(good, data)
+        uri = table_uri(paths, data, kind.STATE)
         rows = spark.createDataFrame(kind.state_rows(state), kind.STATE_SCHEMA)
         state_table = {"uri": uri, "version": lake.write_table(rows, uri, metadata=metadata), "fitted_by_this_job": True,
                        "rows": len(kind.state_rows(state))}
     if state_table:
         summary["tables"][kind.STATE] = state_table
         metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
-    rows = kind.to_base(good, cfg, state).persist()  # transformed once, written per table
+    rows = kind.to_base(good, data, state).persist()  # transformed once, written per table
     written = {}
     try:
         for suffix, uri in base_uris.items():
@@ -148,8 +154,8 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
             say(f"{data.mode} {uri} version {version}: {written[suffix]['rows_written']} rows from this job")
     finally:
         rows.unpersist()
-    for suffix, df in kind.derive(spark, cfg, state, written).items():
-        uri = cfg.table_uri(suffix)
+    for suffix, df in kind.derive(_frames(spark, written), data, state).items():
+        uri = table_uri(paths, data, suffix)
         written[suffix] = {"uri": uri, "version": lake.write_table(df, uri, metadata=metadata)}
         say(f"wrote {uri} version {written[suffix]['version']}")
     for table in written.values():
@@ -160,8 +166,13 @@ def _write(spark, cfg, kind, job_id, parsed, state, state_table, base_uris, reje
         taken, sources_uri, mode="overwrite" if data.mode == "overwrite" else "append", metadata=metadata)}
     written["sources"]["rows"] = table_rows(sources_uri, written["sources"]["version"])
     summary["tables"].update(written)
-    summary.update(kind.report(spark, cfg, state, written) if hasattr(kind, "report") else {})
+    summary.update(kind.report(_frames(spark, written), data, state, written) if hasattr(kind, "report") else {})
     return summary
+
+
+def _frames(spark: SparkSession, written: dict) -> dict[str, DataFrame]:
+    """The tables this job wrote, each at the version it wrote, for a kind's derive and report."""
+    return {suffix: lake.read_table(spark, t["uri"], t["version"]) for suffix, t in written.items()}
 
 
 def table_rows(uri: str, version: int) -> int:
@@ -186,24 +197,6 @@ def write_mode(spark: SparkSession, rows: DataFrame, uri: str, mode: str, metada
     return lake.write_table(rows, uri, mode=mode, metadata=metadata)
 
 
-def reject_duplicate_keys(parsed: DataFrame, existing: DataFrame | None) -> DataFrame:
-    """Every repeat of a key (after its first by source file and row) and, in append mode, every
-    key already in the output tables gets a `duplicate key` error."""
-    ok, bad = parsed.where(F.col("error").isNull()), parsed.where(F.col("error").isNotNull())
-    window = Window.partitionBy("key").orderBy("source", "row")
-    first = F.first(F.struct("source", "row")).over(window)
-    where = F.concat(first["source"], F.when(first["row"].isNotNull(), F.concat(F.lit(" line "), first["row"])).otherwise(F.lit("")))
-    ok = ok.withColumn("error", F.when(F.row_number().over(window) > 1,
-                                       F.concat(F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")"))))
-    if existing is not None:
-        known = existing.select("key", F.col("table").alias("_in")).dropDuplicates(["key"])
-        ok = ok.join(F.broadcast(known), "key", "left").withColumn(
-            "error", F.coalesce("error", F.when(F.col("_in").isNotNull(), F.concat(
-                F.lit("duplicate key "), F.col("key"), F.lit(" already in "), F.col("_in"), F.lit(" (data.mode=merge updates keys)"))))
-        ).drop("_in")
-    return ok.unionByName(bad.select(*ok.columns))
-
-
 def _existing_keys(spark: SparkSession, base_uris: dict[str, str]) -> DataFrame | None:
     frames = [lake.read_table(spark, uri).select("key", F.lit(uri).alias("table"))
               for uri in base_uris.values() if lake.latest_version(uri) is not None]
@@ -220,48 +213,3 @@ def ingested_sources(spark: SparkSession, sources_uri: str) -> set[str]:
     if lake.latest_version(sources_uri) is None:
         return set()
     return {r["source"] for r in lake.read_table(spark, sources_uri).select("source").distinct().collect()}
-
-
-def hash_split(df: DataFrame, cfg: Config, column: str = "key") -> DataFrame:
-    """train/val/test from a hash of `column`: re-runs and new files never move a row."""
-    from pipelines.images import SPLIT_BUCKETS
-
-    fractions = cfg.data.split_fractions
-    bucket = F.pmod(F.xxhash64(column), F.lit(SPLIT_BUCKETS))
-    train_end = round(fractions["train"] * SPLIT_BUCKETS)
-    val_end = train_end + round(fractions["val"] * SPLIT_BUCKETS)
-    return df.withColumn("split", F.when(bucket < train_end, "train").when(bucket < val_end, "val").otherwise("test"))
-
-
-def parse_files(files: DataFrame, root: str, fmt: str, encoding: str, key_column: str, schema: str, convert) -> DataFrame:
-    """Raw files -> one row per record: key, source, row, <schema>, error. `convert(record)`
-    returns the kind's columns or raises records.Invalid with the reason. Without a key column
-    the key is <file relative to the landing root>:<line>."""
-    import pandas as pd
-
-    from pipelines.images import _relative_key
-    from pipelines.records import Invalid, read_records, text
-
-    columns = ["key", "source", "row", *[c.split()[0] for c in schema.split(", ")], "error"]
-    where = "row" if fmt == "parquet" else "line"
-
-    def run(batches):
-        for batch in batches:
-            out = []
-            for path, content in zip(batch["path"], batch["content"]):
-                relative = _relative_key(path, root)
-                for row, record, reason in read_records(content, fmt, encoding):
-                    item = {"key": f"{relative}:{row}" if row else relative, "source": path, "row": row, "error": reason}
-                    if record is not None:
-                        try:
-                            if key_column:
-                                item["key"] = text(record, key_column)
-                            item.update(convert(record))
-                        except Invalid as exc:
-                            item["error"] = f"{where} {row}: {exc}"
-                    out.append(item)
-            # object columns: a missing value stays None (null), never NaN
-            yield pd.DataFrame({c: pd.Series([item.get(c) for item in out], dtype=object) for c in columns})
-
-    return files.select("path", "content").mapInPandas(
-        run, f"key string, source string, row long, {schema}, error string")

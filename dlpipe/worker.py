@@ -1,37 +1,26 @@
-"""Launchers for the one training loop in dl.train: in-process, Horovod on the job's Spark
-executors, or TorchDistributor (DDP-style torch.distributed) on them. Only the launcher differs;
-the loop, the model and the data path do not."""
+"""What runs on every training worker, whichever launcher started it: connect to the others
+(Horovod, torch.distributed or none), read this rank's shard of the pinned snapshot, run the one
+loop (dl.train.fit), and on the main rank log epochs to MLflow, write checkpoints and return the
+weights. A failing worker leaves a report naming its rank for the driver."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import sys
-import tempfile
 import traceback
-import uuid
-from dataclasses import dataclass
-
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from pyarrow import fs
 
 from dl.models import Net, build
-from dl.train import FitConfig, SingleProcess, fit
+from dl.train import SingleProcess, TrainConfig, fit
 from dlpipe import checkpoints
-from dlpipe.storage import filesystem, join
-
-BACKENDS = ("horovod", "torch_distributor", "local")
-
-
-class WorkerError(RuntimeError):
-    """A training worker raised; the message names its rank and the exception."""
+from dlpipe.storage import filesystem
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,14 +28,12 @@ class TrainTask:
     """Everything a worker needs, small enough to ship to executors (file URIs, not data)."""
 
     net: Net  # which registered model, its hyperparameters, input shape, outputs and task
-    fit: FitConfig
+    train: TrainConfig  # the `train:` section: what the loop does (and train.max_rows, train.use_gpu)
     train_files: list[str]
     val_files: list[str]
-    max_rows: int  # per split, 0 = all
-    tracking_uri: str
-    run_id: str  # MLflow run the main rank logs epoch metrics to ("" = none)
-    threads: int
-    use_gpu: str | bool = "auto"
+    tracking_uri: str = ""
+    run_id: str = ""  # MLflow run the main rank logs epoch metrics to ("" = none)
+    threads: int = 1
     checkpoint_dir: str = ""  # where the main rank writes checkpoints ("" = none)
     resume_from: str = ""  # checkpoint URI to continue from ("" = start fresh)
     error_dir: str = ""  # where a failing worker leaves its report for the driver (set by launch)
@@ -192,20 +179,21 @@ def train_worker(task: TrainTask, backend: str):
     try:
         torch.set_num_threads(task.threads)
         dist, local_rank = _connect(backend)
-        device = pick_device(task.use_gpu, local_rank)
+        device = pick_device(task.train.use_gpu, local_rank)
         dist = dist or TorchDist(device)
         rank = dist.rank
         shape, kind = tuple(task.net.input_shape), task.net.task
-        train = load_shard(task.train_files, shape, dist.rank, dist.size, task.max_rows, task=kind,
+        rows = task.train.max_rows
+        train = load_shard(task.train_files, shape, dist.rank, dist.size, rows, task=kind,
                            labels=task.labels, fraction=task.label_fraction)
-        val = load_shard(task.val_files, shape, dist.rank, dist.size, task.max_rows, task=kind, labels=task.labels)
-        torch.manual_seed(task.fit.seed)  # the same initial weights for any world size
+        val = load_shard(task.val_files, shape, dist.rank, dist.size, rows, task=kind, labels=task.labels)
+        torch.manual_seed(task.train.seed)  # the same initial weights for any world size
         model = build(task.net)
         if task.init_state:
             load_features(model, task.init_state)
         main = dist.rank == 0
         history = fit(
-            model, train, val, task.fit, dist, device=device,
+            model, train, val, task.train, dist, task=kind, device=device,
             resume=checkpoints.load(task.resume_from) if task.resume_from else None,
             on_epoch=_mlflow_logger(task) if main and task.run_id else None,
             save_checkpoint=(lambda state: checkpoints.save(task.checkpoint_dir, state)) if main and task.checkpoint_dir else None,
@@ -246,20 +234,6 @@ def _report_failure(error_dir: str, rank, exc: BaseException) -> None:
         pass
 
 
-def _failure_cause(error_dir: str) -> str | None:
-    """The report of the worker that failed first: the others fail in their next collective
-    because it left ("Horovod has been shut down", "Connection closed by peer")."""
-    filesys, path = filesystem(error_dir)
-    reports = []
-    for info in filesys.get_file_info(fs.FileSelector(path, allow_not_found=True)):
-        with filesys.open_input_stream(info.path) as f:
-            reports.append((info.mtime_ns or 0, f.read().decode()))
-    if not reports:
-        return None
-    reports.sort()
-    return next((r for _, r in reports if not re.search(r"shut down|Connection closed|closed by peer", r.splitlines()[0])), reports[0][1])
-
-
 def _mlflow_logger(task: TrainTask):
     def log(metrics: dict) -> None:
         import time
@@ -274,59 +248,3 @@ def _mlflow_logger(task: TrainTask):
         )
 
     return log
-
-
-def task_slots(spark) -> int:
-    """How many tasks the application can run at once: by cores (spark.task.cpus each) and, when
-    tasks ask for GPUs (spark.task.resource.gpu.amount), by the GPUs of the executors."""
-    sc = spark.sparkContext
-    conf = sc.getConf()
-    slots = sc.defaultParallelism // int(conf.get("spark.task.cpus", "1"))
-    gpus_per_task = float(conf.get("spark.task.resource.gpu.amount", "0"))
-    if gpus_per_task > 0 and not sc.master.startswith("local["):
-        executors = len(sc._jsc.sc().statusTracker().getExecutorInfos()) - 1  # minus the driver
-        gpus_per_executor = float(conf.get("spark.executor.resource.gpu.amount", "0"))
-        if executors > 0:  # none registered yet (dynamic allocation): Spark itself will wait
-            slots = min(slots, executors * int(gpus_per_executor // gpus_per_task))
-    return slots
-
-
-def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
-    """Run train_worker on `num_workers` workers (one per Spark task), or in this process."""
-    if backend == "horovod":
-        try:
-            import horovod.spark
-            import horovod.torch  # noqa: F401
-        except ImportError as exc:
-            print(f"dlpipe: Horovod is not importable ({exc}); training in ONE local process instead of "
-                  f"{num_workers} Horovod workers", file=sys.stderr, flush=True)
-            backend = "local"
-    if backend != "local":
-        slots = task_slots(spark)
-        if num_workers > slots:
-            raise RuntimeError(f"train.num_workers={num_workers} needs {num_workers} concurrent Spark task slots; "
-                               f"this Spark application has {slots}")
-    # created only by a worker that fails; on a cluster only shared storage (the checkpoint URI) is seen by all
-    errors = join(task.checkpoint_dir or tempfile.gettempdir(), "errors", f"dlpipe-{uuid.uuid4().hex}")
-    task = dataclasses.replace(task, error_dir=errors)
-    try:
-        if backend == "local":
-            results = [train_worker(task, "local")]
-        elif backend == "horovod":
-            results = horovod.spark.run(train_worker, args=(task, "horovod"), num_proc=num_workers,
-                                        use_gloo=True, use_mpi=False)
-        elif backend == "torch_distributor":
-            from pyspark.ml.torch.distributor import TorchDistributor
-
-            gpus = spark.conf.get("spark.task.resource.gpu.amount", None) is not None
-            use_gpu = task.use_gpu is True or (task.use_gpu == "auto" and gpus)
-            results = [TorchDistributor(num_processes=num_workers, local_mode=False, use_gpu=use_gpu)
-                       .run(train_worker, task, "torch_distributor")]
-        else:
-            raise ValueError(f"unknown train.backend {backend!r} (expected one of {BACKENDS})")
-    except Exception as exc:
-        cause = _failure_cause(errors)
-        if cause is None:
-            raise
-        raise WorkerError(f"training failed on worker rank {cause}") from exc
-    return next(r for r in results if r is not None) | {"backend": backend}

@@ -11,10 +11,11 @@ import dataclasses
 from mlflow.tracking import MlflowClient
 from pyspark.sql import SparkSession
 
-from dlpipe import lake, registry, steps, tracking
+from dlpipe import evaluation, modeling, registry, tracking
 from dlpipe.config import Config
+from dlpipe.refs import TableRef
 from dlpipe.registry import CHALLENGER, CHAMPION
-from dlpipe.scoring import confusion_and_metrics, predict
+from dlpipe.stages import evaluate, train
 
 OUTCOME = "dlpipe.retrain.outcome"  # tag on a version once retrain has decided about it
 
@@ -23,25 +24,40 @@ def say(message: str) -> None:
     print(f"dlpipe: {message}", flush=True)
 
 
-def holdout_metrics(spark: SparkSession, cfg: Config, model_uri: str, test: dict) -> dict[str, float]:
-    predictions = predict(spark, lake.read_table(spark, test["uri"], test["version"]), model_uri)
-    _, m = confusion_and_metrics(predictions, len(cfg.data.classes))
-    return {"test_accuracy": m["accuracy"], "test_log_loss": m["log_loss"]}
+def holdout_metrics(spark: SparkSession, cfg: Config, model_uri: str, test: TableRef) -> dict[str, float]:
+    """The champion on the challenger's holdout, exactly as evaluate measured the challenger."""
+    classes, label_ids = modeling.label_view(cfg.data, cfg.model.task)
+    metrics, _, _ = evaluation.holdout(spark, model_uri, test, task=cfg.model.task, label_ids=label_ids,
+                                       num_classes=len(classes))
+    return metrics
 
 
-def retrain(spark: SparkSession, cfg: Config) -> dict:
+def train_stage(spark: SparkSession, cfg: Config) -> dict:
+    """The train stage with this config (what `dlpipe train` runs)."""
+    return train.run(spark, cfg.train, cfg.model, cfg.data, cfg.mlflow, model_name=cfg.registry.model_name,
+                     table_uris={s: cfg.table_uri(s) for s in ("train", "val", "test")}, resolved_config=cfg.to_dict())
+
+
+def run(spark: SparkSession, cfg: Config) -> dict:
+    """Runs the train and evaluate stages when there is new data, so it takes the whole config. The
+    summary's model_uri is the champion after the run (what the nightly score takes next)."""
+    summary = _decide(spark, cfg)
+    after = summary.get("champion_after")
+    return summary | {"model_uri": f"models:/{cfg.registry.model_name}/{after}" if after else None}
+
+
+def _decide(spark: SparkSession, cfg: Config) -> dict:
     registry.check_reachable(cfg.mlflow.tracking_uri)  # before anything is trained
     tracking.setup(cfg.mlflow)
     client = MlflowClient()
     r, name = cfg.registry, cfg.registry.model_name
-    current = {s: {"uri": t["uri"], "version": t["version"]} for s, t in steps.pinned_tables(cfg).items()}
+    current = train.input_tables(cfg.train.tables, {s: cfg.table_uri(s) for s in ("train", "val", "test")})
     champion = registry.alias_version(client, name, CHAMPION)
-    summary = {"step": "retrain", "model_name": name, "metric": r.metric, "tables": current,
+    summary = {"step": "retrain", "model_name": name, "metric": r.metric,
+               "tables": {s: ref.to_dict() for s, ref in current.items()},
                "champion_before": int(champion.version) if champion else None}
-    wanted = {s: (t["uri"], t["version"]) for s, t in current.items()}
-    if champion and registry.tables_of(champion) == wanted:
-        reason = (f"no new data: champion version {champion.version} was trained on "
-                  f"{current['train']['uri']}@{current['train']['version']}, the newest version")
+    if champion and registry.tables_of(champion) == current:
+        reason = f"no new data: champion version {champion.version} was trained on {current['train']}, the newest version"
         say(reason)
         return summary | {"action": "none", "reason": reason, "champion_after": int(champion.version)}
     earlier = registry.versions_trained_on(client, name, current)
@@ -57,24 +73,24 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
         challenger = earlier[-1]
         say(f"version {challenger.version} was trained on these tables but never decided about: deciding now")
     else:
-        say(f"new data: training a challenger on {current['train']['uri']}@{current['train']['version']}"
+        say(f"new data: training a challenger on {current['train']}"
             + (f" (champion version {champion.version} was trained on {champion.tags.get('dlpipe.table.train')})"
                if champion else " (no champion yet)"))
-        trained = steps.train(spark, cfg)
-        current = {s: {"uri": t["uri"], "version": t["version"]} for s, t in trained["tables"].items()}
-        evaluated = steps.evaluate(spark, dataclasses.replace(
-            cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=trained["run_id"])), promote=False)
+        trained = train_stage(spark, dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, tables={s: str(ref) for s, ref in current.items()})))
+        current = {s: TableRef.of(t) for s, t in trained["tables"].items()}
+        evaluated = evaluate.run(spark, cfg.data, cfg.model, cfg.registry, cfg.mlflow, run_id=trained["run_id"], promote=False)
         challenger = client.get_model_version(name, str(evaluated["model_version"]))
     challenger_score = registry.metric_of(challenger, r.metric)
-    summary |= {"tables": current, "challenger_version": int(challenger.version), "challenger_run_id": challenger.run_id,
-                "challenger_metrics": {k: registry.metric_of(challenger, k) for k in registry.HIGHER_IS_BETTER}}
+    summary |= {"tables": {s: ref.to_dict() for s, ref in current.items()}, "challenger_version": int(challenger.version), "challenger_run_id": challenger.run_id,
+                "challenger_metrics": {k: registry.metric_of(challenger, k) for k in evaluation.METRICS[cfg.model.task]
+                                       if registry.metric_of(challenger, k) is not None}}
 
     on_holdout: dict[str, dict[str, float]] = {}
 
     def champion_metrics(version) -> dict[str, float]:
         if str(version.version) not in on_holdout:
-            say(f"evaluating champion version {version.version} on the same holdout "
-                f"{current['test']['uri']}@{current['test']['version']}")
+            say(f"evaluating champion version {version.version} on the same holdout {current['test']}")
             on_holdout[str(version.version)] = holdout_metrics(spark, cfg, f"models:/{name}/{version.version}", current["test"])
         return on_holdout[str(version.version)]
 
@@ -90,10 +106,8 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
             wins, why = False, (f"version {rivals[0].version}, trained on the same table versions, was promoted "
                                 "by another retrain")
         elif champion is None:
-            accuracy = registry.metric_of(challenger, "test_accuracy")
-            wins = accuracy >= r.min_accuracy
-            why = (f"no champion yet; test_accuracy {accuracy:.4f} "
-                   f"{'>=' if wins else '<'} registry.min_accuracy {r.min_accuracy}")
+            wins, why = evaluation.good_enough(cfg.model.task, summary["challenger_metrics"], r.min_accuracy)
+            why = f"no champion yet; {why}"
         else:
             reference = champion_metrics(champion)
             summary["champion_metrics_on_holdout"] = reference
@@ -108,5 +122,5 @@ def retrain(spark: SparkSession, cfg: Config) -> dict:
         say(f"promoted {name} version {challenger.version} to champion: {why}")
     else:
         say(f"{name} version {challenger.version} is NOT promoted (alias challenger): {why}")
-    return summary | {"action": "promoted" if wins else "not promoted", "reason": why,
-                      "champion_after": int(challenger.version) if wins else (int(champion.version) if champion else None)}
+    after = int(challenger.version) if wins else (int(champion.version) if champion else None)
+    return summary | {"action": "promoted" if wins else "not promoted", "reason": why, "champion_after": after}

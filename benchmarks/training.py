@@ -1,0 +1,67 @@
+"""`dlpipe bench training`: samples/s and time to a target test accuracy of the CNN on the
+prepared tables, for the plain PyTorch loop (benchmarks.plain_loop) and for each dlpipe launcher,
+all in one run with one torch thread per worker and the same constant learning rate (Adam)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from benchmarks.common import arrays, dlpipe_run, latest_tables, say
+from benchmarks.plain_loop import plain_fit
+from dl.train import TrainConfig
+from dlpipe import lake, modeling
+from dlpipe.config import Config
+from dlpipe.launchers import TrainTask
+
+TARGET_ACCURACY = 0.88
+
+
+def _reached(history: list[dict], key: str, start: float = 0.0, elapsed: str = "") -> float | None:
+    at = start
+    for h in history:
+        at = h["elapsed_s"] if elapsed else at + h["epoch_seconds"]
+        if h[key] >= TARGET_ACCURACY:
+            return at
+    return None
+
+
+def run(spark, cfg: Config) -> dict:
+    net = modeling.image_net(cfg.model, cfg.data)
+    tables = latest_tables(cfg)
+    train_files, test_files = lake.table_files(*tables["train"]), lake.table_files(*tables["test"])
+    t = cfg.train
+    fit = TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed, lr_schedule="constant",
+                      checkpoint_every=0)  # constant lr, Adam: the plain loop's
+    task = TrainTask(net=net, train=fit, train_files=train_files, val_files=test_files, threads=1)  # "val" = test set
+    averaging = dataclasses.replace(task, train=dataclasses.replace(fit, sync="average", average_every=8))
+    shape = tuple(net.input_shape)
+    bare = plain_fit(net, arrays(train_files, shape), arrays(test_files, shape), epochs=t.epochs, batch_size=t.batch_size,
+                     lr=t.lr, seed=t.seed, threads=1,
+                     on_epoch=lambda m: say(f"bare loop: epoch {m['epoch']}/{t.epochs}  test_acc {m['test_accuracy']:.4f}  "
+                                            f"{m['samples_per_sec']:.0f} samples/s"))
+    runs = {"a_bare_pytorch_1_process": {"samples_per_sec": bare["samples_per_sec"], "test_accuracy": bare["test_accuracy"],
+                                         "time_to_target_s": _reached(bare["history"], "test_accuracy", elapsed="yes"),
+                                         "wall_s": bare["train_wall_s"]}}
+    for name, job, backend, workers in (("b_dlpipe_local", task, "local", 1), ("c_horovod_2_workers", task, "horovod", 2),
+                                        ("d_torch_distributor_2_workers", task, "torch_distributor", 2),
+                                        ("e_horovod_average_k8_2_workers", averaging, "horovod", 2)):
+        r = dlpipe_run(spark, job, backend, workers)
+        runs[name] = {"samples_per_sec": r["samples_per_sec"], "test_accuracy": r["test_accuracy"],
+                      "time_to_target_s": _reached(r["history"], "val_accuracy", start=r["startup_s"]),
+                      "wall_s": r["train_wall_s"], "startup_s": r["startup_s"], "world_size": r["world_size"]}
+    base = runs["a_bare_pytorch_1_process"]["samples_per_sec"]
+    summary = {
+        "step": "bench training", "target_test_accuracy": TARGET_ACCURACY, "epochs": t.epochs,
+        "batch_size_per_worker": t.batch_size, "torch_threads_per_worker": 1,
+        "tables": {s: {"uri": u, "version": v} for s, (u, v) in tables.items()}, "runs": runs,
+        "ratios": {"local_over_bare": runs["b_dlpipe_local"]["samples_per_sec"] / base,
+                   "horovod_2_over_2x_bare": runs["c_horovod_2_workers"]["samples_per_sec"] / (2 * base)},
+        "goals": {"local_over_bare": ">= 0.95", "horovod_2_over_2x_bare": ">= 0.85"},
+    }
+    for name, r in runs.items():
+        reached = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f} s"
+        say(f"{name}: {r['samples_per_sec']:.0f} samples/s, test accuracy {r['test_accuracy']:.4f}, "
+            f"time to {TARGET_ACCURACY}: {reached}")
+    for name, ratio in summary["ratios"].items():
+        say(f"{name} = {ratio:.2f} (goal {summary['goals'][name]})")
+    return summary

@@ -1,0 +1,43 @@
+"""The one evaluation of a model on a pinned holdout table, used by evaluate, retrain (for the
+champion and the challenger alike) and the benchmarks: the same rows (data.select_classes applied
+and relabelled), the same metrics for the model's task, the same "good enough" rule."""
+
+from __future__ import annotations
+
+import numpy as np
+from pyspark.sql import DataFrame, SparkSession
+
+from dlpipe import lake, modeling
+from dlpipe.config import TASK_METRICS
+from dlpipe.refs import TableRef
+from dlpipe.scoring import confusion_and_metrics, predict, regression_metrics, roc_auc
+
+METRICS = TASK_METRICS  # every metric evaluate can log, by model.task
+
+
+def holdout(spark: SparkSession, model_uri: str, table: TableRef, *, task: str, label_ids: tuple[int, ...],
+            num_classes: int) -> tuple[dict[str, float], DataFrame, np.ndarray | None]:
+    """(metrics, predictions, confusion matrix or None) of `model_uri` on `table`.
+    Classification: test_accuracy, test_log_loss and, for two classes, test_roc_auc; regression:
+    test_r2, test_mse, test_mae. Both: test_rows."""
+    rows = modeling.relabel(lake.read_table(spark, table.uri, table.version), label_ids)
+    predictions = predict(spark, rows, model_uri)
+    if task == "regression":
+        m = regression_metrics(predictions)
+        return {"test_r2": m["r2"], "test_mse": m["mse"], "test_mae": m["mae"], "test_rows": m["rows"]}, predictions, None
+    matrix, m = confusion_and_metrics(predictions, num_classes)
+    metrics = {"test_accuracy": m["accuracy"], "test_log_loss": m["log_loss"], "test_rows": m["rows"]}
+    if num_classes == 2:
+        metrics["test_roc_auc"] = roc_auc(predictions)
+    return metrics, predictions, matrix
+
+
+def good_enough(task: str, metrics: dict[str, float], min_accuracy: float) -> tuple[bool, str]:
+    """(ok, why) for a model with no champion to beat: classification needs test_accuracy >=
+    registry.min_accuracy; regression needs test R^2 > 0 (better than predicting the mean)."""
+    if task == "regression":
+        r2 = metrics["test_r2"]
+        return r2 > 0, f"test R^2 {r2:.4f} {'>' if r2 > 0 else '<='} 0 (the mean's)"
+    accuracy = metrics["test_accuracy"]
+    ok = accuracy >= min_accuracy
+    return ok, f"test_accuracy {accuracy:.4f} {'>=' if ok else '<'} registry.min_accuracy {min_accuracy}"

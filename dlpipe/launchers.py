@@ -1,0 +1,151 @@
+"""Launchers: how the one training function (dlpipe.worker.train_worker) is started on N workers.
+A launcher is one small protocol, chosen by `train.backend` in one place (LAUNCHERS):
+
+    check()                               -> raises ConfigError naming train.backend and the fix
+    run(spark, task, num_workers) -> list    the workers' results (rank 0's is not None)
+
+in-process (`local`), Horovod on the job's Spark executors (`horovod`) and TorchDistributor
+(`torch_distributor`: torch.distributed, Gloo on CPU, NCCL on GPU). There is no fallback: a
+launcher that cannot run is an error before Spark starts (the CLI calls check_backend), not a
+quieter run with fewer workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+import uuid
+from typing import Protocol
+
+from pyarrow import fs
+
+from dlpipe.errors import ConfigError
+from dlpipe.storage import filesystem, join
+from dlpipe.worker import TrainTask, load_shard, train_worker
+
+__all__ = ["LAUNCHERS", "TrainTask", "WorkerError", "check_backend", "launch", "load_shard", "task_slots"]
+
+
+class WorkerError(RuntimeError):
+    """A training worker raised; the message names its rank and the exception."""
+
+
+class Launcher(Protocol):
+    name: str
+    distributed: bool  # runs one worker per Spark task (needs that many task slots)
+
+    def check(self) -> None:
+        """Raise ConfigError (naming train.backend and the fix) when this launcher cannot run here."""
+
+    def run(self, spark, task: TrainTask, num_workers: int) -> list:
+        """train_worker(task, name) on every worker; their return values."""
+
+
+class InProcess:
+    name, distributed = "local", False
+
+    def check(self) -> None:
+        pass
+
+    def run(self, spark, task: TrainTask, num_workers: int) -> list:
+        return [train_worker(task, self.name)]
+
+
+class HorovodOnSpark:
+    name, distributed = "horovod", True
+
+    def check(self) -> None:
+        try:
+            import horovod.spark  # noqa: F401
+            import horovod.torch  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"config key 'train.backend': horovod, but Horovod is not importable ({exc}); install it "
+                              "with `bash deploy/install_horovod.sh .venv` (`make setup` does), or set "
+                              "train.backend=torch_distributor or local") from None
+
+    def run(self, spark, task: TrainTask, num_workers: int) -> list:
+        import horovod.spark
+
+        return horovod.spark.run(train_worker, args=(task, self.name), num_proc=num_workers, use_gloo=True, use_mpi=False)
+
+
+class TorchDistributorOnSpark:
+    name, distributed = "torch_distributor", True
+
+    def check(self) -> None:
+        pass  # part of pyspark
+
+    def run(self, spark, task: TrainTask, num_workers: int) -> list:
+        from pyspark.ml.torch.distributor import TorchDistributor
+
+        gpus = spark.conf.get("spark.task.resource.gpu.amount", None) is not None
+        use_gpu = task.train.use_gpu is True or (task.train.use_gpu == "auto" and gpus)
+        return [TorchDistributor(num_processes=num_workers, local_mode=False, use_gpu=use_gpu)
+                .run(train_worker, task, self.name)]
+
+
+LAUNCHERS: dict[str, Launcher] = {launcher.name: launcher for launcher in
+                                  (HorovodOnSpark(), TorchDistributorOnSpark(), InProcess())}
+BACKENDS = tuple(LAUNCHERS)
+
+
+def check_backend(backend: str) -> Launcher:
+    """The launcher train.backend names, after checking it can run here."""
+    if backend not in LAUNCHERS:
+        raise ConfigError(f"config key 'train.backend': expected one of {list(LAUNCHERS)}, got {backend!r}")
+    launcher = LAUNCHERS[backend]
+    launcher.check()
+    return launcher
+
+
+def task_slots(spark) -> int:
+    """How many tasks the application can run at once: by cores (spark.task.cpus each) and, when
+    tasks ask for GPUs (spark.task.resource.gpu.amount), by the GPUs of the executors."""
+    sc = spark.sparkContext
+    conf = sc.getConf()
+    slots = sc.defaultParallelism // int(conf.get("spark.task.cpus", "1"))
+    gpus_per_task = float(conf.get("spark.task.resource.gpu.amount", "0"))
+    if gpus_per_task > 0 and not sc.master.startswith("local["):
+        executors = len(sc._jsc.sc().statusTracker().getExecutorInfos()) - 1  # minus the driver
+        gpus_per_executor = float(conf.get("spark.executor.resource.gpu.amount", "0"))
+        if executors > 0:  # none registered yet (dynamic allocation): Spark itself will wait
+            slots = min(slots, executors * int(gpus_per_executor // gpus_per_task))
+    return slots
+
+
+def launch(spark, task: TrainTask, backend: str, num_workers: int) -> dict:
+    """train_worker on `num_workers` workers (one per Spark task), or in this process; rank 0's
+    result with the backend that ran it."""
+    launcher = check_backend(backend)
+    if launcher.distributed:
+        slots = task_slots(spark)
+        if num_workers > slots:
+            raise RuntimeError(f"train.num_workers={num_workers} needs {num_workers} concurrent Spark task slots; "
+                               f"this Spark application has {slots}")
+    # created only by a worker that fails; on a cluster only shared storage (the checkpoint URI) is seen by all
+    errors = join(task.checkpoint_dir or tempfile.gettempdir(), "errors", f"dlpipe-{uuid.uuid4().hex}")
+    task = dataclasses.replace(task, error_dir=errors)
+    try:
+        results = launcher.run(spark, task, num_workers)
+    except Exception as exc:
+        cause = _failure_cause(errors)
+        if cause is None:
+            raise
+        raise WorkerError(f"training failed on worker rank {cause}") from exc
+    return next(r for r in results if r is not None) | {"backend": launcher.name}
+
+
+def _failure_cause(error_dir: str) -> str | None:
+    """The report of the worker that failed first: the others fail in their next collective
+    because it left ("Horovod has been shut down", "Connection closed by peer")."""
+    filesys, path = filesystem(error_dir)
+    reports = []
+    for info in filesys.get_file_info(fs.FileSelector(path, allow_not_found=True)):
+        with filesys.open_input_stream(info.path) as f:
+            reports.append((info.mtime_ns or 0, f.read().decode()))
+    if not reports:
+        return None
+    reports.sort()
+    return next((r for _, r in reports if not re.search(r"shut down|Connection closed|closed by peer", r.splitlines()[0])), reports[0][1])
+
+

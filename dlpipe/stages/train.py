@@ -1,0 +1,151 @@
+"""`dlpipe train`: train on explicit table versions (train.tables, default: the newest complete
+set one prepare job wrote, resolved once and logged), through the launcher train.backend names.
+With train.resume=auto, continue the latest unfinished run of train.run_name from its last
+checkpoint (same MLflow run, same table versions)."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+from pyspark.sql import SparkSession
+
+from dl.models import build
+from dlpipe import checkpoints, lake, modeling, tracking
+from dlpipe.config import DataConfig, MlflowConfig, ModelConfig, TrainConfig
+from dlpipe.errors import InputNotFound
+from dlpipe.launchers import TrainTask, launch
+from dlpipe.refs import SPLITS, TableRef, resolve
+from dlpipe.scoring import confusion_and_metrics, predict
+
+
+def say(message: str) -> None:
+    print(f"dlpipe: {message}", flush=True)
+
+
+def pinned_set(uris: dict[str, str]) -> tuple[dict[str, TableRef], str | None]:
+    """(the newest train/val/test versions written by the same prepare job, that job's id). prepare
+    commits the three tables one after the other, so a job that died half-way must not be mixed
+    with the tables of the job before it. Tables no prepare job wrote: their latest versions, None."""
+    histories = {}
+    for split, uri in uris.items():
+        if lake.latest_version(uri) is None:
+            raise InputNotFound(f"no Delta table at {uri}: run the prepare step first")
+        histories[split] = lake.history(uri)  # newest first
+    versions_by_job: dict[str, dict[str, int]] = {}
+    for split, history in histories.items():
+        for commit in history:
+            job = commit["metadata"].get("dlpipe.job_id")
+            if job:
+                versions_by_job.setdefault(job, {}).setdefault(split, commit["version"])
+    for commit in histories["train"]:
+        job = commit["metadata"].get("dlpipe.job_id")
+        if job and len(versions_by_job.get(job, {})) == len(SPLITS):
+            return {split: TableRef(uris[split], versions_by_job[job][split]) for split in SPLITS}, job
+    return {split: TableRef(uris[split], histories[split][0]["version"]) for split in SPLITS}, None
+
+
+def pinned_tables(uris: dict[str, str]) -> dict[str, TableRef]:
+    return pinned_set(uris)[0]
+
+
+def input_tables(given: dict[str, str], default_uris: dict[str, str]) -> dict[str, TableRef]:
+    """train.tables ({train, val, test: uri or uri@version}) or, when empty, pinned_tables()."""
+    if not given:
+        return pinned_tables(default_uris)
+    return {split: resolve(given[split], key=f"train.tables.{split}") for split in SPLITS}
+
+
+def run_tables(params: dict[str, str]) -> dict[str, TableRef]:
+    """The table versions a training run logged (params table.<split> = uri@version)."""
+    if "table.train" in params:
+        return {s: TableRef.parse(params[f"table.{s}"]) for s in SPLITS}
+    # runs logged before TableRef: two params per split
+    return {s: TableRef(params[f"table.{s}.uri"], int(params[f"table.{s}.version"])) for s in SPLITS}
+
+
+def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataConfig, mlflow_cfg: MlflowConfig, *,
+        model_name: str, table_uris: dict[str, str], resolved_config: dict) -> dict:
+    """`table_uris`: the default train/val/test tables (<paths.lake>/<data.name>_<split>);
+    `resolved_config` is logged with the run and saved with the model, nothing else reads it."""
+    tracking.setup(mlflow_cfg)
+    client = MlflowClient()
+    resumable = None
+    if train.resume == "auto" and train.checkpoint_every:
+        resumable = checkpoints.find_resumable(train.checkpoint_uri, train.run_name,
+                                               finished=lambda run_id: _run_finished(client, run_id))
+    if resumable:
+        run_id, resume_from = resumable
+        tables = run_tables(client.get_run(run_id).data.params)
+        say(f"resuming MLflow run {run_id} from {resume_from}")
+    else:
+        run_id, resume_from, tables = None, "", input_tables(train.tables, table_uris)  # resolved once for the run
+    say("training on " + ", ".join(f"{split} {ref}" for split, ref in tables.items()))
+    classes, label_ids = modeling.label_view(data, model.task)
+    column, input_shape = modeling.input_of(spark, tables["val"], data)
+    net = modeling.net_for(model, data.name, column, input_shape, len(classes))
+    build(net)  # a net that cannot be built fails here, before any worker starts
+    init_from = modeling.resolve(train.init_from) if train.init_from else ""
+    init_state = modeling.pretrained_state(init_from, net) if init_from and not resumable else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{train.run_name}-train") as active:
+        if not resumable:
+            mlflow.set_tags({"dlpipe.step": "train", "dlpipe.model_name": model_name, "dlpipe.run_name": train.run_name})
+            mlflow.log_dict(resolved_config, "config.json")
+            mlflow.log_params({k: v for k, v in _flatten(resolved_config).items()
+                               if not k.startswith(("spark.conf", "train.tables"))})
+            mlflow.log_params({f"table.{split}": str(ref) for split, ref in tables.items()})
+            if init_from:
+                mlflow.log_param("train.init_from_resolved", init_from)
+        workers = 1 if train.backend == "local" else train.num_workers
+        task = TrainTask(
+            net=net, train=train, labels=label_ids, label_fraction=data.label_fraction, init_state=init_state,
+            train_files=lake.table_files(tables["train"].uri, tables["train"].version),
+            val_files=lake.table_files(tables["val"].uri, tables["val"].version),
+            tracking_uri=mlflow_cfg.tracking_uri, run_id=active.info.run_id,
+            threads=max(1, (os.cpu_count() or 1) // workers),
+            checkpoint_dir=checkpoints.run_dir(train.checkpoint_uri, train.run_name, active.info.run_id)
+            if train.checkpoint_every else "",
+            resume_from=resume_from,
+        )
+        say(f"training {model.name} with backend={train.backend}, {workers} worker(s), sync={train.sync}, "
+            f"{train.epochs} epochs")
+        result = launch(spark, task, train.backend, train.num_workers)
+        if not resumable:
+            mlflow.log_params({"train.world_size": result["world_size"], "train.rows": result["train_rows"]})
+        mlflow.log_metrics({f"worker_{i}_samples_per_sec": v for i, v in enumerate(result["worker_samples_per_sec"])})
+        mlflow.log_figure(tracking.curves_figure(result["history"]), "plots/training_curves.png")
+
+        trained = build(net)
+        trained.load_state_dict(result["state_dict"])
+        val = modeling.relabel(lake.read_table(spark, tables["val"].uri, tables["val"].version), label_ids)
+        example = val.select(column).limit(2).toPandas()
+        info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config)
+        mlflow.set_tag("dlpipe.model_uri", info.model_uri)
+        if net.task == "classification":
+            matrix, _ = confusion_and_metrics(predict(spark, val, info.model_uri), len(classes))
+            mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Validation confusion matrix"),
+                              "plots/confusion_matrix_val.png")
+    final = result["history"][-1]
+    return {"step": "train", "run_id": active.info.run_id, "model_uri": info.model_uri,
+            "tables": {split: ref.to_dict() for split, ref in tables.items()}, "backend": result["backend"],
+            "world_size": result["world_size"], "sync": train.sync, "resumed_from": resume_from or None,
+            "device": result["device"], "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
+
+
+def _run_finished(client: MlflowClient, run_id: str) -> bool:
+    try:
+        return client.get_run(run_id).info.status == "FINISHED"
+    except Exception:  # a checkpoint whose run this tracking store does not know: not ours to resume
+        return True
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
