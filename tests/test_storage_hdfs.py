@@ -2,7 +2,6 @@
 127.0.0.1 (the `hdfs` fixture, tests/hdfs/), reached by Spark's JVM through its Hadoop client and
 by every Python reader and writer (pyarrow, delta-rs) through hdfs-native."""
 
-import dataclasses
 import json
 import re
 import threading
@@ -17,10 +16,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from pyarrow import fs
 
-from dlpipe import checkpoints, lake, steps, storage
+from dlpipe import checkpoints, lake, storage
+from dlpipe.refs import SPLITS
 from dlpipe.spark import ENGINE_KEY
 from pipelines.sources import list_files, read_files
-from tests.conftest import make_config
+from tests.conftest import make_config, stage, with_run
 
 pytestmark = pytest.mark.slow
 
@@ -233,33 +233,33 @@ def test_end_to_end_on_hdfs(spark, hdfs, hdfs_landing, tmp_path):
         "model.cnn.blocks=[{channels: 8}, {channels: 16}]", "model.cnn.hidden=[32]",
         "registry.min_accuracy=0.0", "registry.model_name=hdfs_cnn",
     )
-    prepared = steps.prepare(spark, cfg)
+    prepared = stage("prepare", spark, cfg)
     assert (prepared["input_files"], prepared["accepted"], prepared["rejected"]) == (101, 100, 1)
-    for split in steps.SPLITS:
+    for split in SPLITS:
         table = prepared["tables"][split]
         assert table["uri"] == hdfs.url(f"/e2e/lake/{small.data.name}_{split}")
         assert lake.history(table["uri"])[0]["engine"] == lake.engine(spark) == "spark"  # delta-spark on HDFS
         files = lake.table_files(table["uri"], table["version"])
         assert files and all(f.startswith(hdfs.uri + "/") for f in files)  # what the workers read
-    assert sum(prepared["tables"][s]["rows"] for s in steps.SPLITS) == 100
+    assert sum(prepared["tables"][s]["rows"] for s in SPLITS) == 100
 
-    trained = steps.train(spark, cfg)
+    trained = stage("train", spark, cfg)
     assert trained["world_size"] == 2 and trained["metrics"]["epochs"] == 1
     run = MlflowClient(cfg.mlflow.tracking_uri).get_run(trained["run_id"])
-    assert run.data.params["table.train.uri"] == prepared["tables"]["train"]["uri"]
+    train_table = prepared["tables"]["train"]
+    assert run.data.params["table.train"] == f"{train_table['uri']}@{train_table['version']}"
     assert int(run.data.params["train.rows"]) == prepared["tables"]["train"]["rows"]
     directory = checkpoints.run_dir(cfg.train.checkpoint_uri, cfg.train.run_name, trained["run_id"])
     assert checkpoints.latest(directory) == f"{directory}/epoch-0001.pt"
     assert checkpoints.load(f"{directory}/epoch-0001.pt")["epoch"] == 1
 
-    evaluated = steps.evaluate(spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(
-        cfg.evaluate, run_id=trained["run_id"])))
+    evaluated = stage("evaluate", spark, with_run(cfg, trained["run_id"]))
     assert evaluated["champion"]
-    scored = steps.score(spark, cfg)
+    scored = stage("score", spark, cfg)
     out = scored["predictions"]
     assert out["uri"] == hdfs.url(f"/e2e/lake/{small.data.name}_predictions")
     assert scored["input"] == {"uri": prepared["tables"]["test"]["uri"], "version": prepared["tables"]["test"]["version"]}
-    assert out["rows_appended"] == prepared["tables"]["test"]["rows"]
+    assert out["rows_appended"] == prepared["tables"]["test"]["rows"] and out["rows_rejected"] == 0
     predictions = lake.read_table(spark, out["uri"], out["version"])
     assert predictions.count() == out["rows_appended"]
     assert {r.model_version for r in predictions.select("model_version").distinct().collect()} == {
