@@ -84,8 +84,9 @@ def write_table(
             raise storage.storage_error(uri, exc) or exc from None
     else:
         _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None)
-    version = _find_commit(uri, commit_id, -1 if before is None else before, required=not native or mode != "append")
-    # delta-spark makes no commit for an append of no rows: the table's rows are those of `before`
+    version = _find_commit(uri, commit_id, -1 if before is None else before, required=not native)
+    # delta-spark makes no commit when nothing changes (no rows appended, an empty table overwritten
+    # by no rows): the table's rows are those of `before`
     return before if version is None else version
 
 

@@ -128,6 +128,10 @@ def test_appending_no_rows_keeps_the_table_readable_at_the_returned_version(spar
     version = lake.write_table(spark.createDataFrame([], SCHEMA), uri, mode="append")
     assert version == {"spark": 0, "rs": 1}[engine]  # delta-spark commits nothing for no rows
     assert contents(lake.read_table(spark, uri, version)) == rows(range(2))
+    empty = str(tmp_path / "empty")
+    assert lake.write_table(spark.createDataFrame([], SCHEMA), empty) == 0
+    again = lake.write_table(spark.createDataFrame([], SCHEMA), empty, mode="overwrite")
+    assert again == {"spark": 0, "rs": 1}[engine] and lake.read_table(spark, empty, again).count() == 0
 
 
 def test_failed_job_commits_nothing(spark, engine, tmp_path):
