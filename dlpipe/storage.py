@@ -6,6 +6,10 @@ AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE and ~/.aws, instance roles
 AWS_REGION or AWS_DEFAULT_REGION, and an S3-compatible server from AWS_ENDPOINT_URL_S3 or
 AWS_ENDPOINT_URL. No secret is ever copied into a URI, an option or a message: the SDKs read them
 where they are, on the driver and on each executor.
+
+HDFS (hdfs://, viewfs://) is reached without a JVM and without libhdfs: through the pure-Rust
+client of the hdfs-native package, as a pyarrow filesystem. It reads the cluster's settings from
+HADOOP_CONF_DIR (core-site.xml, hdfs-site.xml: name services, HA, Kerberos) like Hadoop does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 from pyarrow import fs
 
 S3_SCHEMES = ("s3", "s3a")
+HDFS_SCHEMES = ("hdfs", "viewfs")
 
 
 def scheme(uri: str) -> str:
@@ -29,6 +34,8 @@ def filesystem(uri: str) -> tuple[fs.FileSystem, str]:
         return _s3(), path_of(uri)
     if scheme(uri) == "file":
         return fs.LocalFileSystem(), path_of(uri)
+    if scheme(uri) in HDFS_SCHEMES:
+        return _hdfs(uri), path_of(uri)
     return fs.FileSystem.from_uri(uri)
 
 
@@ -137,3 +144,46 @@ def _s3() -> fs.S3FileSystem:
         endpoint_override=endpoint,
         scheme="http" if endpoint and endpoint.startswith("http://") else "https",
     )
+
+
+def _hdfs(uri: str) -> fs.PyFileSystem:
+    """hdfs-native's fsspec filesystem for the URI's name node (or name service; none: the
+    configured fs.defaultFS) as a pyarrow filesystem; one client per name node and process."""
+    from urllib.parse import urlsplit
+
+    try:
+        from hdfs_native.fsspec import HdfsFileSystem, ViewfsFileSystem
+    except ImportError:
+        raise ImportError(f"cannot access {uri}: hdfs:// needs the hdfs-native package (pip install hdfs-native)") from None
+    parts = urlsplit(uri)
+    kind = ViewfsFileSystem if scheme(uri) == "viewfs" else HdfsFileSystem
+    key = (os.getpid(), kind.protocol, parts.hostname, parts.port)
+    if key not in _HDFS_CLIENTS:
+        _HDFS_CLIENTS[key] = kind(host=parts.hostname, port=parts.port, skip_instance_cache=True)
+    return fs.PyFileSystem(_HdfsHandler(_HDFS_CLIENTS[key]))
+
+
+# Every hdfs-native client this process made, its parent's included, kept for the life of the
+# process. A client owns a tokio runtime; dropping one in a forked child (where the runtime's
+# threads did not survive the fork) blocks forever. fsspec empties its own instance cache in every
+# forked child (os.register_at_fork), which is that drop, and so hung the fork of a subprocess
+# started with a preexec_fn (pyspark starting its JVM): its cache is skipped and ours never emptied.
+_HDFS_CLIENTS: dict[tuple, object] = {}
+
+
+class _HdfsHandler(fs.FSSpecHandler):
+    """fsspec's handler with pyarrow's semantics where hdfs-native's differ: modification times
+    (FileInfo.mtime), and move() replacing an existing destination file."""
+
+    @staticmethod
+    def _create_file_info(path, info):
+        from datetime import datetime, timezone
+
+        directory = info["type"] == "directory"
+        millis = info.get("modification_time")
+        return fs.FileInfo(path, fs.FileType.Directory if directory else fs.FileType.File,
+                           size=None if directory else info["size"],
+                           mtime=None if millis is None else datetime.fromtimestamp(millis / 1000, timezone.utc))
+
+    def move(self, src, dest):
+        self.fs.mv(src, dest, overwrite=True)

@@ -53,6 +53,8 @@ def list_files(uri: str) -> list[tuple[str, int]]:
 
     filesystem, root = storage.filesystem(uri)
     prefix = uri.split("://", 1)[0] + "://" if "://" in uri else "file://"
+    if storage.scheme(uri) in storage.HDFS_SCHEMES:  # its paths leave out the name node: hdfs://host:port
+        prefix += uri.split("://", 1)[1].split("/", 1)[0]
     try:
         infos = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
     except Exception as exc:  # missing bucket, wrong credentials, no such directory

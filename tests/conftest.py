@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.hdfs.cluster import hdfs  # noqa: F401  (the session fixture: a real HDFS on 127.0.0.1)
+
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
 
 
