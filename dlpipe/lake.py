@@ -1,11 +1,12 @@
-"""Delta table I/O: native Delta on Spark when its JVM classes are there, else Spark + delta-rs.
+"""Delta table I/O: delta-spark on the JVM (lake.engine spark, the default where its jars load), else
+Spark + delta-rs (lake.engine rs; docs/storage.md).
 
-Without delta-spark, Spark tasks write the parquet files (one per partition, unique names) and
+With delta-rs, Spark tasks write the parquet files (one per partition, unique names) and
 the driver commits them to the Delta log with delta-rs in ONE transaction. Files of failed or
 retried tasks are never committed: harmless orphans that VACUUM removes.
 Tables are URIs: a local path (made absolute), file://, s3:// or s3a:// (delta-rs reaches S3
 with dlpipe.storage.delta_options and commits with conditional puts, no lock needed), hdfs:// with
-native Delta. Our metadata goes into commitInfo.userMetadata as JSON with both engines, so Spark's
+either engine (docs/storage-hdfs.md). Our metadata goes into commitInfo.userMetadata as JSON with both engines, so Spark's
 DESCRIBE HISTORY shows it too. Credentials are never part of it.
 """
 

@@ -1,1 +1,1 @@
-"""Spark pipelines: DataFrame in, DataFrame out. Jobs in dlpipe.steps do the I/O."""
+"""Spark pipelines: DataFrame in, DataFrame out. The stages in dlpipe.stages do the I/O."""

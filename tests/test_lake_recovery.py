@@ -15,7 +15,10 @@ from pathlib import Path
 import deltalake
 import pytest
 
-from dlpipe import cli, lake, steps
+from dlpipe import cli, lake
+from dlpipe.refs import SPLITS
+from dlpipe.stages import prepare
+from dlpipe.stages.train import pinned_set
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +54,7 @@ def killed(spark, small_landing, tmp_path_factory):
     cfg, _ = small_landing
     root = tmp_path_factory.mktemp("recovery")
     cfg = dataclasses.replace(cfg, paths=dataclasses.replace(cfg.paths, lake=str(root / "lake")))
-    first = steps.prepare(spark, cfg)
+    first = prepare.run(spark, cfg.data, cfg.paths)
     train_dir = Path(cfg.table_uri("train"))
     v0_files = _parquet(train_dir)
     assert first["tables"]["train"]["version"] == 0 and v0_files
@@ -88,15 +91,15 @@ def test_killed_job_leaves_previous_version_latest_and_no_partial_version(spark,
     assert table.to_pyarrow_table().num_rows == first["tables"]["train"]["rows"]
     assert lake.read_table(spark, uri).count() == first["tables"]["train"]["rows"]
     # jobs downstream still get one consistent set of versions: those of the finished job
-    pinned = steps.pinned_tables(cfg)
-    assert {s: p["version"] for s, p in pinned.items()} == {"train": 0, "val": 0, "test": 0}
-    assert {p["prepare_job"] for p in pinned.values()} == {first["job_id"]}
+    pinned, job = pinned_set({s: cfg.table_uri(s) for s in SPLITS})
+    assert {s: ref.version for s, ref in pinned.items()} == {"train": 0, "val": 0, "test": 0}
+    assert job == first["job_id"]
 
 
 def test_rerun_succeeds_then_vacuum_removes_orphans_only_past_retention(spark, killed, capsys):
     cfg, train_dir, v0_files, orphans, first = killed
     uri = cfg.table_uri("train")
-    rerun = steps.prepare(spark, cfg)
+    rerun = prepare.run(spark, cfg.data, cfg.paths)
     assert rerun["tables"]["train"]["version"] == 1 and rerun["accepted"] == first["accepted"]
     latest_files = {Path(f).name for f in deltalake.DeltaTable(uri).file_uris()}
     assert latest_files.isdisjoint(v0_files | orphans)

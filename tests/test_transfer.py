@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dl.models import build
-from dlpipe import modeling, steps
+from dlpipe import modeling
 from dlpipe.tracking import load_net
 from tests.conftest import stage
 
