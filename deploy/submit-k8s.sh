@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # spark-submit a dlpipe job to Kubernetes in cluster mode. The Python environment is the
-# container image (deploy/Dockerfile or Dockerfile.gpu): driver and executors run /opt/venv.
+# container image (deploy/Dockerfile or Dockerfile.gpu): driver and executors run /opt/venv, with the
+# image's delta-spark and hadoop-aws jars (/opt/dlpipe/.work/jars) on their classpath.
 #
 #   deploy/submit-k8s.sh JOB [dlpipe options]
 #   DLPIPE_IMAGE=registry.example.com/dlpipe:cpu deploy/submit-k8s.sh retrain --conf conf/fashion_cnn.yaml
@@ -40,5 +41,7 @@ exec spark-submit \
     --conf spark.kubernetes.authenticate.driver.serviceAccountName="${K8S_SERVICE_ACCOUNT:-dlpipe-spark}" \
     --conf spark.pyspark.python=/opt/venv/bin/python \
     --conf spark.pyspark.driver.python=/opt/venv/bin/python \
+    --conf "spark.driver.extraClassPath=/opt/dlpipe/.work/jars/*" \
+    --conf "spark.executor.extraClassPath=/opt/dlpipe/.work/jars/*" \
     ${SPARK_SUBMIT_OPTS_EXTRA:-} \
     "local:///opt/dlpipe/jobs/$JOB.py" ${ARGS[@]+"${ARGS[@]}"}

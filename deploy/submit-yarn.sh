@@ -30,6 +30,9 @@ while [ $# -gt 0 ]; do
     fi
 done
 
+# delta-spark and hadoop-aws (make setup fetched them); without them the jobs write Delta with delta-rs
+JARS="$(ls "$ROOT"/.work/jars/*.jar 2>/dev/null | paste -sd, - || true)"
+
 # shellcheck disable=SC2086
 exec spark-submit \
     --master yarn \
@@ -41,5 +44,6 @@ exec spark-submit \
     --conf spark.yarn.appMasterEnv.PYSPARK_PYTHON=./environment/bin/python \
     --conf spark.executorEnv.PYSPARK_PYTHON=./environment/bin/python \
     ${FILES[@]+--files "$(IFS=,; echo "${FILES[*]}")"} \
+    ${JARS:+--jars "$JARS"} \
     ${SPARK_SUBMIT_OPTS_EXTRA:-} \
     "$ROOT/jobs/$JOB.py" ${ARGS[@]+"${ARGS[@]}"}

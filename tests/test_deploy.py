@@ -95,6 +95,8 @@ def test_submit_yarn_ships_the_packed_env(fake_spark_submit, tmp_path):
     assert args[args.index("--archives") + 1] == f"{archive}#environment"
     assert "spark.pyspark.python=./environment/bin/python" in args
     assert args[args.index("--files") + 1] == str(conf)
+    shipped = args[args.index("--jars") + 1].split(",")  # what make setup fetched: delta-spark, hadoop-aws
+    assert any("/delta-spark_4.2_2.13-" in j for j in shipped) and any("/hadoop-aws-" in j for j in shipped)
     job = args.index(str(ROOT / "jobs" / "retrain.py"))
     assert args[job + 1 :] == ["--conf", "fashion_cnn.yaml", "--set", "train.epochs=2"]  # read from the driver's cwd
     assert check_dlpipe_command(["retrain", "--conf", str(conf), "--set", "train.epochs=2"]) == "retrain"
@@ -113,6 +115,8 @@ def test_submit_k8s_uses_the_image(fake_spark_submit):
     assert args[args.index("--master") + 1] == "k8s://https://kubernetes.default.svc"
     assert "spark.kubernetes.container.image=registry.example.com/dlpipe:cpu" in args
     assert "spark.pyspark.python=/opt/venv/bin/python" in args
+    assert {"spark.driver.extraClassPath=/opt/dlpipe/.work/jars/*",
+            "spark.executor.extraClassPath=/opt/dlpipe/.work/jars/*"} <= set(args)  # the image's jars (Dockerfile)
     job = args.index("local:///opt/dlpipe/jobs/score.py")
     assert check_dlpipe_command(["score", *args[job + 1 :]], image_root="/opt/dlpipe") == "score"
     missing = subprocess.run([str(DEPLOY / "submit-k8s.sh"), "score"], env={**env, "DLPIPE_IMAGE": ""},
