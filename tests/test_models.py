@@ -92,7 +92,7 @@ def test_each_model_trains_on_real_images_and_its_loss_falls(spark, prepared_sma
 
 @pytest.mark.slow
 def test_mlp_trains_on_two_horovod_workers(spark, prepared_small):
-    pytest.importorskip("horovod.torch")
+    import horovod.torch  # noqa: F401  (`make test` installs Horovod; a missing one must fail, not skip)
     cfg, prepared = prepared_small
     tables = {s: (t["uri"], t["version"]) for s, t in prepared["tables"].items()}
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="mlp"))
