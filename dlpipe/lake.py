@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 MODES = ("overwrite", "append")
 _COMMIT_ID = "dlpipe.commit_id"  # lets write_table find the exact version of its own commit
 _ENGINE = "dlpipe.engine"  # spark (delta-spark) or rs (delta-rs): which engine made the commit
+ENGINE_KEY = "dlpipe.lake.engine"  # the session's lake.engine, set by dlpipe.spark.get_session
 _FILE_ROWS = "path string, size long, modification_time long, stats string"
 _native_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -47,7 +48,7 @@ def native_delta_available(spark: SparkSession) -> bool:
     """True when this session writes Delta with delta-spark: its engine (dlpipe.spark.get_session,
     `lake.engine`) is not `rs`, io.delta.tables.DeltaTable loads on the driver JVM and the Delta
     SQL extension is on."""
-    if spark.conf.get("dlpipe.lake.engine", "auto") == "rs":
+    if spark.conf.get(ENGINE_KEY, "auto") == "rs":
         return False
     if spark not in _native_cache:
         jvm = getattr(spark, "_jvm", None)  # Spark Connect sessions have no JVM handle
@@ -69,9 +70,8 @@ def write_table(
     uri = _norm(uri)
     if mode not in MODES:
         raise ValueError(f"Invalid mode for Delta table {uri}: expected one of {MODES}, got {mode!r}")
-    commit_id = str(uuid.uuid4())
     native = native_delta_available(df.sparkSession)
-    user_metadata = json.dumps({**(metadata or {}), _ENGINE: "spark" if native else "rs", _COMMIT_ID: commit_id})
+    commit_id, user_metadata = _commit_metadata(metadata, native)
     before = latest_version(uri)
     if before is not None and mode == "append":
         _check_schema(uri, df)
@@ -204,6 +204,12 @@ def _write_with_delta_rs(
                                       commit_properties=props)
 
 
+def _commit_metadata(metadata: dict[str, str] | None, native: bool) -> tuple[str, str]:
+    """(a new commit id, the commit's userMetadata JSON: ours, the engine, that id)."""
+    commit_id = str(uuid.uuid4())
+    return commit_id, json.dumps({**(metadata or {}), _ENGINE: "spark" if native else "rs", _COMMIT_ID: commit_id})
+
+
 def _check_schema(uri: str, df: DataFrame) -> None:
     """Both engines refuse to add rows of another schema (names and types, not nullability); delta-spark
     alone would take a subset of the columns and fill the rest with nulls."""
@@ -332,9 +338,8 @@ def replace_where(df: DataFrame, uri: str, where: dict[str, Any], *, metadata: d
     if before is None:
         return write_table(df, uri, mode="append", metadata=metadata)
     _check_schema(uri, df)
-    commit_id = str(uuid.uuid4())
     native = native_delta_available(df.sparkSession)
-    user_metadata = json.dumps({**(metadata or {}), _ENGINE: "spark" if native else "rs", _COMMIT_ID: commit_id})
+    commit_id, user_metadata = _commit_metadata(metadata, native)
     if native:
         condition = " AND ".join(f"`{col}` = '{value}'" for col, value in where.items())
         (df.write.format("delta").mode("overwrite").option("replaceWhere", condition)

@@ -17,11 +17,11 @@ import sys
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
-from dlpipe import storage
+from dlpipe import lake, storage
 from dlpipe.errors import ConfigError
 
 ENGINES = ("auto", "spark", "rs")
-ENGINE_KEY = "dlpipe.lake.engine"
+ENGINE_KEY = lake.ENGINE_KEY
 DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
     "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
@@ -77,12 +77,8 @@ def get_session(master: str, app_name: str, conf: dict[str, str] | None = None, 
             builder = builder.config(key, str(value))
     session = builder.getOrCreate()
     session.conf.set(ENGINE_KEY, engine)
-    if engine == "spark":
-        from dlpipe import lake
-
-        if not lake.native_delta_available(session):
-            raise EngineError(f"lake.engine=spark: the delta-spark classes do not load in this Spark session; "
-                              f"{FETCH_HINT}")
+    if engine == "spark" and not lake.native_delta_available(session):
+        raise EngineError(f"lake.engine=spark: the delta-spark classes do not load in this Spark session; {FETCH_HINT}")
     return session
 
 
