@@ -35,7 +35,9 @@ class SparkConfig:
     # raw files (one PNG per image) are packed thousands to a task instead of ~30
     conf: dict[str, str] = field(default_factory=lambda: {
         "spark.sql.shuffle.partitions": "8", "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.files.openCostInBytes": "16384", "spark.driver.memory": "4g"})
+        "spark.sql.files.openCostInBytes": "16384", "spark.driver.memory": "4g",
+        # prepare writes its staging folders (one per split) in one pass: one open file per split, no sort
+        "spark.sql.maxConcurrentOutputFileWriters": "8"})
     jars_dir: str = ".work/jars"  # jars for spark.jars (delta-spark, hadoop-aws: deploy/jars/pom.xml); relative: to the checkout
 
 

@@ -10,6 +10,7 @@ EXIT_CONFIG = 2  # a bad config key or value, or a bad command line; nothing ran
 EXIT_DATA_QUALITY = 3  # prepare stopped: too many rejected rows; no new train/val/test version
 EXIT_MISSING_INPUT = 4  # a table, table version, landing zone, training run, model or alias does not exist
 EXIT_TRACKING = 5  # the MLflow tracking server does not answer; nothing was trained or registered
+EXIT_CONFLICT = 6  # another job committed to a table this job read; this job wrote nothing more; rerun is safe
 
 
 class DlpipeError(Exception):
@@ -40,3 +41,10 @@ class TrackingUnreachable(DlpipeError, RuntimeError):
     """The MLflow tracking server does not answer; nothing was trained or registered."""
 
     exit_code = EXIT_TRACKING
+
+
+class ConflictError(DlpipeError, RuntimeError):
+    """Another job committed to a Delta table after this job read it (e.g. two overlapping
+    prepare runs): this job's commit to it was refused. A rerun takes only what is left."""
+
+    exit_code = EXIT_CONFLICT

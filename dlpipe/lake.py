@@ -15,23 +15,26 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import time
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
 from deltalake.exceptions import DeltaError
-from deltalake.transaction import AddAction, CommitProperties, RemoveAction, create_table_with_add_actions
+from deltalake.transaction import AddAction, CommitProperties, RemoveAction, Transaction, create_table_with_add_actions
 from py4j.java_gateway import JavaClass
 from py4j.protocol import Py4JJavaError
-from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 from pyspark.sql.types import StructType
 
 from dlpipe import storage
+from dlpipe.errors import ConflictError
+from dlpipe.lake_files import ParquetFilesDataSource
+from dlpipe.lake_files import write_files as _write_files
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
@@ -42,6 +45,8 @@ _ENGINE = "dlpipe.engine"  # spark (delta-spark) or rs (delta-rs): which engine 
 ENGINE_KEY = "dlpipe.lake.engine"  # the session's lake.engine, set by dlpipe.spark.get_session
 _FILE_ROWS = "path string, size long, modification_time long, stats string"
 _native_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+APP_ID = "dlpipe"  # Delta application transaction (txn) of the writes that name the version they read
+ANY = -1  # write_table(expect=ANY): commit on top of whatever the latest version is
 
 
 def native_delta_available(spark: SparkSession) -> bool:
@@ -64,31 +69,66 @@ def engine(spark: SparkSession) -> str:
 
 
 def write_table(
-    df: DataFrame, uri: str, *, mode: str = "overwrite", metadata: dict[str, str] | None = None
+    df: DataFrame, uri: str, *, mode: str = "overwrite", metadata: dict[str, str] | None = None,
+    expect: int | None = ANY,
 ) -> int:
-    """Write df as one atomic commit; return the version of that commit."""
+    """Write df as one atomic commit; return the version of that commit.
+
+    `expect` (a version, or None for "no table yet") makes the commit conditional: it lands only
+    as the very next version after `expect`, else ConflictError and nothing is written. Both
+    engines enforce it at commit time, not only before: delta-spark through Delta's application
+    transaction (txnAppId/txnVersion: a second writer naming the same next version is skipped or
+    refused), delta-rs by committing on top of `expect` without retries."""
     uri = _norm(uri)
     if mode not in MODES:
         raise ValueError(f"Invalid mode for Delta table {uri}: expected one of {MODES}, got {mode!r}")
     native = native_delta_available(df.sparkSession)
     commit_id, user_metadata = _commit_metadata(metadata, native)
     before = latest_version(uri)
+    if expect != ANY and before != expect:
+        raise _conflict(uri, expect, before)
     if before is not None and mode == "append":
         _check_schema(uri, df)
     if native:
         writer = df.write.format("delta").mode(mode).option("userMetadata", user_metadata)
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
+        if expect != ANY:
+            writer = writer.option("txnAppId", APP_ID).option("txnVersion", str(_next(expect)))
         try:
             writer.save(uri)
         except Py4JJavaError as exc:
+            if expect != ANY and re.search(r"Concurrent|ProtocolChanged|already exists", str(exc.java_exception)):
+                raise _conflict(uri, expect, latest_version(uri)) from None
             raise storage.storage_error(uri, exc) or exc from None
     else:
-        _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None)
+        _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None,
+                             expect=None if expect == ANY else (expect, _next(expect)))
     version = _find_commit(uri, commit_id, -1 if before is None else before, required=not native)
+    if version is None and expect != ANY and latest_version(uri) != before:
+        raise _conflict(uri, expect, latest_version(uri))  # delta-spark skipped it: that txn version was taken
     # delta-spark makes no commit when nothing changes (no rows appended, an empty table overwritten
     # by no rows): the table's rows are those of `before`
     return before if version is None else version
+
+
+def _next(expect: int | None) -> int:
+    return 0 if expect is None else expect + 1
+
+
+def _conflict(uri: str, expect: int | None, now: int | None) -> ConflictError:
+    """The one-line error when a table moved under a conditional write, naming who moved it."""
+    by = ""
+    if now is not None:
+        commit = next((c for c in _delta(uri).history(now - (expect if expect is not None else -1))
+                       if c["version"] == _next(expect)), None)
+        meta = _user_metadata(commit) if commit else {}
+        if meta.get("dlpipe.job_id"):
+            by = f" (version {_next(expect)} by {meta.get('dlpipe.step', 'a')} job {meta['dlpipe.job_id']})"
+    read = "did not exist" if expect is None else f"was at version {expect}"
+    return ConflictError(f"Delta table {uri} {read} when this job read it and is now at version {now}{by}: "
+                         "another job wrote to it meanwhile; this job's commit was refused, nothing more was written. "
+                         "Rerun the job: it takes only what is left")
 
 
 def read_table(spark: SparkSession, uri: str, version: int | None = None) -> DataFrame:
@@ -129,6 +169,12 @@ def table_rows(uri: str, version: int) -> int:
     return int(sum(n or 0 for n in actions.column("num_records").to_pylist()))
 
 
+def read_columns(uri: str, version: int, columns: list[str]) -> pa.Table:
+    """Some columns of one snapshot, read with delta-rs on the driver (small tables: no Spark job)."""
+    uri = _norm(uri)
+    return _files_are_rows(uri, _open(uri, version)).to_pyarrow_table(columns=columns)
+
+
 def history(uri: str) -> list[dict[str, Any]]:
     """Commits, newest first: version, timestamp (ms since epoch), operation, metadata."""
     uri = _norm(uri)
@@ -165,43 +211,29 @@ def vacuum(uri: str, retain_hours: int, *, dry_run: bool = False, spark: SparkSe
                               full=True)
 
 
-class ParquetFilesDataSource(DataSource):
-    """Reads a snapshot's parquet files with pyarrow on the executors, one task per file: for
-    tables on a filesystem that Spark's JVM cannot open (s3:// without hadoop-aws)."""
-
-    @classmethod
-    def name(cls) -> str:
-        return "dlpipe_parquet"
-
-    def reader(self, schema: StructType) -> DataSourceReader:
-        return _ParquetReader(json.loads(self.options["files"]))
-
-
-class _ParquetReader(DataSourceReader):
-    def __init__(self, files: list[str]) -> None:
-        self.files = files
-
-    def partitions(self) -> list[InputPartition]:
-        return [InputPartition(f) for f in self.files]
-
-    def read(self, partition: InputPartition) -> Iterator[pa.RecordBatch]:
-        fs, path = storage.filesystem(partition.value)
-        with fs.open_input_file(path) as f:
-            yield from pq.ParquetFile(f).iter_batches()
-
-
 def _write_with_delta_rs(
-    df: DataFrame, uri: str, mode: str, user_metadata: str, *, table_exists: bool
+    df: DataFrame, uri: str, mode: str, user_metadata: str, *, table_exists: bool,
+    expect: tuple[int | None, int] | None = None,
 ) -> None:
+    """`expect` = (the version read, the txn version): commit exactly on top of it, no retries."""
     schema = Schema.from_json(df.schema.json())  # Delta's schema JSON is Spark's
     rows = df.mapInArrow(functools.partial(_write_files, uri), _FILE_ROWS).collect()
     actions = [AddAction(r.path, r.size, {}, r.modification_time, True, r.stats) for r in rows]
     props = CommitProperties(custom_metadata={"userMetadata": user_metadata})
-    if table_exists:
-        _delta(uri).create_write_transaction(actions, mode, schema, commit_properties=props)
-    else:
-        create_table_with_add_actions(uri, schema, actions, mode="error", storage_options=storage.delta_options(uri),
-                                      commit_properties=props)
+    if expect is not None:
+        props = CommitProperties(custom_metadata={"userMetadata": user_metadata}, max_commit_retries=0,
+                                 app_transactions=[Transaction(APP_ID, expect[1])])
+    try:
+        if table_exists:
+            table = _delta(uri) if expect is None else _delta(uri, expect[0])
+            table.create_write_transaction(actions, mode, schema, commit_properties=props)
+        else:
+            create_table_with_add_actions(uri, schema, actions, mode="error", storage_options=storage.delta_options(uri),
+                                          commit_properties=props)
+    except (DeltaError, OSError):
+        if expect is not None and latest_version(uri) != expect[0]:
+            raise _conflict(uri, expect[0], latest_version(uri)) from None
+        raise
 
 
 def _commit_metadata(metadata: dict[str, str] | None, native: bool) -> tuple[str, str]:
@@ -217,35 +249,6 @@ def _check_schema(uri: str, df: DataFrame) -> None:
     if current.simpleString() != df.schema.simpleString():
         raise ValueError(f"Cannot write to Delta table {uri}: expected schema {current.simpleString()}, "
                          f"received {df.schema.simpleString()}")
-
-
-def _write_files(root: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    """Runs in a Spark task: write its rows to one new parquet file, yield one row about it."""
-    from pyspark import TaskContext
-
-    fs, base = storage.filesystem(root)
-    name = f"part-{TaskContext.get().partitionId():05d}-{uuid.uuid4()}-c000.snappy.parquet"
-    writer, num_records = None, 0
-    try:
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            if writer is None:
-                if storage.scheme(root) not in storage.S3_SCHEMES:  # object stores have no folders
-                    fs.create_dir(base, recursive=True)
-                writer = pq.ParquetWriter(f"{base}/{name}", batch.schema, filesystem=fs)
-            writer.write_batch(batch)
-            num_records += batch.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    if writer is None:  # empty partition: no file
-        return
-    info = fs.get_file_info(f"{base}/{name}")
-    stats = json.dumps({"numRecords": num_records})
-    yield pa.RecordBatch.from_pylist(
-        [{"path": name, "size": info.size, "modification_time": info.mtime_ns // 10**6, "stats": stats}]
-    )
 
 
 def _find_commit(uri: str, commit_id: str, before: int, *, required: bool = True) -> int | None:

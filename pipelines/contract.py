@@ -1,60 +1,89 @@
-"""The row contract every kind's parser keeps (key, source, row, <its columns>, error), as pure
-DataFrame -> DataFrame transforms: raw file contents to records with a reason for every bad one,
-and the rejection of repeated keys."""
+"""The row contract every record kind's parser keeps (key, source, row, <its columns>, error):
+raw file contents to records, with a reason for every bad one. Plain Python and pyarrow, run in
+the Spark task that read the files (pipelines.sources.read_parsed)."""
 
 from __future__ import annotations
 
-from pyspark.sql import DataFrame, Window
-from pyspark.sql import functions as F
+import functools
+from typing import Callable
+
+import pyarrow as pa
+
+from pipelines.sources import Parser
 
 
-def reject_duplicate_keys(parsed: DataFrame, existing: DataFrame | None) -> DataFrame:
-    """Every repeat of a key (after its first by source file and row) and, in append mode, every
-    key already in the output tables gets a `duplicate key` error."""
-    ok, bad = parsed.where(F.col("error").isNull()), parsed.where(F.col("error").isNotNull())
-    window = Window.partitionBy("key").orderBy("source", "row")
-    first = F.first(F.struct("source", "row")).over(window)
-    where = F.concat(first["source"], F.when(first["row"].isNotNull(), F.concat(F.lit(" line "), first["row"])).otherwise(F.lit("")))
-    ok = ok.withColumn("error", F.when(F.row_number().over(window) > 1,
-                                       F.concat(F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")"))))
-    if existing is not None:
-        known = existing.select("key", F.col("table").alias("_in")).dropDuplicates(["key"])
-        ok = ok.join(F.broadcast(known), "key", "left").withColumn(
-            "error", F.coalesce("error", F.when(F.col("_in").isNotNull(), F.concat(
-                F.lit("duplicate key "), F.col("key"), F.lit(" already in "), F.col("_in"), F.lit(" (data.mode=merge updates keys)"))))
-        ).drop("_in")
-    return ok.unionByName(bad.select(*ok.columns))
-
-
-def parse_files(files: DataFrame, root: str, fmt: str, encoding: str, key_column: str, schema: str, convert) -> DataFrame:
+def record_parser(root: str, fmt: str, encoding: str, key_column: str, schema: str, convert,
+                  fast: Callable[[bytes], dict | None] | None = None) -> Parser:
     """Raw files -> one row per record: key, source, row, <schema>, error. `convert(record)`
     returns the kind's columns or raises records.Invalid with the reason. Without a key column
-    the key is <file relative to the landing root>:<line>."""
+    the key is <file relative to the landing root>:<line>. A file that cannot be read, or holds
+    no record at all, is one row with the reason: every listed file is accounted for.
+
+    `fast(content)`, where given, parses a whole file with vectorized operations into Arrow
+    columns (key, row and the schema's) or returns None; it must return None for any file
+    where it would not give exactly what the record-by-record path gives (any bad row, quoting,
+    blank lines), and that file then takes the record-by-record path."""
     import pandas as pd
 
-    from pipelines.images import _relative_key
+    from pipelines.images import relative_key
     from pipelines.records import Invalid, read_records, text
 
     columns = ["key", "source", "row", *[c.split()[0] for c in schema.split(", ")], "error"]
     where = "row" if fmt == "parquet" else "line"
+    full = f"key string, source string, row long, {schema}, error string"
 
-    def run(batches):
-        for batch in batches:
-            out = []
-            for path, content in zip(batch["path"], batch["content"]):
-                relative = _relative_key(path, root)
-                for row, record, reason in read_records(content, fmt, encoding):
-                    item = {"key": f"{relative}:{row}" if row else relative, "source": path, "row": row, "error": reason}
-                    if record is not None:
-                        try:
-                            if key_column:
-                                item["key"] = text(record, key_column)
-                            item.update(convert(record))
-                        except Invalid as exc:
-                            item["error"] = f"{where} {row}: {exc}"
-                    out.append(item)
-            # object columns: a missing value stays None (null), never NaN
-            yield pd.DataFrame({c: pd.Series([item.get(c) for item in out], dtype=object) for c in columns})
+    arrow = _arrow_schema(full)
 
-    return files.select("path", "content").mapInPandas(
-        run, f"key string, source string, row long, {schema}, error string")
+    def parse(paths: list[str], contents: list) -> pa.Table:
+        out, batches = [], []
+        for path, content in zip(paths, contents):
+            parsed = fast(content) if fast is not None and isinstance(content, bytes) and content else None
+            if parsed is not None:
+                n = len(parsed["key"])
+                parsed = parsed | {"source": pa.array([path] * n, pa.string()), "error": pa.nulls(n, pa.string())}
+                batches.append(pa.RecordBatch.from_arrays([pa.array(parsed[f.name], f.type) if not isinstance(
+                    parsed[f.name], pa.Array) else parsed[f.name].cast(f.type) for f in arrow], schema=arrow))
+                continue
+            relative = relative_key(path, root)
+            found = len(out)
+            read = [(None, None, str(content))] if isinstance(content, OSError) else read_records(content, fmt, encoding)
+            for row, record, reason in read:
+                item = {"key": f"{relative}:{row}" if row else relative, "source": path, "row": row, "error": reason}
+                if record is not None:
+                    try:
+                        if key_column:
+                            item["key"] = text(record, key_column)
+                        item.update(convert(record))
+                    except Invalid as exc:
+                        item["error"] = f"{where} {row}: {exc}"
+                out.append(item)
+            if len(out) == found:
+                out.append({"key": relative, "source": path, "row": None,
+                            "error": "no records in the file (a header or blank lines only)"})
+        # object columns: a missing value stays None (null), never NaN
+        frame = pd.DataFrame({c: pd.Series([item.get(c) for item in out], dtype=object) for c in columns})
+        batches.append(pa.RecordBatch.from_pandas(frame, schema=arrow, preserve_index=False))
+        return pa.Table.from_batches(batches, arrow)
+
+    return Parser(full, parse)
+
+
+@functools.lru_cache(maxsize=None)
+def _arrow_schema(ddl: str) -> pa.Schema:
+    from pyspark.sql.pandas.types import to_arrow_schema
+    from pyspark.sql.types import StructType
+
+    return to_arrow_schema(StructType.fromJson(_ddl_json(ddl)))
+
+
+def _ddl_json(ddl: str) -> dict:
+    """A flat DDL of simple types and arrays of them, as Spark's schema JSON (no session needed
+    inside a task)."""
+    fields = []
+    for part in ddl.split(", "):
+        name, kind = part.split(" ", 1)
+        kind = {"int": "integer", "bigint": "long"}.get(kind, kind)
+        element = kind[6:-1] if kind.startswith("array<") else None
+        fields.append({"name": name, "nullable": True, "metadata": {}, "type": {
+            "type": "array", "elementType": element, "containsNull": True} if element else kind})
+    return {"type": "struct", "fields": fields}

@@ -4,9 +4,9 @@ height, width, channels (pipelines.images does the decoding)."""
 from __future__ import annotations
 
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 
-from pipelines.images import decode_images
+from pipelines.images import image_parser
+from pipelines.sources import Parser
 from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
@@ -14,9 +14,8 @@ STATE = None
 UNIT = "files"
 
 
-def parse(files: DataFrame, data, root: str, state) -> DataFrame:
-    d = data
-    return decode_images(files, root, d.classes, d.image_size, d.channels).withColumn("row", F.lit(None).cast("long"))
+def parser(data, root: str, state) -> Parser:
+    return image_parser(root, data.classes, data.image_size, data.channels)
 
 
 def assign_split(df: DataFrame, data) -> DataFrame:

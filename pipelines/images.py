@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import io
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-from pyspark.sql import DataFrame
+
+from pipelines.sources import Parser
 
 DECODED_SCHEMA = (
     "key string, source string, label int, label_name string, pixels array<float>, "
@@ -15,63 +15,63 @@ DECODED_SCHEMA = (
 )
 
 
-def decode_images(files: DataFrame, landing_uri: str, classes: list[str], size: int, channels: int) -> DataFrame:
-    """Decode on the executors; rows that cannot be used carry the reason in `error`.
-    Arrow in, Arrow out: the pixels of a batch go out as one float32 buffer (a list array over
-    it), not as one Python object per image, which halves the cost of the step."""
+def image_parser(landing_uri: str, classes: list[str], size: int, channels: int) -> Parser:
+    """Decode in the Spark task that read the files; rows that cannot be used carry the reason in
+    `error`. The pixels of a batch go out as one float32 buffer (a list array over it), not as
+    one Python object per image."""
     root = landing_uri.rstrip("/")
     label_of = {name: i for i, name in enumerate(classes)}
     mode = {1: "L", 3: "RGB"}[channels]
     values = size * size * channels
 
-    def decode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def decode(paths: list[str], contents: list) -> pa.RecordBatch:
         from PIL import Image, UnidentifiedImageError
 
-        for batch in batches:
-            paths = batch.column("path").to_pylist()
-            keys, labels, names, errors, pixels, valid = [], [], [], [], [], []
-            for path, content in zip(paths, batch.column("content").to_pylist()):
-                key = _relative_key(path, root)
-                folder = key.split("/")[0] if "/" in key else ""
-                label, error = None, None
-                if folder not in label_of:
-                    error = f"unknown class folder {folder!r} (expected one of {classes})"
-                elif not content:
-                    error = "empty file"
-                else:
-                    try:
-                        with Image.open(io.BytesIO(content)) as image:
-                            image = image.convert(mode).resize((size, size))
-                            array = np.asarray(image, dtype=np.float32) / 255.0
-                        # channels-first, flattened: (C, H, W) -> C*H*W floats in [0, 1]
-                        pixels.append(array.reshape(size, size, channels).transpose(2, 0, 1).ravel())
-                        label = label_of[folder]
-                    except UnidentifiedImageError:  # its message names an in-memory buffer: say it plainly
-                        error = "cannot decode image: UnidentifiedImageError: not an image format Pillow reads"
-                    except Exception as exc:  # undecodable input is data, not a crash
-                        error = f"cannot decode image: {type(exc).__name__}: {exc}"
-                keys.append(key)
-                labels.append(label)
-                names.append(folder or None)
-                errors.append(error)
-                valid.append(error is None)
-            flat = np.concatenate(pixels) if pixels else np.zeros(0, np.float32)
-            offsets = np.zeros(len(keys) + 1, np.int32)
-            offsets[1:] = np.cumsum(np.where(valid, values, 0))
-            mask = pa.array([not ok for ok in valid])
-            n = len(keys)
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(keys, pa.string()), pa.array(paths, pa.string()), pa.array(labels, pa.int32()),
-                 pa.array(names, pa.string()), pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=mask),
-                 pa.array([size] * n, pa.int32()), pa.array([size] * n, pa.int32()),
-                 pa.array([channels] * n, pa.int32()), pa.array(errors, pa.string())],
-                names=[c.split()[0] for c in DECODED_SCHEMA.split(", ")],
-            )
+        keys, labels, names, errors, pixels, valid = [], [], [], [], [], []
+        for path, content in zip(paths, contents):
+            key = relative_key(path, root)
+            folder = key.split("/")[0] if "/" in key else ""
+            label, error = None, None
+            if folder not in label_of:
+                error = f"unknown class folder {folder!r} (expected one of {classes})"
+            elif isinstance(content, OSError):
+                error = str(content)
+            elif not content:
+                error = "empty file"
+            else:
+                try:
+                    with Image.open(io.BytesIO(content)) as image:
+                        image = image.convert(mode).resize((size, size))
+                        array = np.asarray(image, dtype=np.float32) / 255.0
+                    # channels-first, flattened: (C, H, W) -> C*H*W floats in [0, 1]
+                    pixels.append(array.reshape(size, size, channels).transpose(2, 0, 1).ravel())
+                    label = label_of[folder]
+                except UnidentifiedImageError:  # its message names an in-memory buffer: say it plainly
+                    error = "cannot decode image: UnidentifiedImageError: not an image format Pillow reads"
+                except Exception as exc:  # undecodable input is data, not a crash
+                    error = f"cannot decode image: {type(exc).__name__}: {exc}"
+            keys.append(key)
+            labels.append(label)
+            names.append(folder or None)
+            errors.append(error)
+            valid.append(error is None)
+        flat = np.concatenate(pixels) if pixels else np.zeros(0, np.float32)
+        offsets = np.zeros(len(keys) + 1, np.int32)
+        offsets[1:] = np.cumsum(np.where(valid, values, 0))
+        n = len(keys)
+        return pa.RecordBatch.from_arrays(
+            [pa.array(keys, pa.string()), pa.array(paths, pa.string()), pa.array(labels, pa.int32()),
+             pa.array(names, pa.string()),
+             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array([not ok for ok in valid])),
+             pa.array([size] * n, pa.int32()), pa.array([size] * n, pa.int32()),
+             pa.array([channels] * n, pa.int32()), pa.array(errors, pa.string())],
+            names=[c.split()[0] for c in DECODED_SCHEMA.split(", ")],
+        )
 
-    return files.select("path", "content").mapInArrow(decode, DECODED_SCHEMA)
+    return Parser(DECODED_SCHEMA, decode)
 
 
-def _relative_key(path: str, root: str) -> str:
+def relative_key(path: str, root: str) -> str:
     """The file path relative to the landing root: stable when the landing zone moves."""
     for prefix in (root, "file:" + root, "file://" + root):
         if path.startswith(prefix + "/"):

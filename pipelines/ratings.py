@@ -16,7 +16,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines import records
-from pipelines.contract import parse_files
+from pipelines.contract import record_parser
+from pipelines.sources import Parser
 from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
@@ -24,7 +25,7 @@ STATE = None
 UNIT = "rows"
 
 
-def parse(files: DataFrame, data, root: str, state) -> DataFrame:
+def parser(data, root: str, state) -> Parser:
     r = data.ratings
 
     def convert(record: dict) -> dict:
@@ -34,7 +35,7 @@ def parse(files: DataFrame, data, root: str, state) -> DataFrame:
             raise records.Invalid(f"column {r.rating!r}: {rating:g} is outside [{r.min_rating:g}, {r.max_rating:g}]")
         return {"key": f"{user}:{item}", "user": user, "item": item, "rating": rating}
 
-    return parse_files(files, root, r.format, "utf-8", "", "user string, item string, rating float", convert)
+    return record_parser(root, r.format, "utf-8", "", "user string, item string, rating float", convert)
 
 
 def assign_split(df: DataFrame, data) -> DataFrame:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines import records
-from pipelines.contract import parse_files
+from pipelines.contract import record_parser
+from pipelines.sources import Parser
 from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
@@ -27,7 +29,7 @@ STATE_SCHEMA = "kind string, column string, value string, index int, mean double
 UNIT = "rows"
 
 
-def parse(files: DataFrame, data, root: str, state: dict | None) -> DataFrame:
+def parser(data, root: str, state: dict | None) -> Parser:
     t = data.table
     classes = (state or {}).get("classes") or t.classes
     classification = t.task == "classification"
@@ -44,8 +46,57 @@ def parse(files: DataFrame, data, root: str, state: dict | None) -> DataFrame:
             out["label_name"], out["target"] = None, records.number(record, t.label)
         return out
 
-    return parse_files(files, root, t.format, "utf-8", t.key,
-                       "label_name string, target double, num array<double>, cat array<string>", convert)
+    fast = _fast_csv(t, classes) if t.format == "csv" and t.key else None
+    return record_parser(root, t.format, "utf-8", t.key,
+                         "label_name string, target double, num array<double>, cat array<string>", convert, fast)
+
+
+def _fast_csv(t, classes: list[str]):
+    """A whole CSV file parsed with pyarrow and checked column by column; None (the file takes
+    the record-by-record path, which names each bad row) for anything that is not plain: quotes
+    or blank lines (line numbers), a missing column or field, an empty, non-numeric or infinite
+    value, a duplicate header, an unknown label."""
+    import io
+
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    columns = list(dict.fromkeys([t.key, t.label, *t.numeric, *t.categorical]))
+    convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, include_columns=columns,
+                                   strings_can_be_null=False)
+
+    def fast(content: bytes) -> dict | None:
+        if b'"' in content or b"\r" in content or b"\n\n" in content.strip(b"\n"):
+            return None
+        try:
+            table = pacsv.read_csv(io.BytesIO(content), read_options=pacsv.ReadOptions(use_threads=False),
+                                   convert_options=convert)
+            values = {c: pc.utf8_trim_whitespace(table.column(c).combine_chunks()) for c in columns}
+            if table.num_rows == 0 or any(pc.any(pc.equal(v, "")).as_py() for v in values.values()):
+                return None
+            n, label = table.num_rows, values[t.label]
+            x = np.stack([pc.cast(values[c], pa.float64()).to_numpy(zero_copy_only=False) for c in t.numeric], 1) \
+                if t.numeric else np.zeros((n, 0))
+            if t.task == "classification":
+                if classes and not pc.all(pc.is_in(label, value_set=pa.array(classes))).as_py():
+                    return None
+                label_name, target = label, pa.nulls(n, pa.float64())
+            else:
+                label_name, target = pa.nulls(n, pa.string()), pc.cast(label, pa.float64())
+                if not np.isfinite(target.to_numpy(zero_copy_only=False)).all():
+                    return None
+        except (pa.ArrowInvalid, KeyError):
+            return None
+        if not np.isfinite(x).all():
+            return None
+        cats = np.stack([values[c].to_numpy(zero_copy_only=False) for c in t.categorical], 1).ravel() \
+            if t.categorical else np.zeros(0, object)
+        width = len(t.categorical)
+        return {"key": values[t.key], "row": pa.array(np.arange(2, n + 2)), "label_name": label_name, "target": target,
+                "num": pa.ListArray.from_arrays(pa.array(np.arange(n + 1) * len(t.numeric), pa.int32()), pa.array(x.ravel())),
+                "cat": pa.ListArray.from_arrays(pa.array(np.arange(n + 1) * width, pa.int32()), pa.array(cats, pa.string()))}
+
+    return fast
 
 
 def assign_split(df: DataFrame, data) -> DataFrame:

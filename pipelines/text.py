@@ -20,7 +20,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines import records
-from pipelines.contract import parse_files
+from pipelines.contract import record_parser
+from pipelines.sources import Parser
 from pipelines.split import hash_split
 
 BASE = ("train", "val", "test")
@@ -35,7 +36,7 @@ def tokenize(text: str, lowercase: bool) -> list[str]:
     return TOKEN.findall(text.lower() if lowercase else text)
 
 
-def parse(files: DataFrame, data, root: str, state: dict | None) -> DataFrame:
+def parser(data, root: str, state: dict | None) -> Parser:
     t = data.text
     classes = (state or {}).get("classes") or t.classes
     column = "text" if t.format == "lines" else t.text
@@ -55,7 +56,7 @@ def parse(files: DataFrame, data, root: str, state: dict | None) -> DataFrame:
                 raise records.Invalid(f"label {t.label!r}: {label!r} is not one of the classes {classes}")
         return {"label_name": label, "text": body, "tokens": tokens}
 
-    return parse_files(files, root, t.format, t.encoding, t.key,
+    return record_parser(root, t.format, t.encoding, t.key,
                        "label_name string, text string, tokens array<string>", convert)
 
 

@@ -20,7 +20,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from pipelines import records
-from pipelines.contract import parse_files
+from pipelines.contract import record_parser
+from pipelines.sources import Parser
 
 BASE = ("observations",)
 STATE = None
@@ -30,7 +31,7 @@ WINDOW_SCHEMA = ("key string, series string, start double, end double, history a
                  "target array<float>, split string")
 
 
-def parse(files: DataFrame, data, root: str, state) -> DataFrame:
+def parser(data, root: str, state) -> Parser:
     t = data.timeseries
 
     def convert(record: dict) -> dict:
@@ -42,7 +43,7 @@ def parse(files: DataFrame, data, root: str, state) -> DataFrame:
         series = records.text(record, t.series) if t.series else ""
         return {"key": f"{series}@{time!r}", "series": series, "time": time, "value": records.number(record, t.value)}
 
-    return parse_files(files, root, t.format, "utf-8", "", "series string, time double, value double", convert)
+    return record_parser(root, t.format, "utf-8", "", "series string, time double, value double", convert)
 
 
 def assign_split(df: DataFrame, data) -> DataFrame:

@@ -1,7 +1,8 @@
-"""The prepare benchmark runs on a small slice and reports both runs over the same files (the
-figures themselves are for the README, not asserted)."""
+"""The prepare benchmark runs at two small scales and reports every figure over the same files
+on both sides (the figures themselves are for docs/performance.md, not asserted)."""
 
 import dataclasses
+import functools
 
 import pytest
 
@@ -11,30 +12,30 @@ from dlpipe import lake
 pytestmark = pytest.mark.slow
 
 
-def test_bench_prepare_measures_dlpipe_and_the_baseline_on_the_same_files(spark, small_landing):
+def test_bench_prepare_reports_each_scale_the_fixed_cost_and_the_loader(spark, small_landing):
     cfg, landed = small_landing
     before = {s: lake.latest_version(cfg.table_uri(s)) for s in ("train", "rejected")}
-    summary = bench.run(spark, cfg)
-    images = summary["cases"]["images"]
+    images = next(c for c in bench.PREPARE_CASES if c.name == "images")
+    summary = bench.run(spark, cfg, [images], repeats=1, scales={"images": (1, 2)})
     files = landed["files_written"] + landed["files_already_there"]
-    assert images["files"] == files
-    assert images["baseline_1_process"]["rows"] == images["dlpipe_spark"]["accepted"] == files
-    for run in ("baseline_1_process", "dlpipe_spark"):
-        assert images[run]["rows_per_sec"] > 0 and images[run]["mb_per_sec"] > 0
-    assert images["speedup"] == pytest.approx(images["baseline_1_process"]["seconds"] / images["dlpipe_spark"]["seconds"])
+    runs = summary["cases"]["images"]["runs"]
+    assert [(r["scale"], r["files"]) for r in runs] == [(1, files), (2, 2 * files)]
+    for r in runs:
+        assert r["baseline_rows"] == r["accepted"] == r["rows"] == r["files"]  # the same input on both sides
+        assert r["speedup"] == pytest.approx(r["baseline_s"] / r["dlpipe_s"], rel=0.01)
+    assert summary["fixed_cost_s"]["append_nothing_new_s"] > 0 and summary["fixed_cost_s"]["one_file_s"] > 0
+    loader = summary["loader"]
+    assert 0 < loader["rows"] < files and loader["ratio"] == pytest.approx(
+        loader["dlpipe_rows_per_s"] / loader["raw_pyarrow_rows_per_s"], rel=0.01)
+    assert summary["cores"] >= 1 and summary["load_average_before"] >= 0
     # it wrote into a scratch lake, never into the configured one
     assert {s: lake.latest_version(cfg.table_uri(s)) for s in ("train", "rejected")} == before
 
 
-def test_bench_prepare_tables_case_runs_on_its_own_adult_config(spark, small_landing, tmp_path):
-    from dlpipe import datasets
-
-    cfg, _ = small_landing  # the images run's config: the tables case must not use its landing
-    (tmp_path / "adult").mkdir()
-    datasets.write_shards(datasets.adult().iloc[:300], tmp_path / "adult", 2, "csv")
-    tables = next(c for c in bench.PREPARE_CASES if c.name == "tables")
-    case = dataclasses.replace(tables, config=lambda c: bench.tables_config(c, overrides=(f"paths.landing={tmp_path}/adult",)))
-    result = bench.run(spark, cfg, [case])["cases"]["tables"]
-    assert result["landing"] == f"{tmp_path}/adult" and result["files"] == 2
-    assert result["baseline_1_process"]["rows"] == result["dlpipe_spark"]["rows"] == result["dlpipe_spark"]["accepted"] == 300
-    assert result["speedup"] == pytest.approx(result["baseline_1_process"]["seconds"] / result["dlpipe_spark"]["seconds"])
+def test_bench_prepare_tables_case_grows_the_rows_under_new_keys(spark, small_landing):
+    cfg, _ = small_landing
+    tables = dataclasses.replace(next(c for c in bench.PREPARE_CASES if c.name == "tables"),
+                                 landing=functools.partial(bench._tables_landing, rows=300, shards=2))
+    runs = bench.run(spark, cfg, [tables], repeats=1, scales={"tables": (1, 3)})["cases"]["tables"]["runs"]
+    assert [(r["scale"], r["files"], r["rows"]) for r in runs] == [(1, 2, 300), (3, 6, 900)]
+    assert all(r["baseline_rows"] == r["accepted"] == r["rows"] for r in runs)

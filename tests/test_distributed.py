@@ -1,13 +1,11 @@
 """Data-parallel training on real worker processes: Horovod and TorchDistributor on the local
 Spark, both sync modes, failures and resume."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq

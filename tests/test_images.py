@@ -1,14 +1,16 @@
-import io
 
 import numpy as np
 from PIL import Image
-from pyspark.sql import functions as F
 
-from pipelines.images import decode_images
+from pipelines.images import image_parser
 from pipelines.split import hash_split as assign_split
-from pipelines.sources import read_files
+from pipelines.sources import list_files, read_parsed
 
 CLASSES = ["cat", "dog"]
+
+
+def _decoded(spark, landing):
+    return read_parsed(spark, list_files(landing), image_parser(landing, CLASSES, 4, 1))
 
 
 def _png(path, value, size=(8, 8), mode="L"):
@@ -23,7 +25,7 @@ def test_decode_normalizes_and_rejects_with_reasons(spark, tmp_path):
     (landing / "dog" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (landing / "dog" / "empty.png").write_bytes(b"")
     _png(landing / "horse" / "c.png", 10)
-    rows = {r["key"]: r for r in decode_images(read_files(spark, str(landing)), str(landing), CLASSES, 4, 1).collect()}
+    rows = {r["key"]: r for r in _decoded(spark, str(landing)).collect()}
     assert set(rows) == {"cat/a.png", "dog/b.png", "dog/corrupt.png", "dog/empty.png", "horse/c.png"}
     assert rows["cat/a.png"]["label"] == 0 and rows["cat/a.png"]["error"] is None
     assert np.allclose(rows["cat/a.png"]["pixels"], 1.0) and len(rows["cat/a.png"]["pixels"]) == 16
@@ -52,7 +54,7 @@ def test_split_is_stable_across_landing_roots(spark, tmp_path):
     splits = set()
     for root in ("a", "b"):
         landing = str(tmp_path / root)
-        df = assign_split(decode_images(read_files(spark, landing), landing, CLASSES, 4, 1), {"train": 0.5, "val": 0.25, "test": 0.25})
+        df = assign_split(_decoded(spark, landing), {"train": 0.5, "val": 0.25, "test": 0.25})
         (row,) = df.select("key", "split").collect()
         assert row["key"] == "cat/same.png"
         splits.add(row["split"])

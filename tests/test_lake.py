@@ -244,3 +244,29 @@ def test_engine_spark_without_jars_is_one_line_before_spark_starts(tmp_path):
         f"dlpipe: config error: lake.engine=spark: no delta-spark jars in spark.jars_dir={tmp_path}/no-jars and none "
         "given to Spark; run `make setup` (Maven fetches deploy/jars/pom.xml into .work/jars), or give Spark the jars "
         "with --packages io.delta:delta-spark_4.2_2.13:4.4.0"]
+
+
+def test_conditional_write_lands_only_on_the_version_it_read(spark, engine, tmp_path, monkeypatch):
+    """write_table(expect=v): the commit lands as v + 1 or not at all (ConflictError, one line
+    naming the job that moved the table); also when the table moves between the check and the
+    commit (delta-spark: Delta's application transaction; delta-rs: no commit retries)."""
+    from dlpipe.errors import ConflictError
+
+    uri = str(tmp_path / "t")
+    df = spark.range(3)
+    assert lake.write_table(df, uri, expect=None) == 0
+    assert lake.write_table(df, uri, mode="append", expect=0, metadata={"dlpipe.job_id": "j1", "dlpipe.step": "prepare"}) == 1
+    with pytest.raises(ConflictError, match=r"was at version 0 when this job read it and is now at version 1 "
+                                            r"\(version 1 by prepare job j1\)"):
+        lake.write_table(df, uri, mode="append", expect=0)
+    with pytest.raises(ConflictError, match="did not exist when this job read it"):
+        lake.write_table(df, uri, expect=None)
+    # the table moves after the check: the commit itself refuses
+    assert lake.write_table(df, uri, mode="append", expect=1) == 2
+    real, stale = lake.latest_version, [1]  # the first look (the check) still sees version 1
+    monkeypatch.setattr(lake, "latest_version", lambda u: stale.pop() if stale else real(u))
+    with pytest.raises(ConflictError, match="was at version 1 when this job read it and is now at version 2"):
+        lake.write_table(df, uri, mode="append", expect=1)
+    monkeypatch.setattr(lake, "latest_version", real)
+    assert lake.latest_version(uri) == 2 and lake.read_table(spark, uri).count() == 9
+    assert lake.write_table(df, uri, mode="append", expect=2) == 3

@@ -2,7 +2,6 @@ import os
 import subprocess
 import sys
 
-import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -90,3 +90,51 @@ def test_new_files_arrive_and_no_existing_key_moves(spark, tmp_path):
         assert before[split] <= after[split], f"keys left {split}: {before[split] - after[split]}"
     assert sum(len(k) for k in after.values()) == 100
     assert all(any(k.split("/")[1].startswith("new_") for k in after[s]) for s in SPLITS)
+
+
+def test_a_file_that_vanishes_after_the_listing_is_counted_not_lost(spark, tmp_path, monkeypatch):
+    """The listing is the job's own count of its input: a file deleted between the listing and
+    the read becomes a rejected row with the reason, and listed = accepted + rejected."""
+    from dlpipe.stages import prepare
+
+    _landing(tmp_path)
+    listed = prepare.list_files
+
+    def list_then_delete(uri):
+        files = listed(uri)
+        (tmp_path / "landing" / "cat" / "img_000.png").unlink()  # gone before any task reads it
+        return files
+
+    monkeypatch.setattr(prepare, "list_files", list_then_delete)
+    summary = stage("prepare", spark, _config(tmp_path, "data.max_rejected_fraction=0.2"))
+    assert summary["listed_files"] == summary["input_files"] == 18 == summary["accepted"] + summary["rejected"]
+    assert (summary["accepted"], summary["rejected"]) == (15, 3)
+    rejected = deltalake.DeltaTable(summary["tables"]["rejected"]["uri"]).to_pandas().set_index("key")["reason"]
+    assert rejected["cat/img_000.png"].startswith("cannot read file (listed, then not readable")
+
+
+def test_append_after_a_job_died_half_way_stores_the_rest_once(spark, tmp_path, monkeypatch):
+    """An append that died after committing the train table but before the sources: the rerun
+    takes the same files again, stores what is missing and does not store the train rows twice."""
+    _landing(tmp_path, good=40)
+    cfg = _config(tmp_path, "data.max_rejected_fraction=0.2", "data.mode=append")
+    first = stage("prepare", spark, cfg)
+    for i in range(40, 60):
+        path = tmp_path / "landing" / CLASSES[i % 2] / f"img_{i:03d}.png"
+        Image.new("L", (6, 6), color=i).save(path)
+    write = lake.write_table
+
+    def dies_on_val(df, uri, **kwargs):
+        if uri.endswith("_val"):
+            raise RuntimeError("executor lost")
+        return write(df, uri, **kwargs)
+
+    monkeypatch.setattr(lake, "write_table", dies_on_val)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        stage("prepare", spark, cfg)
+    monkeypatch.setattr(lake, "write_table", write)
+    rerun = stage("prepare", spark, cfg)
+    assert rerun["input_files"] == 20 and rerun["already_stored"] > 0
+    assert rerun["accepted"] + rerun["already_stored"] == 20 and rerun["rejected"] == 0
+    keys = [k for s in SPLITS for k in deltalake.DeltaTable(cfg.table_uri(s)).to_pandas()["key"]]
+    assert len(keys) == len(set(keys)) == first["accepted"] + 20

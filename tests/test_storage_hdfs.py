@@ -19,7 +19,7 @@ from pyarrow import fs
 from dlpipe import checkpoints, lake, storage
 from dlpipe.refs import SPLITS
 from dlpipe.spark import ENGINE_KEY
-from pipelines.sources import list_files, read_files
+from pipelines.sources import Parser, list_files, read_parsed
 from tests.conftest import make_config, stage, with_run
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,9 @@ def test_landing_on_hdfs_is_read_with_spark_and_listed_with_pyarrow(spark, hdfs)
     uri = hdfs.url("/raw/listing")
     assert list_files(uri) == [(f"{uri}/a/1.png", 3), (f"{uri}/a/2.png", 3), (f"{uri}/b/3.png", 5),
                                (f"{uri}/b/empty.png", 0)]
-    rows = {r.path: bytes(r.content) for r in read_files(spark, uri).collect()}
+    raw = Parser("source string, content binary, error string", lambda paths, contents: pa.RecordBatch.from_pydict(
+        {"source": paths, "content": contents, "error": [None] * len(paths)}))
+    rows = {r.source: bytes(r.content) for r in read_parsed(spark, list_files(uri), raw).collect()}
     assert rows == {f"{uri}/a/1.png": b"one", f"{uri}/a/2.png": b"two", f"{uri}/b/3.png": b"three",
                     f"{uri}/b/empty.png": b""}
 

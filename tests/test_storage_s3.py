@@ -15,7 +15,7 @@ import pytest
 from pyarrow import fs
 
 from dlpipe import lake
-from pipelines.sources import list_files, read_files
+from pipelines.sources import list_files
 from tests.conftest import moto_server
 
 REGION = "us-east-1"

@@ -4,7 +4,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dl.models import CNN, CNNConfig, ConvBlock, Net, build
+from dl.models import CNNConfig, ConvBlock, Net, build
 from dl.train import TrainConfig, fit
 from dlpipe.launchers import load_shard
 

@@ -1,50 +1,66 @@
 """The prepare job for every data kind: raw files under paths.landing -> validated, versioned
-Delta tables. The contract handling is the same for every kind and lives here:
+Delta tables, in one pass over the raw data. The contract handling is the same for every kind:
 
-- the kind's parser yields one row per input record with `key, source, row, error` and its own
-  columns; rows with an error, and every repeat of a key, go to `<name>_rejected` with the reason;
-- input = accepted + rejected, exactly; above data.max_rejected_fraction the job fails after
-  writing the rejects and before writing any output table;
-- data.mode: overwrite; append (only source files no finished job took in, as listed in
-  <name>_sources; a key already in the tables is rejected) or merge (the same new files, upserted
-  by key: one overwrite commit per table, atomic on both Delta engines);
+- the driver lists the landing zone (pipelines.sources); in append and merge mode only files no
+  finished job took in (as listed in <name>_sources) are read;
+- one Spark job reads and parses every file once (the kind's parser, Arrow-batched in the task
+  that read the file), tags each row with its split or its reject reason and writes them all to
+  a staging Parquet folder under the lake, one folder per split. Everything after it reads the
+  columns it needs from there: counts, duplicate keys, fitted state and the table writes (Spark's
+  own Delta writer; delta-rs where no jars are present);
+- every repeat of a key, and in append mode a key already in the tables from another file, is
+  rejected with the reason; a key already stored from the SAME file (a job killed half-way, or
+  a concurrent job) is not stored again;
+- input = accepted + rejected, counted independently: the files listed against the files that
+  produced rows (a file that vanished is a rejected row, not a loss), the rows parsed against
+  the rows each commit added (from the Delta log); a mismatch fails the job;
+- above data.max_rejected_fraction the job fails after writing the rejects and before writing
+  any output table;
+- every commit is conditional on the table version this job read (lake.write_table(expect=)):
+  of two overlapping jobs one wins, the other stops with ConflictError (exit code 6) before it
+  writes anything to a table the winner wrote; rejects are written first, the sources last;
 - fitted state (standardization statistics, vocabularies) comes from the train split only, is
   written as its own Delta table and is reused, not refitted, by append and merge;
 - every commit carries the job id, kind, mode and source URIs in its metadata.
 
 A kind is a module with: BASE (tables the accepted rows go to, named by their `split` column),
-STATE (suffix of the fitted-state table or None), UNIT, parse(files, data, root, state),
-assign_split(df, data), fit(accepted, data), state_rows(state), state_from_rows(pdf),
-to_base(accepted, data, state), derive(tables, data, state) -> {suffix: DataFrame} and optionally
-report(tables, data, state, written) -> dict, where `data` is the data section and `tables` the
-DataFrames of the tables this job wrote. The kinds (pipelines/*) are pure DataFrame transforms;
-every Delta read and write is here, through dlpipe.lake.
+STATE (suffix of the fitted-state table or None), UNIT, parser(data, root, state) ->
+pipelines.sources.Parser, assign_split(df, data), fit(accepted, data), state_rows(state),
+state_from_rows(pdf), to_base(accepted, data, state), derive(tables, data, state) -> {suffix:
+DataFrame} and optionally report(tables, data, state, written) -> dict. The kinds (pipelines/*)
+are pure transforms; every Delta read and write is here, through dlpipe.lake.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import time
 import uuid
 from types import ModuleType
 
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import Window
 
-from dlpipe import lake
+from dlpipe import lake, storage
 from dlpipe.config import DataConfig, PathsConfig, table_uri
-from dlpipe.errors import DataQualityError, InputNotFound
-from pipelines.contract import reject_duplicate_keys
-from pipelines.sources import read_files
+from dlpipe.errors import DataQualityError, DlpipeError, InputNotFound
+from pipelines.sources import list_files, read_parsed
 
 REJECTED_SCHEMA = "key string, source string, row long, reason string, job_id string"
+REJECTED = "rejected"  # the staging split of rows with a reason
+KINDS = {"images": "pipelines.image_kind", "table": "pipelines.tables", "ratings": "pipelines.ratings",
+         "text": "pipelines.text", "timeseries": "pipelines.timeseries"}
+
+
+class ReconciliationError(DlpipeError, RuntimeError):
+    """The independent counts of a prepare job disagree; its sources are not marked as taken."""
 
 
 def kind_module(kind: str) -> ModuleType:
-    import importlib
-
-    return importlib.import_module({"images": "pipelines.image_kind", "table": "pipelines.tables", "ratings":
-                                    "pipelines.ratings", "text": "pipelines.text", "timeseries": "pipelines.timeseries"}[kind])
+    return importlib.import_module(KINDS[kind])
 
 
 def say(message: str) -> None:
@@ -53,121 +69,228 @@ def say(message: str) -> None:
 
 def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
     """`dlpipe prepare`: the landing zone -> this kind's tables (see the module docstring)."""
-    landing = paths.landing
-    kind = kind_module(data.kind)
-    job_id = uuid.uuid4().hex
+    started = time.perf_counter()
+    landing, kind, job_id = paths.landing, kind_module(data.kind), uuid.uuid4().hex
+    uris = {suffix: table_uri(paths, data, suffix) for suffix in (*kind.BASE, REJECTED, "sources")}
+    if kind.STATE:
+        uris[kind.STATE] = table_uri(paths, data, kind.STATE)
+    read = {suffix: lake.latest_version(uri) for suffix, uri in uris.items()}  # every commit lands on these
     try:
-        files = read_files(spark, landing)
-    except AnalysisException as exc:
-        raise InputNotFound(f"cannot read raw files under {landing}: {exc.getMessage()}") from None
-    base_uris = {suffix: table_uri(paths, data, suffix) for suffix in kind.BASE}
-    rejected_uri = table_uri(paths, data, "rejected")
-    sources_uri = table_uri(paths, data, "sources")
-    if data.mode != "overwrite":  # append and merge take in only files no finished job took in
-        done = ingested_sources(spark, sources_uri)
-        if done:
-            seen = spark.createDataFrame([(s,) for s in done], "source string")
-            files = files.join(F.broadcast(seen), files["path"] == seen["source"], "left_anti")
+        listed = list_files(landing)
+    except (FileNotFoundError, PermissionError, OSError) as exc:
+        raise InputNotFound(f"cannot read raw files under {landing}: {exc}") from None
+    taken = ingested_sources(uris["sources"], read["sources"]) if data.mode != "overwrite" else set()
+    files = [(path, size) for path, size in listed if path not in taken]
+    summary = {"step": "prepare", "kind": data.kind, "mode": data.mode, "job_id": job_id, "source": landing,
+               "listed_files": len(listed), "input_files": len(files), "input_rows": 0, "accepted": 0, "rejected": 0,
+               "tables": {}}
+    if not files:
+        if data.mode == "overwrite":
+            raise InputNotFound(f"no files under {landing}")
+        say(f"no new source files under {landing} ({len(listed)} listed, all taken in before): nothing to {data.mode}")
+        for suffix in kind.BASE:
+            v = read[suffix]
+            summary["tables"][suffix] = {"uri": uris[suffix], "version": v, "rows_written": 0,
+                                         "rows": 0 if v is None else lake.table_rows(uris[suffix], v)}
+        return summary | {"seconds": round(time.perf_counter() - started, 3)}
 
     state, state_table = None, None
-    if kind.STATE and data.mode != "overwrite" and lake.latest_version(table_uri(paths, data, kind.STATE)) is not None:
-        uri = table_uri(paths, data, kind.STATE)
-        version = lake.latest_version(uri)
-        rows = lake.read_table(spark, uri, version).toPandas()
+    if kind.STATE and data.mode != "overwrite" and read[kind.STATE] is not None:
+        rows = lake.read_table(spark, uris[kind.STATE], read[kind.STATE]).toPandas()
         state = kind.state_from_rows(rows)
-        state_table = {"uri": uri, "version": version, "fitted_by_this_job": False, "rows": len(rows)}
+        state_table = {"uri": uris[kind.STATE], "version": read[kind.STATE], "fitted_by_this_job": False, "rows": len(rows)}
 
-    parsed = kind.assign_split(kind.parse(files, data, landing, state), data)
-    existing = _existing_keys(spark, base_uris) if data.mode == "append" else None  # merge updates them
-    parsed = reject_duplicate_keys(parsed, existing).persist()
+    say(f"reading {len(files)} files under {landing}")
+    parsed = read_parsed(spark, files, kind.parser(data, landing, state))
+    if "row" not in parsed.columns:
+        parsed = parsed.withColumn("row", F.lit(None).cast("long"))
+    parsed = kind.assign_split(parsed, data)
+    parsed = parsed.withColumn("split", F.when(F.col("error").isNull(), F.col("split")).otherwise(F.lit(REJECTED)))
+    staging = _staging_uri(spark, paths, job_id)
     try:
-        return _write(spark, data, paths, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri)
+        staged = _stage(spark, parsed, staging)
+        summary.update(_write(spark, data, landing, kind, job_id, files, staged, state, state_table, uris, read))
     finally:
-        parsed.unpersist()
+        if staging is not None:
+            _remove(staging)
+    return summary | {"seconds": round(time.perf_counter() - started, 3)}
 
 
-def _write(spark, data, paths, kind, job_id, parsed, state, state_table, base_uris, rejected_uri, sources_uri) -> dict:
-    landing = paths.landing
-    counts, per_file = {}, {}
-    for r in parsed.groupBy("source", "split", F.col("error").isNull().alias("ok")).count().collect():
-        counts[r["split"], r["ok"]] = counts.get((r["split"], r["ok"]), 0) + r["count"]
+def _staging_uri(spark: SparkSession, paths: PathsConfig, job_id: str) -> str | None:
+    """<lake>/_staging/<job id> where Spark's JVM can write the lake's scheme, else None (the
+    parsed rows are then cached instead: s3:// without the hadoop-aws jar)."""
+    root = paths.lake if "://" in paths.lake else os.path.abspath(paths.lake)
+    return storage.spark_uri(spark, storage.join(root, "_staging", job_id))
+
+
+def _stage(spark: SparkSession, parsed: DataFrame, staging: str | None) -> DataFrame:
+    """The one pass over the raw data: every parsed row, to Parquet, one folder per split."""
+    if staging is None:
+        parsed = parsed.persist()
+        parsed.count()
+        return parsed
+    parsed.write.partitionBy("split").mode("overwrite").parquet(staging)
+    return spark.read.parquet(staging)
+
+
+def _remove(uri: str) -> None:
+    try:
+        filesystem, path = storage.filesystem(uri)
+        filesystem.delete_dir(path)
+    except Exception as exc:  # a leftover staging folder is harmless; say so
+        say(f"could not remove the staging folder {uri}: {exc}")
+
+
+def _write(spark, data, landing, kind, job_id, files, staged, state, state_table, uris, read) -> dict:
+    base = list(kind.BASE)
+    keys = staged.where(F.col("split") != REJECTED).select("key", "source", "row", "split")
+    losers = _losers(spark, keys, uris, read, base, data.mode)
+    per_file, counts = {}, {}
+    for r in staged.groupBy("source", "split").count().collect():
         per_file[r["source"]] = per_file.get(r["source"], 0) + r["count"]
-    accepted = sum(n for (_, ok), n in counts.items() if ok)
-    rejected = sum(n for (_, ok), n in counts.items() if not ok)
-    total = accepted + rejected
-    sources = sorted(per_file)
-    summary = {"step": "prepare", "kind": data.kind, "mode": data.mode, "job_id": job_id, "source": landing,
-               "input_files": len(sources), "input_rows": total, "accepted": accepted, "rejected": rejected,
-               "tables": {}}
-    if not sources and data.mode != "overwrite":
-        say(f"no new source files under {landing}: nothing to {data.mode}, no table written")
-        for suffix, uri in base_uris.items():
-            version = lake.latest_version(uri)
-            summary["tables"][suffix] = {"uri": uri, "version": version, "rows_written": 0,
-                                         "rows": 0 if version is None else table_rows(uri, version)}
-        return summary
+        counts[r["split"]] = counts.get(r["split"], 0) + r["count"]
+    lost = sorted({path for path, _ in files} - set(per_file))
+    if lost:  # the parser gives every file at least one row, readable or not
+        raise ReconciliationError(f"{len(lost)} of {len(files)} files listed under {landing} produced no row "
+                                  f"(first: {lost[0]}); nothing was written")
+    already, duplicates = 0, 0
+    if losers is not None:
+        for r in losers.groupBy("split", F.col("reason").isNull().alias("stored")).count().collect():
+            counts[r["split"]] -= r["count"]
+            already += r["count"] if r["stored"] else 0
+            duplicates += 0 if r["stored"] else r["count"]
+    rejected = counts.pop(REJECTED, 0) + duplicates
+    accepted = sum(counts.values())
+    total = accepted + rejected + already
+    out = {"input_rows": total, "accepted": accepted, "rejected": rejected, "already_stored": already, "tables": {}}
+    if already:
+        say(f"{already} rows of these files are already in the tables (a job that stopped half-way, or one running "
+            "beside this one): not stored again")
     metadata = {"dlpipe.step": "prepare", "dlpipe.job_id": job_id, "dlpipe.kind": data.kind,
                 "dlpipe.mode": data.mode, "dlpipe.source": landing,
-                "dlpipe.source_files": json.dumps(sources if len(sources) <= 50 else sources[:50] + ["..."]),
-                "dlpipe.source_file_count": str(len(sources))}
+                "dlpipe.source_files": json.dumps([p for p, _ in files][:50] + (["..."] if len(files) > 50 else [])),
+                "dlpipe.source_file_count": str(len(files))}
 
     # rejects first: whatever happens next, the reasons are kept and readable
-    rejects = parsed.where(F.col("error").isNotNull()).select(
+    rejects = staged.where(F.col("split") == REJECTED).select(
         "key", "source", F.col("row").cast("long"), F.col("error").alias("reason"), F.lit(job_id).alias("job_id"))
-    if data.mode != "overwrite" and lake.latest_version(rejected_uri) is not None:
+    if duplicates:
+        rejects = rejects.unionByName(losers.where(F.col("reason").isNotNull()).select(
+            "key", "source", F.col("row").cast("long"), "reason", F.lit(job_id).alias("job_id")))
+    if data.mode != "overwrite" and read[REJECTED] is not None:
         # the latest verdict per source file: a retried file's old rejects are replaced, not repeated
-        old = lake.read_table(spark, rejected_uri).select(*[c.split()[0] for c in REJECTED_SCHEMA.split(", ")])
-        rejects = old.join(parsed.select("source").distinct(), "source", "left_anti").unionByName(rejects)
-    version = lake.write_table(rejects, rejected_uri, metadata=metadata)
-    summary["tables"]["rejected"] = {"uri": rejected_uri, "version": version, "rows_written": rejected,
-                                     "rows": table_rows(rejected_uri, version)}
-    unit = kind.UNIT
+        old = lake.read_table(spark, uris[REJECTED], read[REJECTED]).select(*[c.split()[0] for c in REJECTED_SCHEMA.split(", ")])
+        taken = spark.createDataFrame([(p,) for p in per_file], "source string")
+        rejects = old.join(F.broadcast(taken), "source", "left_anti").unionByName(rejects)
+    version = lake.write_table(rejects, uris[REJECTED], metadata=metadata, expect=read[REJECTED])
+    out["tables"][REJECTED] = {"uri": uris[REJECTED], "version": version, "rows_written": rejected,
+                               "rows": lake.table_rows(uris[REJECTED], version)}
     if rejected:
-        say(f"{rejected} of {total} {unit} rejected, reasons in {rejected_uri}")
-    if accepted == 0 or rejected > data.max_rejected_fraction * total:
-        reasons = parsed.where(F.col("error").isNotNull()).groupBy(F.col("error")).count() \
-            .orderBy(F.desc("count"), "error").limit(3).collect()
+        say(f"{rejected} of {total} {kind.UNIT} rejected, reasons in {uris[REJECTED]}")
+    if accepted == 0 and already == 0 or rejected > data.max_rejected_fraction * total:
+        reasons = rejects.where(F.col("job_id") == job_id).groupBy("reason").count() \
+            .orderBy(F.desc("count"), "reason").limit(3).collect()
         raise DataQualityError(
-            f"{rejected} of {total} {unit} under {landing} were rejected ({rejected / max(total, 1):.1%}), more than "
+            f"{rejected} of {total} {kind.UNIT} under {landing} were rejected ({rejected / max(total, 1):.1%}), more than "
             f"data.max_rejected_fraction={data.max_rejected_fraction}; no new version of the train/val/test "
-            f"tables was written. Reasons are in {rejected_uri}@{summary['tables']['rejected']['version']}; most common: "
-            + "; ".join(f"{r['count']} x {r['error']}" for r in reasons)
+            f"tables was written. Reasons are in {uris[REJECTED]}@{version}; most common: "
+            + "; ".join(f"{r['count']} x {r['reason']}" for r in reasons)
         )
 
-    good = parsed.where(F.col("error").isNull()).drop("error")
+    good = staged.where(F.col("split") != REJECTED).drop("error")
+    if losers is not None:
+        drop = F.broadcast(losers.select(*[F.col(c).alias(f"_{c}") for c in ("key", "source", "row")]))
+        good = good.join(drop, (good["key"] == drop["_key"]) & (good["source"] == drop["_source"])
+                         & good["row"].eqNullSafe(drop["_row"]), "left_anti")  # images have no row: null
+    to_write = {r["split"]: r["count"] for r in good.groupBy("split").count().collect()}
+    if any(to_write.get(s, 0) != counts.get(s, 0) for s in base) or set(to_write) - set(base):
+        raise ReconciliationError(f"rows to write per table {to_write} differ from the rows accepted {counts}; "
+                                  "nothing but the rejects was written")
     if state is None and kind.STATE:
         state = kind.fit(good, data)
-        uri = table_uri(paths, data, kind.STATE)
         rows = spark.createDataFrame(kind.state_rows(state), kind.STATE_SCHEMA)
-        state_table = {"uri": uri, "version": lake.write_table(rows, uri, metadata=metadata), "fitted_by_this_job": True,
-                       "rows": len(kind.state_rows(state))}
+        state_table = {"uri": uris[kind.STATE], "version": lake.write_table(rows, uris[kind.STATE], metadata=metadata,
+                                                                            expect=read[kind.STATE]),
+                       "fitted_by_this_job": True, "rows": len(kind.state_rows(state))}
     if state_table:
-        summary["tables"][kind.STATE] = state_table
+        out["tables"][kind.STATE] = state_table
         metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
-    rows = kind.to_base(good, data, state).persist()  # transformed once, written per table
     written = {}
-    try:
-        for suffix, uri in base_uris.items():
-            part = rows.where(F.col("split") == suffix).drop("split")
-            version = write_mode(spark, part, uri, data.mode, metadata)
-            written[suffix] = {"uri": uri, "version": version, "rows_written": counts.get((suffix, True), 0)}
-            say(f"{data.mode} {uri} version {version}: {written[suffix]['rows_written']} rows from this job")
-    finally:
-        rows.unpersist()
-    for suffix, df in kind.derive(_frames(spark, written), data, state).items():
-        uri = table_uri(paths, data, suffix)
-        written[suffix] = {"uri": uri, "version": lake.write_table(df, uri, metadata=metadata)}
-        say(f"wrote {uri} version {written[suffix]['version']}")
+    for suffix in base:
+        part = kind.to_base(good.where(F.col("split") == suffix), data, state).drop("split")
+        version = _write_split(spark, part, uris[suffix], data.mode, metadata, read[suffix])
+        written[suffix] = {"uri": uris[suffix], "version": version, "rows_written": counts.get(suffix, 0)}
+        say(f"{data.mode} {uris[suffix]} version {version}: {written[suffix]['rows_written']} rows from this job")
     for table in written.values():
-        table["rows"] = table_rows(table["uri"], table["version"])
+        table["rows"] = lake.table_rows(table["uri"], table["version"])
+    _reconcile(written, read, data.mode, accepted)
+    for suffix, df in kind.derive(_frames(spark, written), data, state).items():
+        uri = uris[REJECTED][: -len(REJECTED)] + suffix  # beside the others: <lake>/<name>_<suffix>
+        written[suffix] = {"uri": uri, "version": lake.write_table(df, uri, metadata=metadata)}
+        written[suffix]["rows"] = lake.table_rows(uri, written[suffix]["version"])
+        say(f"wrote {uri} version {written[suffix]['version']}")
     # last: the files this job took in, so that append and merge never take them in again
-    taken = spark.createDataFrame([(s, job_id, n) for s, n in per_file.items()], "source string, job_id string, rows long")
-    written["sources"] = {"uri": sources_uri, "rows_written": len(per_file), "version": lake.write_table(
-        taken, sources_uri, mode="overwrite" if data.mode == "overwrite" else "append", metadata=metadata)}
-    written["sources"]["rows"] = table_rows(sources_uri, written["sources"]["version"])
-    summary["tables"].update(written)
-    summary.update(kind.report(_frames(spark, written), data, state, written) if hasattr(kind, "report") else {})
-    return summary
+    sources = spark.createDataFrame([(s, job_id, n) for s, n in per_file.items()], "source string, job_id string, rows long")
+    written["sources"] = {"uri": uris["sources"], "rows_written": len(per_file), "version": lake.write_table(
+        sources, uris["sources"], mode="overwrite" if data.mode == "overwrite" else "append", metadata=metadata,
+        expect=read["sources"])}
+    written["sources"]["rows"] = lake.table_rows(uris["sources"], written["sources"]["version"])
+    out["tables"].update(written)
+    out.update(kind.report(_frames(spark, written), data, state, written) if hasattr(kind, "report") else {})
+    return out
+
+
+def _losers(spark, keys: DataFrame, uris, read, base, mode: str) -> DataFrame | None:
+    """Rows that must not be stored: (key, source, row, split, reason). Every repeat of a key
+    after its first (by source file and row) gets a reason; in append mode so does a key already
+    in the tables from another file, while a key already stored from the same file gets reason
+    null (stored before, not again). Reads only the key columns; None when there is none."""
+    window = Window.partitionBy("key").orderBy("source", "row")
+    first = F.first(F.struct("source", "row")).over(window)
+    where = F.concat(first["source"], F.when(first["row"].isNotNull(), F.concat(F.lit(" line "), first["row"])).otherwise(F.lit("")))
+    frames = [keys.withColumn("reason", F.when(F.row_number().over(window) > 1, F.concat(
+        F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")")))).where(F.col("reason").isNotNull())]
+    if mode == "append":
+        stored = [lake.read_table(spark, uris[s], read[s]).select("key", F.col("source").alias("_from"), F.lit(uris[s]).alias("_in"))
+                  for s in base if read[s] is not None]
+        if stored:
+            known = stored[0]
+            for frame in stored[1:]:
+                known = known.unionByName(frame)
+            frames.append(keys.join(known, "key").withColumn("reason", F.when(F.col("_from") != F.col("source"), F.concat(
+                F.lit("duplicate key "), F.col("key"), F.lit(" already in "), F.col("_in"),
+                F.lit(" (data.mode=merge updates keys)")))).drop("_from", "_in"))
+    losers = frames[0]
+    for frame in frames[1:]:
+        losers = losers.unionByName(frame)
+    losers = losers.dropDuplicates(["key", "source", "row"]).cache()
+    if losers.count() == 0:
+        losers.unpersist()
+        return None
+    return losers
+
+
+def _write_split(spark, rows: DataFrame, uri: str, mode: str, metadata: dict, read: int | None) -> int:
+    if mode == "merge" and read is not None:
+        old = lake.read_table(spark, uri, read)
+        rows = old.join(rows.select("key"), "key", "left_anti").unionByName(rows)
+        mode = "overwrite"
+    return lake.write_table(rows, uri, mode=mode, metadata=metadata, expect=read)
+
+
+def _reconcile(written: dict, read: dict, mode: str, accepted: int) -> None:
+    """The rows each commit added, from the Delta log, against the rows parsed and accepted."""
+    if mode == "merge":
+        return  # a merge replaces rows: the tables' own sizes do not count this job's rows
+    added = {s: t["rows"] - (lake.table_rows(t["uri"], read[s]) if mode == "append" and read[s] is not None else 0)
+             for s, t in written.items()}
+    for suffix, table in written.items():
+        if added[suffix] != table["rows_written"]:
+            raise ReconciliationError(
+                f"{table['uri']}@{table['version']} gained {added[suffix]} rows, but this job accepted "
+                f"{table['rows_written']} for it; the sources were not marked as taken: rerun the job")
+    if sum(added.values()) != accepted:
+        raise ReconciliationError(f"train + val + test gained {sum(added.values())} rows, this job accepted {accepted}")
 
 
 def _frames(spark: SparkSession, written: dict) -> dict[str, DataFrame]:
@@ -175,41 +298,9 @@ def _frames(spark: SparkSession, written: dict) -> dict[str, DataFrame]:
     return {suffix: lake.read_table(spark, t["uri"], t["version"]) for suffix, t in written.items()}
 
 
-def table_rows(uri: str, version: int) -> int:
-    """Rows of one table version, from its parquet footers (no Spark job)."""
-    import pyarrow.parquet as pq
-
-    from dlpipe.storage import filesystem
-
-    total = 0
-    for path in lake.table_files(uri, version):
-        fs, inner = filesystem(path)
-        with fs.open_input_file(inner) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
-def write_mode(spark: SparkSession, rows: DataFrame, uri: str, mode: str, metadata: dict) -> int:
-    if mode == "merge" and lake.latest_version(uri) is not None:
-        old = lake.read_table(spark, uri)
-        rows = old.join(rows.select("key"), "key", "left_anti").unionByName(rows)
-        mode = "overwrite"
-    return lake.write_table(rows, uri, mode=mode, metadata=metadata)
-
-
-def _existing_keys(spark: SparkSession, base_uris: dict[str, str]) -> DataFrame | None:
-    frames = [lake.read_table(spark, uri).select("key", F.lit(uri).alias("table"))
-              for uri in base_uris.values() if lake.latest_version(uri) is not None]
-    if not frames:
-        return None
-    out = frames[0]
-    for frame in frames[1:]:
-        out = out.unionByName(frame)
-    return out
-
-
-def ingested_sources(spark: SparkSession, sources_uri: str) -> set[str]:
-    """Source files that a finished prepare job took in (listed in <name>_sources)."""
-    if lake.latest_version(sources_uri) is None:
+def ingested_sources(sources_uri: str, version: int | None) -> set[str]:
+    """Source files that a finished prepare job took in (listed in <name>_sources at `version`),
+    read from the table's files without a Spark job."""
+    if version is None:
         return set()
-    return {r["source"] for r in lake.read_table(spark, sources_uri).select("source").distinct().collect()}
+    return set(lake.read_columns(sources_uri, version, ["source"]).column("source").to_pylist())
