@@ -124,6 +124,14 @@ def test_hexagonal_map_neighbours_and_topographic_error():
 
 # --- on the small real slice -------------------------------------------------------------------------
 
+def test_conf_files_load():
+    from dlpipe.config import load_config
+
+    ae, som = load_config("conf/fashion_autoencoder.yaml"), load_config("conf/fashion_som.yaml")
+    assert (ae.model.name, ae.model.task, ae.model.autoencoder.code, ae.registry.metric) == ("autoencoder", "reconstruction", 30, "test_mse")
+    assert (som.model.name, som.model.task, som.model.som.rows * som.model.som.columns) == ("som", "clustering", 400)
+
+
 def _configured(cfg, name: str, model_name: str, **params):
     model = dataclasses.replace(cfg.model, name=name, task=REGISTRY[name].tasks[0],
                                 **{name: dataclasses.replace(getattr(cfg.model, name), **params)})
