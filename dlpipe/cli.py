@@ -156,7 +156,7 @@ COMMANDS: dict[str, Command] = {
 }
 STEPS = tuple(COMMANDS)
 BENCHMARKS = ("training", "prepare", "score", "models")
-FAMILIES = ("feedforward",)
+FAMILIES = ("feedforward", "autoencoders")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
