@@ -43,7 +43,7 @@ def run(spark, cfg: Config, *, ae_epochs: int = 10, som_epochs: int = 10, som_si
     summary: dict = {"step": "bench models", "family": "autoencoders", "backend": backend, "workers": workers,
                      "tables": {split: "%s@%s" % ref for split, ref in tables.items()}, "cases": {}}
     fit = TrainConfig(epochs=ae_epochs, batch_size=t.batch_size, lr=0.001, lr_schedule="cosine", seed=t.seed,
-                      checkpoint_every=0)
+                      checkpoint_every=0, pretrain=t.pretrain, pretrain_epochs=t.pretrain_epochs)  # --set train.pretrain=greedy
     trained = {}
     for kind in KINDS:
         net = Net(name="autoencoder", params=dc.replace(cfg.model.autoencoder, kind=kind, code=code), input_shape=shape,
@@ -53,14 +53,14 @@ def run(spark, cfg: Config, *, ae_epochs: int = 10, som_epochs: int = 10, som_si
         model = build(net)
         model.load_state_dict(result["state_dict"])
         trained[kind] = (model.eval(), {"test_mse": result["history"][-1]["val_mse"], "train_wall_s": result["train_wall_s"],
-                                        "epochs": ae_epochs, "world_size": result["world_size"]})
+                                        "epochs": ae_epochs, "pretrain": fit.pretrain, "world_size": result["world_size"]})
         say(f"{kind} autoencoder: test MSE {trained[kind][1]['test_mse']:.5f} in {result['train_wall_s']:.0f} s")
     cases = summary["cases"]
     cases["deep_ae"] = deep_vs_pca(trained["deep"], train[0], test[0], code, t.seed)
     cases["denoising"] = denoising_case(trained, test[0], t.seed)
     for kind in ("sparse", "contractive"):
         cases[kind] = probe_case(trained, kind, train, test, probe_rows, t.seed)
-    som_fit = dc.replace(fit, epochs=som_epochs)
+    som_fit = dc.replace(fit, epochs=som_epochs, pretrain="none")
     cases["som"] = som_case(spark, files, tables["train"], train[0], test[0], backend, workers, threads, som_side, som_fit)
     return summary
 

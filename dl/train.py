@@ -11,6 +11,7 @@ from a checkpoint replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,10 @@ class TrainConfig:
     resume: Literal["auto", "never"] = "auto"  # auto: continue the latest unfinished run of run_name
     init_from: str = ""  # "" or models:/<name>@<alias> (or /<version>): start from its weights, new head
     freeze: Literal["none", "features"] = "none"  # features: only the head is trained (needs init_from)
+    # greedy: before `epochs` end-to-end epochs, pretrain_epochs epochs per layer, one layer at a time
+    # (a model with layers to pretrain: the autoencoder); the epochs are numbered through both
+    pretrain: Literal["none", "greedy"] = "none"
+    pretrain_epochs: int = 1
     # input tables {train, val, test: <uri> or <uri>@<version>}; {} = the newest set one prepare job wrote
     tables: dict[str, str] = field(default_factory=dict)
 
@@ -122,9 +127,15 @@ def fit(
     A model may own its objective, `objective(x, y) -> (loss, sum of the epoch figure)` (an
     autoencoder's reconstruction loss), and a model not trained by gradient descent takes its
     epoch itself, `train_epoch(x, epoch, epochs, dist) -> (loss sum, figure sum)` (a batch SOM
-    summing statistics over workers); everything else here is the same for every model.
+    summing statistics over workers); everything else here is the same for every model. With
+    `train.pretrain: greedy` a model with `pretrain_layers` is told which layer each of the first
+    pretrain_layers * pretrain_epochs epochs pretrains (`set_pretraining`), then None.
     """
     model.to(device)
+    pretrained = getattr(model, "pretrain_layers", 0) * cfg.pretrain_epochs if cfg.pretrain == "greedy" else 0
+    if cfg.pretrain == "greedy" and not pretrained:
+        raise ValueError(f"train.pretrain=greedy: {type(model).__name__} has no layers to pretrain")
+    cfg = dataclasses.replace(cfg, epochs=cfg.epochs + pretrained)  # the schedule, checkpoints and logs count all
     x_train, y_train = torch.from_numpy(train[0]), _targets(train[1], task)
     steps = dist.min(len(x_train) // cfg.batch_size)
     if steps == 0:
@@ -144,6 +155,8 @@ def fit(
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if pretrained:
+            model.set_pretraining((epoch - 1) // cfg.pretrain_epochs if epoch <= pretrained else None)
         loss_sum, correct, seen = learner.epoch(x_train, y_train, epoch)
         train_seconds = time.perf_counter() - t0
         val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, _loss(task), device, task)
@@ -164,8 +177,9 @@ def fit(
         if dist.rank == 0:
             done = epoch - start_epoch + 1
             eta = (time.perf_counter() - started) / done * (cfg.epochs - epoch)
+            phase = f"pretraining layer {(epoch - 1) // cfg.pretrain_epochs + 1}  " if epoch <= pretrained else ""
             log(
-                f"epoch {epoch}/{cfg.epochs}  loss {metrics['loss']:.4f}  {name} {metrics[name]:.4f}  "
+                f"epoch {epoch}/{cfg.epochs}  {phase}loss {metrics['loss']:.4f}  {name} {metrics[name]:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  val_{name} {metrics[f'val_{name}']:.4f}  "
                 f"{metrics['samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s"
             )

@@ -262,6 +262,12 @@ def _validate(cfg: Config) -> None:
     if cfg.train.init_from and not cfg.train.init_from.startswith("models:/"):
         raise ConfigError(f"config key 'train.init_from': expected models:/<name>@<alias> or models:/<name>/<version>, "
                           f"got {cfg.train.init_from!r}")
+    if cfg.train.pretrain_epochs <= 0:
+        raise ConfigError(f"config key 'train.pretrain_epochs': expected a positive integer, got {cfg.train.pretrain_epochs}")
+    if cfg.train.pretrain == "greedy" and not hasattr(REGISTRY[cfg.model.name].build, "set_pretraining"):
+        layered = [n for n, spec in REGISTRY.items() if hasattr(spec.build, "set_pretraining")]
+        raise ConfigError(f"config key 'train.pretrain': greedy pretraining needs a model with layers to pretrain "
+                          f"({', '.join(layered)}), got model.name={cfg.model.name}")
     if cfg.train.freeze != "none" and not cfg.train.init_from:
         raise ConfigError("config key 'train.freeze': freezing needs pretrained weights; set train.init_from")
     if not 0 <= cfg.data.max_rejected_fraction <= 1:

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from dl.models import REGISTRY, Net, build
 from dl.models.autoencoder import AutoencoderConfig
 from dl.models.som import SOMConfig
-from dl.train import SingleProcess, TrainConfig
+from dl.train import SingleProcess, TrainConfig, fit
 from tests.conftest import WITHOUT_DLPIPE, read_table, stage, with_run
 
 
@@ -86,6 +86,30 @@ def test_denoising_corrupts_only_training_inputs():
     assert model.objective(x, torch.zeros(16))[0].item() == clean
     torch.manual_seed(1)
     assert model.train().objective(x, torch.zeros(16))[0].item() != pytest.approx(clean)
+
+
+def test_greedy_pretraining_freezes_then_releases_layers():
+    """Encoder layer 0 and its mirror, then layer 1 and its mirror, each alone; then everything."""
+    model = _ae(shape=(1, 4, 4), encoder=[6], code=3)
+    x = np.random.default_rng(7).uniform(size=(64, 1, 4, 4)).astype(np.float32)
+    names = [n for n, _ in model.named_parameters()]
+    groups = {0: {"features.1.weight", "features.1.bias", "decoder.1.weight", "decoder.1.bias"},
+              1: {"features.3.weight", "features.3.bias", "decoder.0.weight", "decoder.0.bias"}}
+    assert groups[0] | groups[1] == set(names)
+    states = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+    lines = []
+    history = fit(model, (x, np.zeros(64)), (x[:16], np.zeros(16)),
+                  TrainConfig(epochs=1, pretrain="greedy", pretrain_epochs=2, batch_size=16, lr=0.01),
+                  task="reconstruction", log=lines.append,
+                  on_epoch=lambda m: states.append({n: p.detach().clone() for n, p in model.named_parameters()}))
+    assert len(history) == 5 and "pretraining layer 2" in lines[3] and "pretraining" not in lines[4]
+    for epoch, layer in ((1, 0), (2, 0), (3, 1), (4, 1), (5, None)):
+        moved = {n for n in names if not torch.equal(states[epoch][n], states[epoch - 1][n])}
+        assert moved == (groups[layer] if layer is not None else set(names)), epoch
+    assert model.pretraining is None and all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="no layers to pretrain"):
+        fit(_som(), (x.reshape(64, -1)[:, :3], np.zeros(64)), (x.reshape(64, -1)[:16, :3], np.zeros(16)),
+            TrainConfig(epochs=1, pretrain="greedy", batch_size=16), task="clustering")
 
 
 def _som(rows=2, columns=2, **params):

@@ -57,6 +57,8 @@ def test_mlp_shapes_for_tables_and_images(act):
     ("model.autoencoder.sparsity=1.5", "config key 'model.autoencoder.sparsity': expected a number in (0, 1), got 1.5"),
     ("model.som.topology=toroidal", "config key 'model.som.topology': expected one of ['rectangular', 'hexagonal']"),
     ("model.som.rate=0", "config key 'model.som.rate': expected a positive number, got 0"),
+    ("train.pretrain=greedy", "config key 'train.pretrain': greedy pretraining needs a model with layers to pretrain "
+                              "(autoencoder), got model.name=cnn"),
     ("model.cnn.blocks=[{channels: 8, padding: full}]", "config key 'model.cnn.blocks[0].padding': expected one of ['same', 'valid']"),
     ("model.cnn.blocks=[{chanels: 8}]", "unknown config key 'model.cnn.blocks[0].chanels'"),
     ("model.cnn.blocks=[{channels: 8, stride: 0}]", "config key 'model.cnn.blocks[0].stride': expected positive integers"),

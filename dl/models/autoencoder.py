@@ -10,6 +10,11 @@ value) plus, by kind, what makes the code useful when it is not smaller than the
   d code / d input, averaged over the batch (Rifai et al. 2011).
 
 `tied`: each decoder layer uses the transpose of its mirror's encoder weight (own biases only).
+Greedy layer-wise pretraining (`train.pretrain: greedy`, Hinton & Salakhutdinov 2006, Bengio et
+al. 2007): the trainer calls `set_pretraining(k)` for k = 0 .. pretrain_layers - 1 and then
+`set_pretraining(None)`; while layer k is pretrained, encoder layer k and its mirror decoder layer
+form a shallow autoencoder of what the frozen layers below feed it (no penalty), and every other
+weight is frozen; None releases them all for end-to-end training with the kind's loss.
 Images (values in [0, 1]) are rebuilt through a sigmoid, table features linearly. `features` is the
 encoder, so `dlpipe embed` writes codes; the model owns its objective (`objective`)."""
 
@@ -61,6 +66,7 @@ class Autoencoder(nn.Module):
             layers += [nn.Linear(a, b), code_activation if last else activation(cfg.activation)]
         self.features = nn.Sequential(*layers)  # input -> code
         self.encoder_linears = [m for m in layers if isinstance(m, nn.Linear)]  # not registered twice
+        self.encoder_activations = [layers[i + 1] for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
         mirrored = list(reversed(sizes))
         if cfg.tied:
             self.decoder_bias = nn.ParameterList([nn.Parameter(torch.zeros(b)) for b in mirrored[1:]])
@@ -69,17 +75,35 @@ class Autoencoder(nn.Module):
         self.output = nn.Sigmoid() if len(self.input_shape) == 3 else nn.Identity()  # images in [0, 1]
         self.hidden_activation = activation(cfg.activation)
         self.embedding_size = cfg.code
+        self.pretrain_layers = len(self.encoder_linears)
+        self.pretraining: int | None = None  # the encoder layer being pretrained, None = end to end
+
+    def decode_step(self, j: int, h: torch.Tensor) -> torch.Tensor:
+        """Decoder layer j (0 = the one after the code), the mirror of encoder layer n - 1 - j."""
+        n = len(self.encoder_linears)
+        if self.cfg.tied:
+            h = F.linear(h, self.encoder_linears[n - 1 - j].weight.t(), self.decoder_bias[j])
+        else:
+            h = self.decoder[j](h)
+        return self.output(h) if j == n - 1 else self.hidden_activation(h)
+
+    def set_pretraining(self, layer: int | None) -> None:
+        """Pretrain encoder layer `layer` and its mirror alone (all else frozen), or None: all trainable."""
+        self.pretraining = layer
+        if layer is None:
+            self.requires_grad_(True)
+            return
+        j = len(self.encoder_linears) - 1 - layer
+        mirror = [self.decoder_bias[j]] if self.cfg.tied else list(self.decoder[j].parameters())
+        trainable = {id(p) for p in [*self.encoder_linears[layer].parameters(), *mirror]}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in trainable)
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
         """code -> flat reconstruction."""
         h = code
-        n = len(self.encoder_linears)
-        for i in range(n):
-            if self.cfg.tied:
-                h = F.linear(h, self.encoder_linears[n - 1 - i].weight.t(), self.decoder_bias[i])
-            else:
-                h = self.decoder[i](h)
-            h = self.output(h) if i == n - 1 else self.hidden_activation(h)
+        for j in range(len(self.encoder_linears)):
+            h = self.decode_step(j, h)
         return h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +112,8 @@ class Autoencoder(nn.Module):
 
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss of the batch, sum of the per-example reconstruction MSE): the trainer's hook."""
+        if self.pretraining is not None:
+            return self.layer_objective(x, self.pretraining)
         noisy = self.training and self.cfg.kind == "denoising" and self.cfg.noise > 0
         inputs = x + self.cfg.noise * torch.randn_like(x) if noisy else x
         code = self.features(inputs)
@@ -98,6 +124,16 @@ class Autoencoder(nn.Module):
         if self.cfg.kind == "contractive" and self.cfg.contractive_weight:
             loss = loss + self.cfg.contractive_weight * self.jacobian_penalty(inputs)
         return loss, errors.detach().sum()
+
+    def layer_objective(self, x: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder layer `layer` and its mirror rebuilding the layer's input (the frozen layers' output)."""
+        h = x.flatten(1)
+        with torch.no_grad():
+            for linear, act in zip(self.encoder_linears[:layer], self.encoder_activations):
+                h = act(linear(h))
+        code = self.encoder_activations[layer](self.encoder_linears[layer](h))
+        errors = (self.decode_step(len(self.encoder_linears) - 1 - layer, code) - h).pow(2).mean(1)
+        return errors.mean(), errors.detach().sum()
 
     def jacobian_penalty(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of ||d code / d input||_F^2."""
