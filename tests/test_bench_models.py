@@ -30,25 +30,3 @@ def test_bench_models_reports_every_case(spark, prepared_small):
     assert {"from_scratch", "fine_tuned", "fine_tuned_frozen_features"} <= set(tune)
     assert tune["fine_tuned"]["train_rows"] == tune["from_scratch"]["train_rows"] > 0
 
-
-def test_bench_autoencoders_reports_every_case(spark, prepared_small):
-    """`--family autoencoders` on the small slice, one epoch, a 3x3 map: every case and figure the
-    issue names is there (the figures are for docs/performance.md, not asserted)."""
-    import dataclasses
-
-    from benchmarks import autoencoders
-
-    cfg, _ = prepared_small
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, backend="local", batch_size=32),
-                              model=dataclasses.replace(cfg.model, autoencoder=dataclasses.replace(cfg.model.autoencoder, encoder=[16])))
-    cases = autoencoders.run(spark, cfg, ae_epochs=1, som_epochs=2, som_side=3, code=4, probe_rows=200)["cases"]
-    deep = cases["deep_ae"]
-    assert deep["ratio"] == pytest.approx(deep["dlpipe_mse"] / deep["pca_mse"]) and deep["pca_mse"] > 0
-    assert cases["denoising"]["denoising_mse_on_noisy"] > 0 and cases["denoising"]["deep_mse_on_noisy"] > 0
-    for kind in ("sparse", "contractive"):
-        assert 0 < cases[kind]["probe_accuracy"] <= 1 and 0 < cases[kind]["deep_probe_accuracy"] <= 1
-    som = cases["som"]
-    for key in ("dlpipe_qe", "minisom_qe", "kmeans_qe", "dlpipe_s", "minisom_s"):
-        assert som[key] > 0, key
-    assert 0 <= som["dlpipe_te"] <= 1 and 0 <= som["minisom_te"] <= 1
-    assert som["sigma"] == [1.5, pytest.approx(1.25)]  # MiniSom's linear_decay_to_one at the last of 2 epochs
