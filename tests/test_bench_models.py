@@ -29,4 +29,3 @@ def test_bench_models_reports_every_case(spark, prepared_small):
     tune = cases["finetune_fashion_mnist"]
     assert {"from_scratch", "fine_tuned", "fine_tuned_frozen_features"} <= set(tune)
     assert tune["fine_tuned"]["train_rows"] == tune["from_scratch"]["train_rows"] > 0
-
