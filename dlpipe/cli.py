@@ -102,6 +102,13 @@ def _explain(spark, cfg: Config, args) -> dict:
                        image_uri=args.image, out=args.out)
 
 
+def _anomalies(spark, cfg: Config, args) -> dict:
+    from dlpipe.stages import anomalies
+
+    return anomalies.run(spark, cfg.mlflow, model_uri=args.model or f"models:/{cfg.registry.model_name}@champion",
+                         table=args.table, top=args.top)
+
+
 def _bench(spark, cfg: Config, args) -> dict:
     benchmark = benchmark_module(args.benchmark)
     return benchmark.run(spark, cfg, **({"family": args.family} if args.benchmark == "models" else {}))
@@ -139,6 +146,8 @@ COMMANDS: dict[str, Command] = {
     "embed": Command("embeddings of an image table into <name>_embeddings, with KMeans purity", _embed),
     "similar": Command("the k nearest images to one image by cosine similarity of embeddings", _similar),
     "explain": Command("occlusion heatmap of one image (PNG)", _explain, spark=False),
+    "anomalies": Command("the rows of a table an autoencoder (or a map) fits worst, by reconstruction error",
+                         _anomalies),
     "bench": Command("benchmarks (from a checkout): training | prepare | score | models", _bench, trains=True),
     "lake": Command("Delta table maintenance: vacuum | history", _lake, spark=False, tracking=False),
     "models": Command("registry: describe | rollback", _models, spark=False),
@@ -147,7 +156,7 @@ COMMANDS: dict[str, Command] = {
 }
 STEPS = tuple(COMMANDS)
 BENCHMARKS = ("training", "prepare", "score", "models")
-FAMILIES = ("feedforward",)
+FAMILIES = ("feedforward", "autoencoders")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -172,12 +181,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cmds["lake"].add_argument("--dry-run", action="store_true", help="vacuum: only list the files")
     cmds["models"].add_argument("action", choices=("describe", "rollback"))
     cmds["models"].add_argument("name", nargs="?", help="registered model name (default: registry.model_name)")
-    for name in ("explain", "embed"):
+    for name in ("explain", "embed", "anomalies"):
         cmds[name].add_argument("--model", default="", help="model URI (default models:/<registry.model_name>@champion)")
     for name in ("explain", "similar"):
         cmds[name].add_argument("--image", required=True, help="the image file (path or URI)")
     cmds["explain"].add_argument("--out", default="heatmap.png", help="where to write the heatmap PNG")
     cmds["similar"].add_argument("--k", type=int, default=10, help="how many nearest images")
+    cmds["anomalies"].add_argument("--table", required=True, help="the table to rank: <uri> (its latest version) or <uri>@<version>")
+    cmds["anomalies"].add_argument("--top", type=int, default=20, help="how many rows, largest error first")
     args = parser.parse_args(argv)
     if args.step == "lake" and args.action == "vacuum" and args.retain_hours is None:
         parser.error("`dlpipe lake vacuum` needs --retain-hours N")

@@ -23,7 +23,9 @@ from dlpipe.errors import ConfigError  # re-exported: callers import it from her
 
 # the metrics evaluate logs for each model.task (test_roc_auc: two classes only); the first is registry.metric's auto
 TASK_METRICS = {"classification": ("test_accuracy", "test_log_loss", "test_roc_auc"),
-                "regression": ("test_r2", "test_mse", "test_mae")}
+                "regression": ("test_r2", "test_mse", "test_mae"),
+                "reconstruction": ("test_mse",),  # mean squared reconstruction error per value
+                "clustering": ("test_qe",)}  # mean quantization error of a self-organizing map
 FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
 
@@ -143,7 +145,8 @@ class RegistryConfig:
     model_name: str = "fashion_cnn"
     min_accuracy: float = 0.85  # evaluate, first retrain: champion only at or above this test accuracy
     # retrain compares challenger and champion on this; auto = test_accuracy (classification) or test_r2 (regression)
-    metric: Literal["auto", "test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae"] = "auto"
+    metric: Literal["auto", "test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae",
+                    "test_qe"] = "auto"
     min_improvement: float = 0.005  # retrain promotes a challenger only if it beats the champion by at least this
     lock_ttl_s: int = 1800  # a promotion lock older than this was left by a crashed job and is broken
     lock_wait_s: int = 600  # how long a job waits for the promotion lock before failing
@@ -261,6 +264,12 @@ def _validate(cfg: Config) -> None:
     if cfg.train.init_from and not cfg.train.init_from.startswith("models:/"):
         raise ConfigError(f"config key 'train.init_from': expected models:/<name>@<alias> or models:/<name>/<version>, "
                           f"got {cfg.train.init_from!r}")
+    if cfg.train.pretrain_epochs <= 0:
+        raise ConfigError(f"config key 'train.pretrain_epochs': expected a positive integer, got {cfg.train.pretrain_epochs}")
+    if cfg.train.pretrain == "greedy" and not hasattr(REGISTRY[cfg.model.name].build, "set_pretraining"):
+        layered = [n for n, spec in REGISTRY.items() if hasattr(spec.build, "set_pretraining")]
+        raise ConfigError(f"config key 'train.pretrain': greedy pretraining needs a model with layers to pretrain "
+                          f"({', '.join(layered)}), got model.name={cfg.model.name}")
     if cfg.train.freeze != "none" and not cfg.train.init_from:
         raise ConfigError("config key 'train.freeze': freezing needs pretrained weights; set train.init_from")
     if not 0 <= cfg.data.max_rejected_fraction <= 1:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from dlpipe import lake, modeling
 from dlpipe.config import TASK_METRICS
 from dlpipe.refs import TableRef
-from dlpipe.scoring import confusion_and_metrics, predict, regression_metrics, roc_auc
+from dlpipe.scoring import ERROR_COLUMN, confusion_and_metrics, predict, regression_metrics, roc_auc, scored_rows
 
 METRICS = TASK_METRICS  # every metric evaluate can log, by model.task
 
@@ -19,9 +20,13 @@ def holdout(spark: SparkSession, model_uri: str, table: TableRef, *, task: str, 
             num_classes: int) -> tuple[dict[str, float], DataFrame, np.ndarray | None]:
     """(metrics, predictions, confusion matrix or None) of `model_uri` on `table`.
     Classification: test_accuracy, test_log_loss and, for two classes, test_roc_auc; regression:
-    test_r2, test_mse, test_mae. Both: test_rows."""
+    test_r2, test_mse, test_mae; reconstruction: test_mse (mean reconstruction error); clustering:
+    test_qe (mean quantization error). All: test_rows."""
     rows = modeling.relabel(lake.read_table(spark, table.uri, table.version), label_ids)
     predictions = predict(spark, rows, model_uri)
+    if task in ERROR_COLUMN:
+        s = scored_rows(predictions).agg(F.avg(ERROR_COLUMN[task]).alias("error"), F.count("*").alias("n")).first()
+        return {METRICS[task][0]: float(s["error"] or 0.0), "test_rows": int(s["n"])}, predictions, None
     if task == "regression":
         m = regression_metrics(predictions)
         return {"test_r2": m["r2"], "test_mse": m["mse"], "test_mae": m["mae"], "test_rows": m["rows"]}, predictions, None
@@ -34,7 +39,10 @@ def holdout(spark: SparkSession, model_uri: str, table: TableRef, *, task: str, 
 
 def good_enough(task: str, metrics: dict[str, float], min_accuracy: float) -> tuple[bool, str]:
     """(ok, why) for a model with no champion to beat: classification needs test_accuracy >=
-    registry.min_accuracy; regression needs test R^2 > 0 (better than predicting the mean)."""
+    registry.min_accuracy; regression needs test R^2 > 0 (better than predicting the mean); a model
+    trained without a target (reconstruction, clustering) has no threshold."""
+    if task in ERROR_COLUMN:
+        return True, f"no threshold for a {task} model"
     if task == "regression":
         r2 = metrics["test_r2"]
         return r2 > 0, f"test R^2 {r2:.4f} {'>' if r2 > 0 else '<='} 0 (the mean's)"

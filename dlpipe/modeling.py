@@ -18,6 +18,8 @@ def class_names(data: DataConfig, task: str) -> list[str]:
     """Label names in label order: image class folders, or data.table.classes for tables."""
     if data.kind != "table":
         return list(data.classes)
+    if task in ("reconstruction", "clustering"):  # no target: the labels only colour plots
+        return list(data.table.classes)
     if task != data.table.task:
         raise ValueError(f"model.task={task} but the table's labels are for {data.table.task} (data.table.task)")
     if task == "classification" and len(data.table.classes) < 2:

@@ -8,7 +8,10 @@ of floats per row), or an array of that shape. A row with another length, a miss
 or infinite value, or (images) a value outside [0, 1] is rejected: predict raises an
 INVALID_PARAMETER_VALUE error (`mlflow models serve` answers it with HTTP 400) naming the rows, the reason
 and the expected shape and range. Output, by the model's task: classification: `prediction`
-(class index), `label_name` and `probabilities` (one per class); regression: `prediction` (a double)."""
+(class index), `label_name` and `probabilities` (one per class); regression: `prediction` (a double);
+reconstruction (autoencoders): `code` (the encoder's output) and `reconstruction_error` (mean squared
+error per value); clustering (self-organizing maps): `bmu` (the best matching unit, row-major),
+`bmu_row`, `bmu_col` and `quantization_error` (the distance to that unit's prototype)."""
 
 import json
 
@@ -32,6 +35,7 @@ class TorchModel(mlflow.pyfunc.PythonModel):
         # pixels are in [0, 1] (prepare scales them); table features are standardized: any finite value
         self.value_range = meta.get("input_range", [0.0, 1.0] if self.column == "pixels" else None)
         self.module = torch.export.load(context.artifacts["program"]).module()
+        self.map_columns = meta.get("net", {}).get("params", {}).get("columns", 1)  # a self-organizing map's width
 
     def expected(self) -> str:
         bounds = f" in [{self.value_range[0]:g}, {self.value_range[1]:g}]" if self.value_range else ""
@@ -80,6 +84,18 @@ class TorchModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         x = torch.from_numpy(np.ascontiguousarray(self._matrix(model_input)).reshape(-1, *self.input_shape))
+        if self.task == "reconstruction":
+            with torch.no_grad():
+                code, rebuilt = self.module(x) if len(x) else (torch.zeros(0, 1), x)
+            error = (rebuilt - x).reshape(len(x), -1).pow(2).mean(1).double().numpy()
+            return pd.DataFrame({"code": list(code.numpy().astype(np.float32)), "reconstruction_error": error})
+        if self.task == "clustering":
+            with torch.no_grad():
+                d2 = self.module(x).numpy() if len(x) else np.zeros((0, 1), np.float32)
+            bmu = d2.argmin(axis=1).astype(np.int64)
+            error = np.sqrt(np.maximum(d2[np.arange(len(bmu)), bmu], 0)).astype(np.float64)
+            return pd.DataFrame({"bmu": bmu, "bmu_row": bmu // self.map_columns, "bmu_col": bmu % self.map_columns,
+                                 "quantization_error": error})
         if self.task == "regression":
             with torch.no_grad():
                 out = self.module(x).reshape(-1).numpy() if len(x) else np.zeros(0, np.float32)

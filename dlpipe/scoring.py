@@ -20,6 +20,10 @@ from pyspark.sql import functions as F
 PREDICTION_SCHEMA = ("key string, label int, prediction long, label_name string, probabilities array<float>, "
                      "rejected_reason string")
 REGRESSION_SCHEMA = "key string, label double, prediction double, rejected_reason string"
+# the models trained without a target: their pyfunc's columns, and the one that says how badly a row fits
+UNSUPERVISED_COLUMNS = {"reconstruction": "code array<float>, reconstruction_error double",
+                        "clustering": "bmu long, bmu_row long, bmu_col long, quantization_error double"}
+ERROR_COLUMN = {"reconstruction": "reconstruction_error", "clustering": "quantization_error"}
 _LOADED: dict[str, object] = {}  # per executor process: model directory -> loaded pyfunc model
 
 
@@ -43,7 +47,8 @@ def model_meta(shipped: str) -> dict:
 
 def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame:
     """Classification: key, label, prediction, label_name, probabilities, rejected_reason for every
-    row of an image or feature table; regression: key, label, prediction (doubles), rejected_reason.
+    row of an image or feature table; regression: key, label, prediction (doubles), rejected_reason;
+    reconstruction and clustering: key, label (a double), the pyfunc's columns, rejected_reason.
     Arrow batches go straight to the model as one float32 matrix (no per-row Python objects). A row
     the model cannot take keeps its key and label, no prediction, and the reason (rejected_reason,
     null for scored rows), with the expected shape and range."""
@@ -51,6 +56,7 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
     meta = model_meta(shipped)
     column = meta.get("input_column", "pixels")
     regression = meta.get("task") == "regression"
+    unsupervised = UNSUPERVISED_COLUMNS.get(meta.get("task"))
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = _load(shipped)
@@ -59,7 +65,10 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
             good = np.array([r is None for r in reasons], dtype=bool)
             out = model.predict(None, x[good])
             columns = {"key": batch.column("key"), "label": batch.column("label")}
-            if regression:
+            if unsupervised:
+                columns |= {name: _spread(pa.array(list(out[name]) if out[name].dtype == object else out[name].to_numpy()), good)
+                            for name in out.columns}
+            elif regression:
                 columns["prediction"] = _spread(pa.array(out["prediction"].to_numpy(np.float64)), good)
             else:
                 probs = np.stack(out["probabilities"].to_numpy()).astype(np.float32) if len(out) else \
@@ -71,9 +80,10 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
             columns["rejected_reason"] = pa.array(reasons, pa.string())
             yield pa.RecordBatch.from_pydict(columns)
 
-    label = F.col("label").cast("double") if regression else F.col("label")
-    return images.select("key", label.alias("label"), column).mapInArrow(
-        run, REGRESSION_SCHEMA if regression else PREDICTION_SCHEMA)
+    label = F.col("label").cast("double") if regression or unsupervised else F.col("label")
+    schema = (f"key string, label double, {unsupervised}, rejected_reason string" if unsupervised
+              else REGRESSION_SCHEMA if regression else PREDICTION_SCHEMA)
+    return images.select("key", label.alias("label"), column).mapInArrow(run, schema)
 
 
 def _checked(model, values: pa.Array) -> tuple[np.ndarray, list[str | None]]:

@@ -25,7 +25,21 @@ OUTPUT_SCHEMAS = {
         ColSpec(Array(DataType.float), "probabilities"),
     ]),
     "regression": Schema([ColSpec(DataType.double, "prediction")]),
+    "reconstruction": Schema([ColSpec(Array(DataType.float), "code"), ColSpec(DataType.double, "reconstruction_error")]),
+    "clustering": Schema([ColSpec(DataType.long, "bmu"), ColSpec(DataType.long, "bmu_row"), ColSpec(DataType.long, "bmu_col"),
+                          ColSpec(DataType.double, "quantization_error")]),
 }
+
+
+class CodeAndReconstruction(torch.nn.Module):
+    """What a served autoencoder computes: its code and its reconstruction."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.features(x), self.model(x)
 
 
 def input_schema(column: str) -> Schema:
@@ -61,7 +75,8 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
     model = model.eval()
     input_shape = tuple(net.input_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
-    program = torch.export.export(model, (torch.zeros(2, *input_shape),), dynamic_shapes={"x": {0: batch}})
+    served = CodeAndReconstruction(model) if net.task == "reconstruction" else model
+    program = torch.export.export(served, (torch.zeros(2, *input_shape),), dynamic_shapes={"x": {0: batch}})
     with tempfile.TemporaryDirectory() as tmp:
         paths = {
             "program": Path(tmp, "model.pt2"),
@@ -94,17 +109,23 @@ def _pyplot():
     return plt
 
 
+# the epoch figure beside the loss (dl.train.METRICS): its axis label and title
+CURVES = {"accuracy": ("accuracy", "Accuracy"), "mae": ("mean absolute error", "Mean absolute error"),
+          "mse": ("reconstruction MSE per value", "Reconstruction error"), "te": ("topographic error", "Topographic error")}
+
+
 def curves_figure(history: list[dict]):
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
-    metric = "accuracy" if "accuracy" in history[0] else "mae"
+    metric = next(m for m in CURVES if m in history[0])
+    loss_label = {"accuracy": "cross-entropy loss", "mse": "loss (with the kind's penalty)", "te": "quantization error"}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss" if metric == "accuracy" else "mean squared error", title="Loss")
+    ax_loss.set(xlabel="epoch", ylabel=loss_label.get(metric, "mean squared error"), title="Loss")
     ax_acc.plot(epochs, [h[metric] for h in history], "o-", label="train")
     ax_acc.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="val")
-    ax_acc.set(xlabel="epoch", ylabel=metric, title="Accuracy" if metric == "accuracy" else "Mean absolute error")
+    ax_acc.set(xlabel="epoch", ylabel=CURVES[metric][0], title=CURVES[metric][1])
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -149,3 +170,72 @@ def net_from_dir(local: str):
     module = build(net)
     module.load_state_dict(torch.load(artifacts / "state_dict.pt", map_location="cpu"))
     return module.eval(), meta | {"net_obj": net}
+
+
+TASK_FIGURES = ("reconstruction", "clustering")  # the tasks task_figures draws for
+
+
+@torch.no_grad()
+def task_figures(model: torch.nn.Module, task: str, x: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """{artifact path: figure} a model trained without a target adds to its run, drawn from sample
+    rows `x` (their labels colour the points): an autoencoder's input/output grid (images) and 2-D
+    codes; a self-organizing map's U-matrix and hit map."""
+    model = model.eval()
+    rows = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    if task == "reconstruction":
+        figures = {"plots/codes_2d.png": codes_figure(model.features(rows).numpy(), labels, classes)}
+        if x.ndim == 4:  # images
+            figures["plots/reconstructions.png"] = reconstructions_figure(x[:10], model(rows[:10]).numpy())
+        return figures
+    if task == "clustering":
+        shape = (model.cfg.rows, model.cfg.columns)
+        hits = np.bincount(model(rows).argmin(1).numpy(), minlength=shape[0] * shape[1]).reshape(shape)
+        return {"plots/u_matrix.png": map_figure(model.u_matrix(), "U-matrix: mean distance to the neighbours' prototypes", "bone"),
+                "plots/hit_map.png": map_figure(hits, f"Hit map: best matching unit of {len(x)} validation rows", "viridis")}
+    raise ValueError(f"no task figures for task {task!r} (expected one of {TASK_FIGURES})")
+
+
+def reconstructions_figure(images: np.ndarray, rebuilt: np.ndarray):
+    """Inputs (top row) over their reconstructions (bottom row); images are channels x height x width."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(images), figsize=(1.2 * len(images), 2.8), squeeze=False)
+    for i in range(len(images)):
+        for row, image in ((0, images[i]), (1, rebuilt[i])):
+            shown = image[0] if image.shape[0] == 1 else np.clip(image.transpose(1, 2, 0), 0, 1)
+            axes[row, i].imshow(shown, cmap="gray", vmin=0, vmax=1)
+            axes[row, i].axis("off")
+    axes[0, 0].set_title("input", fontsize=8, loc="left")
+    axes[1, 0].set_title("reconstruction", fontsize=8, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+def codes_figure(codes: np.ndarray, labels: np.ndarray, classes: list[str]):
+    """Codes in 2-D (their first two principal components when the code is wider), coloured by label."""
+    plt = _pyplot()
+    centred = codes - codes.mean(0)
+    if codes.shape[1] > 2:
+        centred = centred @ np.linalg.svd(centred, full_matrices=False)[2][:2].T
+    xy = np.pad(centred, ((0, 0), (0, max(0, 2 - centred.shape[1]))))
+    fig, ax = plt.subplots(figsize=(7, 6))
+    if classes and np.allclose(labels, np.round(labels)) and labels.max(initial=0) < len(classes):
+        for k, name in enumerate(classes):
+            mask = labels == k
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=6, label=name, color=plt.cm.tab10(k % 10))
+        ax.legend(fontsize=7, markerscale=2)
+    else:
+        fig.colorbar(ax.scatter(xy[:, 0], xy[:, 1], s=6, c=labels, cmap="viridis"), ax=ax, label="label")
+    wide = codes.shape[1] > 2
+    ax.set(xlabel="principal component 1" if wide else "code 1", ylabel="principal component 2" if wide else "code 2",
+           title=f"Codes ({codes.shape[1]}-d) of {len(codes)} validation rows")
+    fig.tight_layout()
+    return fig
+
+
+def map_figure(values: np.ndarray, title: str, cmap: str):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    fig.colorbar(ax.imshow(values, cmap=cmap), ax=ax)
+    ax.set(xlabel="map column", ylabel="map row", title=title)
+    fig.tight_layout()
+    return fig

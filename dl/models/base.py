@@ -9,7 +9,9 @@ from typing import Any, Callable
 
 from torch import nn
 
-TASKS = ("classification", "regression")  # classification: logits per class; regression: one value
+# classification: logits per class; regression: one value; reconstruction (autoencoders) and clustering
+# (self-organizing maps): no target, the model owns its objective
+TASKS = ("classification", "regression", "reconstruction", "clustering")
 
 
 class ParamError(ValueError):

@@ -20,6 +20,8 @@ from dlpipe.launchers import TrainTask, launch
 from dlpipe.refs import SPLITS, TableRef, resolve
 from dlpipe.scoring import confusion_and_metrics, predict
 
+PLOTTED_ROWS = 2000  # validation rows drawn in the plots of models trained without a target
+
 
 def say(message: str) -> None:
     print(f"dlpipe: {message}", flush=True)
@@ -127,6 +129,11 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             matrix, _ = confusion_and_metrics(predict(spark, val, info.model_uri), len(classes))
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Validation confusion matrix"),
                               "plots/confusion_matrix_val.png")
+        elif net.task in tracking.TASK_FIGURES:
+            sample = val.select(column, "label").limit(PLOTTED_ROWS).toPandas()
+            x = np.stack(sample[column].to_numpy()).astype(np.float32).reshape(-1, *input_shape)
+            for path, figure in tracking.task_figures(trained, net.task, x, sample["label"].to_numpy(), classes).items():
+                mlflow.log_figure(figure, path)
     final = result["history"][-1]
     return {"step": "train", "run_id": active.info.run_id, "model_uri": info.model_uri,
             "tables": {split: ref.to_dict() for split, ref in tables.items()}, "backend": result["backend"],
