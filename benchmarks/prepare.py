@@ -138,6 +138,7 @@ def _tables_landing(cfg: Config, scale: int, work: Path, rows: int | None = None
     from dlpipe.config import load_config
 
     landing = work / f"tables_x{scale}"
+    landing.mkdir(parents=True)
     adult = datasets.adult().iloc[:rows]
     copies = [adult.assign(id=adult["id"] + c * len(adult)) for c in range(scale)]
     datasets.write_shards(pd.concat(copies, ignore_index=True), landing, shards * scale, "csv")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import time
 import uuid
 import weakref
@@ -98,7 +97,7 @@ def write_table(
         try:
             writer.save(uri)
         except Py4JJavaError as exc:
-            if expect != ANY and re.search(r"Concurrent|ProtocolChanged|already exists", str(exc.java_exception)):
+            if expect != ANY and latest_version(uri) != expect:  # Delta's Concurrent*/MetadataChanged exceptions
                 raise _conflict(uri, expect, latest_version(uri)) from None
             raise storage.storage_error(uri, exc) or exc from None
     else:
@@ -137,11 +136,15 @@ def read_table(spark: SparkSession, uri: str, version: int | None = None) -> Dat
     table = _open(uri, version)
     if native_delta_available(spark):
         return spark.read.format("delta").option("versionAsOf", table.version()).load(uri)
-    schema = _spark_schema(_files_are_rows(uri, table))
-    files = table.file_uris()
+    return read_parquet(spark, table.file_uris(), _spark_schema(_files_are_rows(uri, table)))
+
+
+def read_parquet(spark: SparkSession, files: list[str], schema: StructType) -> DataFrame:
+    """These Parquet files as one DataFrame of `schema`: Spark's reader, or pyarrow in Spark
+    tasks where the JVM cannot open the scheme (s3:// without hadoop-aws)."""
     if not files:
         return spark.createDataFrame([], schema)
-    if storage.spark_uri(spark, files[0]) is None:  # e.g. s3:// without hadoop-aws: pyarrow on the executors
+    if storage.spark_uri(spark, files[0]) is None:
         spark.dataSource.register(ParquetFilesDataSource)
         return spark.read.format(ParquetFilesDataSource.name()).schema(schema).option("files", json.dumps(files)).load()
     return spark.read.schema(schema).parquet(*[storage.spark_uri(spark, f) for f in files])

@@ -12,6 +12,7 @@ from pipelines.split import hash_split
 BASE = ("train", "val", "test")
 STATE = None
 UNIT = "files"
+UNIQUE_KEYS = True  # one row per file, keyed by its path: no key can repeat within a job
 
 
 def parser(data, root: str, state) -> Parser:

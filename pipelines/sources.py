@@ -58,15 +58,33 @@ def list_files(uri: str) -> list[tuple[str, int]]:
 
 
 def read_parsed(spark, files: list[tuple[str, int]], parser: Parser):
-    """The listed files, read and parsed by Spark tasks in one pass, as a DataFrame of the
-    parser's schema. Slices of about SLICE_BYTES (at most SLICE_FILES files), at least two per core."""
-    from pyspark.sql.pandas.types import to_arrow_schema
+    """The listed files, read and parsed by Spark tasks, as a DataFrame of the parser's schema."""
+    return _listing(spark, files).mapInArrow(
+        functools.partial(_read_and_parse, parser.parse, _arrow(spark, parser.schema)), parser.schema)
 
+
+def stage_parsed(spark, files: list[tuple[str, int]], parser: Parser, staging: str) -> dict[str, list[str]]:
+    """The one pass over the raw data: Spark tasks read and parse their slice of the listing and
+    write the rows with pyarrow under `staging`, in `accepted/` (error is null) and `rejected/`,
+    plus `sources/` (rows per source file). Returns the files written, by folder: only those of
+    tasks that finished, so a retried task's files are never read."""
+    written: dict[str, list[str]] = {"accepted": [], "rejected": [], "sources": []}
+    stage = functools.partial(_stage_slices, parser.parse, _arrow(spark, parser.schema), staging)
+    for row in _listing(spark, files).mapInArrow(stage, "folder string, path string").collect():
+        written[row["folder"]].append(row["path"])
+    return written
+
+
+def _listing(spark, files: list[tuple[str, int]]):
     slices = _slices(files, 2 * spark.sparkContext.defaultParallelism)
     listing = spark.sparkContext.parallelize(list(enumerate(slices)), max(len(slices), 1))
-    arrow_schema = to_arrow_schema(spark.createDataFrame([], parser.schema).schema)
-    return spark.createDataFrame(listing, "slice int, paths array<string>").mapInArrow(
-        functools.partial(_read_and_parse, parser.parse, arrow_schema), parser.schema)
+    return spark.createDataFrame(listing, "slice int, paths array<string>")
+
+
+def _arrow(spark, ddl: str) -> pa.Schema:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(spark.createDataFrame([], ddl).schema)
 
 
 def _slices(files: list[tuple[str, int]], at_least: int) -> list[list[str]]:
@@ -93,6 +111,44 @@ def _read_and_parse(parse, schema: pa.Schema, batches: Iterator[pa.RecordBatch])
                 out = parse(chunk, [_read(filesystem, path) for path in chunk])
                 for part in out.to_batches() if isinstance(out, pa.Table) else [out]:
                     yield part if part.schema.equals(schema) else part.cast(schema)
+
+
+def _stage_slices(parse, schema: pa.Schema, staging: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    import uuid
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from pyspark import TaskContext
+
+    filesystem, base = storage.filesystem(staging)
+    tag = f"{TaskContext.get().partitionId():05d}-{uuid.uuid4().hex}"
+    writers, rows = {}, {}
+
+    def write(folder: str, part) -> None:
+        if part.num_rows == 0:
+            return
+        if folder not in writers:
+            if storage.scheme(staging) not in storage.S3_SCHEMES:  # object stores have no folders
+                filesystem.create_dir(f"{base}/{folder}", recursive=True)
+            writers[folder] = pq.ParquetWriter(f"{base}/{folder}/part-{tag}.parquet", part.schema, filesystem=filesystem)
+        writers[folder].write_batch(part)
+
+    try:
+        for part in _read_and_parse(parse, schema, batches):
+            ok = pc.is_null(part.column("error"))
+            write("accepted", part.filter(ok))
+            write("rejected", part.filter(pc.invert(ok)))
+            for item in pc.value_counts(part.column("source")).to_pylist():
+                rows[item["values"]] = rows.get(item["values"], 0) + item["counts"]
+        if rows:
+            write("sources", pa.record_batch({"source": pa.array(list(rows), pa.string()),
+                                              "rows": pa.array(list(rows.values()), pa.int64())}))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    uri = staging.rstrip("/")
+    yield pa.record_batch({"folder": pa.array(list(writers), pa.string()),
+                           "path": pa.array([f"{uri}/{folder}/part-{tag}.parquet" for folder in writers], pa.string())})
 
 
 def _read(filesystem: fs.FileSystem, path: str) -> bytes | OSError:

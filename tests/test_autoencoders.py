@@ -282,3 +282,19 @@ def test_batch_som_on_two_horovod_workers_equals_one_worker(spark, tmp_path):
     assert not torch.allclose(start, one["state_dict"]["weights"], atol=1e-2)
     for a, b in zip(one["history"], two["history"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["te"] == pytest.approx(b["te"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_score_of_an_autoencoder_writes_its_code_and_error(spark, trained):
+    """`dlpipe score` writes what the model gives: for an autoencoder its code and reconstruction
+    error per row, not a class prediction."""
+    import deltalake
+
+    models, prepared = trained
+    cfg = models["autoencoder"][0]
+    summary = stage("score", spark, dataclasses.replace(cfg, score=dataclasses.replace(
+        cfg.score, model_uri="models:/small_ae@champion")))
+    out = deltalake.DeltaTable(summary["predictions"]["uri"], version=summary["predictions"]["version"]).to_pandas()
+    assert {"code", "reconstruction_error"} <= set(out.columns) and "prediction" not in out.columns
+    assert len(out) == prepared["tables"]["test"]["rows"] and out["rejected_reason"].isna().all()
+    assert len(out["code"].iloc[0]) == 3 and (out["reconstruction_error"] > 0).all()

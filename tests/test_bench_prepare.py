@@ -26,7 +26,7 @@ def test_bench_prepare_reports_each_scale_the_fixed_cost_and_the_loader(spark, s
     assert summary["fixed_cost_s"]["append_nothing_new_s"] > 0 and summary["fixed_cost_s"]["one_file_s"] > 0
     loader = summary["loader"]
     assert 0 < loader["rows"] < files and loader["ratio"] == pytest.approx(
-        loader["dlpipe_rows_per_s"] / loader["raw_pyarrow_rows_per_s"], rel=0.01)
+        loader["dlpipe_rows_per_s"] / loader["raw_pyarrow_rows_per_s"], rel=0.05, abs=1e-3)
     assert summary["cores"] >= 1 and summary["load_average_before"] >= 0
     # it wrote into a scratch lake, never into the configured one
     assert {s: lake.latest_version(cfg.table_uri(s)) for s in ("train", "rejected")} == before

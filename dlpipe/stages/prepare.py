@@ -27,8 +27,9 @@ A kind is a module with: BASE (tables the accepted rows go to, named by their `s
 STATE (suffix of the fitted-state table or None), UNIT, parser(data, root, state) ->
 pipelines.sources.Parser, assign_split(df, data), fit(accepted, data), state_rows(state),
 state_from_rows(pdf), to_base(accepted, data, state), derive(tables, data, state) -> {suffix:
-DataFrame} and optionally report(tables, data, state, written) -> dict. The kinds (pipelines/*)
-are pure transforms; every Delta read and write is here, through dlpipe.lake.
+DataFrame}, optionally report(tables, data, state, written) -> dict and UNIQUE_KEYS (one row per
+file). The kinds (pipelines/*) are pure transforms; every Delta read and write is here, through
+dlpipe.lake.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from pyspark.sql import Window
 from dlpipe import lake, storage
 from dlpipe.config import DataConfig, PathsConfig, table_uri
 from dlpipe.errors import DataQualityError, DlpipeError, InputNotFound
-from pipelines.sources import list_files, read_parsed
+from pipelines.sources import list_files, stage_parsed
 
 REJECTED_SCHEMA = "key string, source string, row long, reason string, job_id string"
 REJECTED = "rejected"  # the staging split of rows with a reason
@@ -63,13 +64,16 @@ def kind_module(kind: str) -> ModuleType:
     return importlib.import_module(KINDS[kind])
 
 
+_started = [time.perf_counter()]  # the running job's start, for the elapsed time in its messages
+
+
 def say(message: str) -> None:
-    print(f"dlpipe: {message}", flush=True)
+    print(f"dlpipe: [{time.perf_counter() - _started[0]:6.1f} s] {message}", flush=True)
 
 
 def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
     """`dlpipe prepare`: the landing zone -> this kind's tables (see the module docstring)."""
-    started = time.perf_counter()
+    started = _started[0] = time.perf_counter()
     landing, kind, job_id = paths.landing, kind_module(data.kind), uuid.uuid4().hex
     uris = {suffix: table_uri(paths, data, suffix) for suffix in (*kind.BASE, REJECTED, "sources")}
     if kind.STATE:
@@ -100,37 +104,29 @@ def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
         state = kind.state_from_rows(rows)
         state_table = {"uri": uris[kind.STATE], "version": read[kind.STATE], "fitted_by_this_job": False, "rows": len(rows)}
 
-    say(f"reading {len(files)} files under {landing}")
-    parsed = read_parsed(spark, files, kind.parser(data, landing, state))
-    if "row" not in parsed.columns:
-        parsed = parsed.withColumn("row", F.lit(None).cast("long"))
-    parsed = kind.assign_split(parsed, data)
-    parsed = parsed.withColumn("split", F.when(F.col("error").isNull(), F.col("split")).otherwise(F.lit(REJECTED)))
-    staging = _staging_uri(spark, paths, job_id)
+    say(f"reading {len(files)} files under {landing} ({len(listed)} listed)")
+    parser = kind.parser(data, landing, state)
+    root = paths.lake if "://" in paths.lake else os.path.abspath(paths.lake)
+    staging = storage.join(root, "_staging", job_id)
     try:
-        staged = _stage(spark, parsed, staging)
-        summary.update(_write(spark, data, landing, kind, job_id, files, staged, state, state_table, uris, read))
+        staged, per_file = _stage(spark, stage_parsed(spark, files, parser, staging), parser.schema, kind, data)
+        say(f"read and parsed every file once, rows staged in {staging}")
+        summary.update(_write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table, uris, read))
     finally:
-        if staging is not None:
-            _remove(staging)
+        _remove(staging)
     return summary | {"seconds": round(time.perf_counter() - started, 3)}
 
 
-def _staging_uri(spark: SparkSession, paths: PathsConfig, job_id: str) -> str | None:
-    """<lake>/_staging/<job id> where Spark's JVM can write the lake's scheme, else None (the
-    parsed rows are then cached instead: s3:// without the hadoop-aws jar)."""
-    root = paths.lake if "://" in paths.lake else os.path.abspath(paths.lake)
-    return storage.spark_uri(spark, storage.join(root, "_staging", job_id))
+def _stage(spark: SparkSession, written: dict[str, list[str]], schema: str, kind, data) -> tuple[DataFrame, DataFrame]:
+    """(every staged row with its `split`, or REJECTED with its error; rows per source file)."""
+    def read(files: list[str], ddl: str) -> DataFrame:
+        return lake.read_parquet(spark, files, spark.createDataFrame([], ddl).schema)
 
-
-def _stage(spark: SparkSession, parsed: DataFrame, staging: str | None) -> DataFrame:
-    """The one pass over the raw data: every parsed row, to Parquet, one folder per split."""
-    if staging is None:
-        parsed = parsed.persist()
-        parsed.count()
-        return parsed
-    parsed.write.partitionBy("split").mode("overwrite").parquet(staging)
-    return spark.read.parquet(staging)
+    accepted, rejected = read(written["accepted"], schema), read(written["rejected"], schema)
+    if "row" not in accepted.columns:
+        accepted, rejected = (df.withColumn("row", F.lit(None).cast("long")) for df in (accepted, rejected))
+    staged = kind.assign_split(accepted, data).unionByName(rejected.withColumn("split", F.lit(REJECTED)))
+    return staged, read(written["sources"], "source string, rows long")
 
 
 def _remove(uri: str) -> None:
@@ -141,18 +137,16 @@ def _remove(uri: str) -> None:
         say(f"could not remove the staging folder {uri}: {exc}")
 
 
-def _write(spark, data, landing, kind, job_id, files, staged, state, state_table, uris, read) -> dict:
+def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table, uris, read) -> dict:
     base = list(kind.BASE)
     keys = staged.where(F.col("split") != REJECTED).select("key", "source", "row", "split")
-    losers = _losers(spark, keys, uris, read, base, data.mode)
-    per_file, counts = {}, {}
-    for r in staged.groupBy("source", "split").count().collect():
-        per_file[r["source"]] = per_file.get(r["source"], 0) + r["count"]
-        counts[r["split"]] = counts.get(r["split"], 0) + r["count"]
-    lost = sorted({path for path, _ in files} - set(per_file))
-    if lost:  # the parser gives every file at least one row, readable or not
+    losers = _losers(spark, keys, uris, read, base, data.mode, getattr(kind, "UNIQUE_KEYS", False))
+    counts = {r["split"]: r["count"] for r in staged.groupBy("split").count().collect()}
+    if per_file.count() != len(files):  # the parser gives every file at least one row, readable or not
+        seen = {r["source"] for r in per_file.select("source").collect()}
+        lost = sorted({path for path, _ in files} - seen)
         raise ReconciliationError(f"{len(lost)} of {len(files)} files listed under {landing} produced no row "
-                                  f"(first: {lost[0]}); nothing was written")
+                                  f"(first: {lost[:1]}); nothing was written")
     already, duplicates = 0, 0
     if losers is not None:
         for r in losers.groupBy("split", F.col("reason").isNull().alias("stored")).count().collect():
@@ -180,8 +174,7 @@ def _write(spark, data, landing, kind, job_id, files, staged, state, state_table
     if data.mode != "overwrite" and read[REJECTED] is not None:
         # the latest verdict per source file: a retried file's old rejects are replaced, not repeated
         old = lake.read_table(spark, uris[REJECTED], read[REJECTED]).select(*[c.split()[0] for c in REJECTED_SCHEMA.split(", ")])
-        taken = spark.createDataFrame([(p,) for p in per_file], "source string")
-        rejects = old.join(F.broadcast(taken), "source", "left_anti").unionByName(rejects)
+        rejects = old.join(per_file.select("source"), "source", "left_anti").unionByName(rejects)
     version = lake.write_table(rejects, uris[REJECTED], metadata=metadata, expect=read[REJECTED])
     out["tables"][REJECTED] = {"uri": uris[REJECTED], "version": version, "rows_written": rejected,
                                "rows": lake.table_rows(uris[REJECTED], version)}
@@ -230,25 +223,28 @@ def _write(spark, data, landing, kind, job_id, files, staged, state, state_table
         written[suffix]["rows"] = lake.table_rows(uri, written[suffix]["version"])
         say(f"wrote {uri} version {written[suffix]['version']}")
     # last: the files this job took in, so that append and merge never take them in again
-    sources = spark.createDataFrame([(s, job_id, n) for s, n in per_file.items()], "source string, job_id string, rows long")
-    written["sources"] = {"uri": uris["sources"], "rows_written": len(per_file), "version": lake.write_table(
+    sources = per_file.select("source", F.lit(job_id).alias("job_id"), F.col("rows").cast("long"))
+    written["sources"] = {"uri": uris["sources"], "rows_written": len(files), "version": lake.write_table(
         sources, uris["sources"], mode="overwrite" if data.mode == "overwrite" else "append", metadata=metadata,
         expect=read["sources"])}
     written["sources"]["rows"] = lake.table_rows(uris["sources"], written["sources"]["version"])
     out["tables"].update(written)
+    if losers is not None:
+        losers.unpersist()
     out.update(kind.report(_frames(spark, written), data, state, written) if hasattr(kind, "report") else {})
     return out
 
 
-def _losers(spark, keys: DataFrame, uris, read, base, mode: str) -> DataFrame | None:
+def _losers(spark, keys: DataFrame, uris, read, base, mode: str, unique: bool) -> DataFrame | None:
     """Rows that must not be stored: (key, source, row, split, reason). Every repeat of a key
     after its first (by source file and row) gets a reason; in append mode so does a key already
     in the tables from another file, while a key already stored from the same file gets reason
-    null (stored before, not again). Reads only the key columns; None when there is none."""
+    null (stored before, not again). Reads only the key columns; None when there is none.
+    `unique`: the kind's keys cannot repeat within a job (one row per file), no window needed."""
     window = Window.partitionBy("key").orderBy("source", "row")
     first = F.first(F.struct("source", "row")).over(window)
     where = F.concat(first["source"], F.when(first["row"].isNotNull(), F.concat(F.lit(" line "), first["row"])).otherwise(F.lit("")))
-    frames = [keys.withColumn("reason", F.when(F.row_number().over(window) > 1, F.concat(
+    frames = [] if unique else [keys.withColumn("reason", F.when(F.row_number().over(window) > 1, F.concat(
         F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")")))).where(F.col("reason").isNotNull())]
     if mode == "append":
         stored = [lake.read_table(spark, uris[s], read[s]).select("key", F.col("source").alias("_from"), F.lit(uris[s]).alias("_in"))
@@ -260,6 +256,8 @@ def _losers(spark, keys: DataFrame, uris, read, base, mode: str) -> DataFrame | 
             frames.append(keys.join(known, "key").withColumn("reason", F.when(F.col("_from") != F.col("source"), F.concat(
                 F.lit("duplicate key "), F.col("key"), F.lit(" already in "), F.col("_in"),
                 F.lit(" (data.mode=merge updates keys)")))).drop("_from", "_in"))
+    if not frames:
+        return None
     losers = frames[0]
     for frame in frames[1:]:
         losers = losers.unionByName(frame)

@@ -57,8 +57,9 @@ def run(spark: SparkSession, score: ScoreConfig, mlflow_cfg: MlflowConfig, *, mo
     run_date = (datetime.date.fromisoformat(score.run_date) if score.run_date
                 else datetime.datetime.now(datetime.UTC).date())
     predictions = predict(spark, lake.read_table(spark, table.uri, table.version), model_uri)
-    predictions = predictions.select(  # regression models give a `prediction` only
-        "key", "prediction", *[c for c in ("label_name", "probabilities") if c in predictions.columns], "rejected_reason",
+    outputs = [c for c in predictions.columns if c not in ("key", "label", "rejected_reason")]
+    predictions = predictions.select(  # what the model gives: a prediction (and classes), a code, a map unit
+        "key", *outputs, "rejected_reason",
         F.lit(name).alias("model_name"), F.lit(number).alias("model_version"),
         F.lit(run_date).alias("run_date"), F.current_timestamp().alias("scored_at"),
     )
