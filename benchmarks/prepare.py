@@ -238,3 +238,33 @@ def _loader(cfg: Config, train: dict, repeats: int) -> dict:
     rows = len(x)
     return {"rows": rows, "raw_pyarrow_rows_per_s": round(rows / raw_s), "dlpipe_rows_per_s": round(rows / ours_s),
             "ratio": round(raw_s / ours_s, 3)}
+
+
+def plot(summary: dict, out: str) -> None:
+    """Wall time against scale for each case, dlpipe and the baseline (docs/performance.md):
+    `python -m benchmarks.prepare bench-prepare.json docs/images/prepare_scaling.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = summary["cases"]
+    fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 3.6))
+    for ax, (name, case) in zip(np.atleast_1d(axes), cases.items()):
+        rows = [r["rows"] for r in case["runs"]]
+        ax.plot(rows, [r["baseline_s"] for r in case["runs"]], "o-", label="1 process (pyarrow/PIL)")
+        ax.plot(rows, [r["dlpipe_s"] for r in case["runs"]], "s-", label=f"dlpipe prepare, Spark on {summary['cores']} cores")
+        for r in case["runs"]:
+            ax.annotate(f"{r['speedup']:.2f}x", (r["rows"], r["dlpipe_s"]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        ax.set(xscale="log", yscale="log", xlabel="rows", ylabel="wall time, s (best of runs)", title=name)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    plot(json.loads(Path(sys.argv[1]).read_text()), sys.argv[2])
