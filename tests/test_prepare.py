@@ -52,10 +52,8 @@ def test_too_many_rejects_fail_and_write_no_new_version(spark, tmp_path):
     assert lake.latest_version(cfg.table_uri("rejected")) == first["tables"]["rejected"]["version"] + 1
 
 
-def test_a_job_that_died_half_way_is_not_pinned(spark, tmp_path, monkeypatch):
-    _landing(tmp_path)
-    cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
-    first = stage("prepare", spark, cfg)
+def _dies_after_the_train_table(spark, cfg, monkeypatch):
+    """A prepare job that loses its executor writing the val table, after committing train."""
     write = lake.write_table
 
     def dies_on_val(df, uri, **kwargs):
@@ -66,6 +64,13 @@ def test_a_job_that_died_half_way_is_not_pinned(spark, tmp_path, monkeypatch):
     monkeypatch.setattr(lake, "write_table", dies_on_val)
     with pytest.raises(RuntimeError, match="executor lost"):
         stage("prepare", spark, cfg)
+
+
+def test_a_job_that_died_half_way_is_not_pinned(spark, tmp_path, monkeypatch):
+    _landing(tmp_path)
+    cfg = _config(tmp_path, "data.max_rejected_fraction=0.2")
+    first = stage("prepare", spark, cfg)
+    _dies_after_the_train_table(spark, cfg, monkeypatch)
     assert lake.latest_version(cfg.table_uri("train")) == first["tables"]["train"]["version"] + 1  # half-written job
     pinned, job = pinned_set({s: cfg.table_uri(s) for s in SPLITS})
     assert {s: pinned[s].version for s in SPLITS} == {s: first["tables"][s]["version"] for s in SPLITS}
@@ -122,17 +127,8 @@ def test_append_after_a_job_died_half_way_stores_the_rest_once(spark, tmp_path, 
     for i in range(40, 60):
         path = tmp_path / "landing" / CLASSES[i % 2] / f"img_{i:03d}.png"
         Image.new("L", (6, 6), color=i).save(path)
-    write = lake.write_table
-
-    def dies_on_val(df, uri, **kwargs):
-        if uri.endswith("_val"):
-            raise RuntimeError("executor lost")
-        return write(df, uri, **kwargs)
-
-    monkeypatch.setattr(lake, "write_table", dies_on_val)
-    with pytest.raises(RuntimeError, match="executor lost"):
-        stage("prepare", spark, cfg)
-    monkeypatch.setattr(lake, "write_table", write)
+    _dies_after_the_train_table(spark, cfg, monkeypatch)
+    monkeypatch.undo()
     rerun = stage("prepare", spark, cfg)
     assert rerun["input_files"] == 20 and rerun["already_stored"] > 0
     assert rerun["accepted"] + rerun["already_stored"] == 20 and rerun["rejected"] == 0
