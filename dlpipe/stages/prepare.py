@@ -79,10 +79,7 @@ def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
     if kind.STATE:
         uris[kind.STATE] = table_uri(paths, data, kind.STATE)
     read = {suffix: lake.latest_version(uri) for suffix, uri in uris.items()}  # every commit lands on these
-    try:
-        listed = list_files(landing)
-    except (FileNotFoundError, PermissionError, OSError) as exc:
-        raise InputNotFound(f"cannot read raw files under {landing}: {exc}") from None
+    listed = list_files(landing)  # a missing folder or bucket: FileNotFoundError (exit code 4), no access: 1
     taken = ingested_sources(uris["sources"], read["sources"]) if data.mode != "overwrite" else set()
     files = [(path, size) for path, size in listed if path not in taken]
     summary = {"step": "prepare", "kind": data.kind, "mode": data.mode, "job_id": job_id, "source": landing,
