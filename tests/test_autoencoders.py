@@ -156,23 +156,26 @@ def test_conf_files_load():
     assert (som.model.name, som.model.task, som.model.som.rows * som.model.som.columns) == ("som", "clustering", 400)
 
 
-def _configured(cfg, name: str, model_name: str, **params):
+def _configured(cfg, root, name: str, model_name: str, **params):
+    """The small slice's config for this model, with its own MLflow store (the session's is the
+    end-to-end test's, whose evaluate takes the latest training run) and its own predictions table."""
     model = dataclasses.replace(cfg.model, name=name, task=REGISTRY[name].tasks[0],
                                 **{name: dataclasses.replace(getattr(cfg.model, name), **params)})
     return dataclasses.replace(
         cfg, model=model, train=dataclasses.replace(cfg.train, backend="local", epochs=2, run_name=model_name, checkpoint_every=0),
-        registry=dataclasses.replace(cfg.registry, model_name=model_name))
+        registry=dataclasses.replace(cfg.registry, model_name=model_name),
+        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=f"{root}/mlartifacts"))
 
 
 @pytest.fixture(scope="module")
-def trained(spark, prepared_small):
+def trained(spark, prepared_small, tmp_path_factory):
     """An autoencoder and a map trained by the train stage on the small slice; the autoencoder evaluated
     (registered as small_ae@champion; the map's served model is its run's)."""
     cfg, prepared = prepared_small
-    out = {}
+    out, root = {}, tmp_path_factory.mktemp("unsupervised")
     for name, model_name, params in (("autoencoder", "small_ae", dict(encoder=[32], code=3)),
                                      ("som", "small_som", dict(rows=4, columns=5, topology="hexagonal"))):
-        c = _configured(cfg, name, model_name, **params)
+        c = _configured(cfg, root, name, model_name, **params)
         run = stage("train", spark, c)
         out[name] = (c, run, stage("evaluate", spark, with_run(c, run["run_id"])) if name == "autoencoder" else None)
     return out, prepared
@@ -292,8 +295,9 @@ def test_score_of_an_autoencoder_writes_its_code_and_error(spark, trained):
 
     models, prepared = trained
     cfg = models["autoencoder"][0]
-    summary = stage("score", spark, dataclasses.replace(cfg, score=dataclasses.replace(
-        cfg.score, model_uri="models:/small_ae@champion")))
+    summary = stage("score", spark, dataclasses.replace(  # its own <name>_predictions: a code is not a class
+        cfg, data=dataclasses.replace(cfg.data, name=f"{cfg.data.name}_ae"),
+        score=dataclasses.replace(cfg.score, model_uri="models:/small_ae@champion")))
     out = deltalake.DeltaTable(summary["predictions"]["uri"], version=summary["predictions"]["version"]).to_pandas()
     assert {"code", "reconstruction_error"} <= set(out.columns) and "prediction" not in out.columns
     assert len(out) == prepared["tables"]["test"]["rows"] and out["rejected_reason"].isna().all()
