@@ -4,12 +4,11 @@ the Spark task that read the files (pipelines.sources.read_parsed)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import pyarrow as pa
 
-from pipelines.sources import Parser
+from pipelines.sources import Parser, arrow_schema
 
 
 def record_parser(root: str, fmt: str, encoding: str, key_column: str, schema: str, convert,
@@ -32,7 +31,7 @@ def record_parser(root: str, fmt: str, encoding: str, key_column: str, schema: s
     where = "row" if fmt == "parquet" else "line"
     full = f"key string, source string, row long, {schema}, error string"
 
-    arrow = _arrow_schema(full)
+    arrow = arrow_schema(full)
 
     def parse(paths: list[str], contents: list) -> pa.Table:
         out, batches = [], []
@@ -66,24 +65,3 @@ def record_parser(root: str, fmt: str, encoding: str, key_column: str, schema: s
         return pa.Table.from_batches(batches, arrow)
 
     return Parser(full, parse)
-
-
-@functools.lru_cache(maxsize=None)
-def _arrow_schema(ddl: str) -> pa.Schema:
-    from pyspark.sql.pandas.types import to_arrow_schema
-    from pyspark.sql.types import StructType
-
-    return to_arrow_schema(StructType.fromJson(_ddl_json(ddl)))
-
-
-def _ddl_json(ddl: str) -> dict:
-    """A flat DDL of simple types and arrays of them, as Spark's schema JSON (no session needed
-    inside a task)."""
-    fields = []
-    for part in ddl.split(", "):
-        name, kind = part.split(" ", 1)
-        kind = {"int": "integer", "bigint": "long"}.get(kind, kind)
-        element = kind[6:-1] if kind.startswith("array<") else None
-        fields.append({"name": name, "nullable": True, "metadata": {}, "type": {
-            "type": "array", "elementType": element, "containsNull": True} if element else kind})
-    return {"type": "struct", "fields": fields}

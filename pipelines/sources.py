@@ -60,7 +60,7 @@ def list_files(uri: str) -> list[tuple[str, int]]:
 def read_parsed(spark, files: list[tuple[str, int]], parser: Parser):
     """The listed files, read and parsed by Spark tasks, as a DataFrame of the parser's schema."""
     return _listing(spark, files).mapInArrow(
-        functools.partial(_read_and_parse, parser.parse, _arrow(spark, parser.schema)), parser.schema)
+        functools.partial(_read_and_parse, parser.parse, arrow_schema(parser.schema)), parser.schema)
 
 
 def stage_parsed(spark, files: list[tuple[str, int]], parser: Parser, staging: str) -> dict[str, list[str]]:
@@ -69,7 +69,7 @@ def stage_parsed(spark, files: list[tuple[str, int]], parser: Parser, staging: s
     plus `sources/` (rows per source file). Returns the files written, by folder: only those of
     tasks that finished, so a retried task's files are never read."""
     written: dict[str, list[str]] = {"accepted": [], "rejected": [], "sources": []}
-    stage = functools.partial(_stage_slices, parser.parse, _arrow(spark, parser.schema), staging)
+    stage = functools.partial(_stage_slices, parser.parse, arrow_schema(parser.schema), staging)
     for row in _listing(spark, files).mapInArrow(stage, "folder string, path string").collect():
         written[row["folder"]].append(row["path"])
     return written
@@ -81,10 +81,21 @@ def _listing(spark, files: list[tuple[str, int]]):
     return spark.createDataFrame(listing, "slice int, paths array<string>")
 
 
-def _arrow(spark, ddl: str) -> pa.Schema:
+@functools.lru_cache(maxsize=None)
+def arrow_schema(ddl: str) -> pa.Schema:
+    """The Arrow schema of a flat Spark DDL of simple types and arrays of them; no session needed
+    (parsers are built where there is none)."""
     from pyspark.sql.pandas.types import to_arrow_schema
+    from pyspark.sql.types import StructType
 
-    return to_arrow_schema(spark.createDataFrame([], ddl).schema)
+    fields = []
+    for part in ddl.split(", "):
+        name, kind = part.split(" ", 1)
+        kind = {"int": "integer", "bigint": "long"}.get(kind, kind)
+        element = kind[6:-1] if kind.startswith("array<") else None
+        fields.append({"name": name, "nullable": True, "metadata": {}, "type": {
+            "type": "array", "elementType": element, "containsNull": True} if element else kind})
+    return to_arrow_schema(StructType.fromJson({"type": "struct", "fields": fields}))
 
 
 def _slices(files: list[tuple[str, int]], at_least: int) -> list[list[str]]:
