@@ -192,7 +192,8 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
         drop = F.broadcast(losers.select(*[F.col(c).alias(f"_{c}") for c in ("key", "source", "row")]))
         good = good.join(drop, (good["key"] == drop["_key"]) & (good["source"] == drop["_source"])
                          & good["row"].eqNullSafe(drop["_row"]), "left_anti")  # images have no row: null
-    to_write = {r["split"]: r["count"] for r in good.groupBy("split").count().collect()}
+    # with nothing dropped, the rows to write are the staged counts already taken: no second scan
+    to_write = dict(counts) if losers is None else {r["split"]: r["count"] for r in good.groupBy("split").count().collect()}
     if any(to_write.get(s, 0) != counts.get(s, 0) for s in base) or set(to_write) - set(base):
         raise ReconciliationError(f"rows to write per table {to_write} differ from the rows accepted {counts}; "
                                   "nothing but the rejects was written")
