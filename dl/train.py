@@ -75,6 +75,7 @@ class TrainConfig:
     lr_scaling: Literal["none", "linear"] = "none"  # linear: lr * workers, reached after warmup_epochs
     warmup_epochs: int = 0
     weight_decay: float = 0.0
+    clip_grad_norm: float = 0.0  # > 0: rescale the gradient (after averaging over workers) to at most this L2 norm
     shuffle: bool = True  # reshuffle each worker's shard every epoch (from seed, epoch, rank)
     seed: int = 42
     max_rows: int = 0  # per split; 0 = every row of the input tables (tests use small slices)
@@ -92,7 +93,8 @@ class TrainConfig:
     tables: dict[str, str] = field(default_factory=dict)
 
 
-METRICS = {"classification": "accuracy", "regression": "mae", "reconstruction": "mse", "clustering": "te"}
+METRICS = {"classification": "accuracy", "regression": "mae", "reconstruction": "mse", "clustering": "te",
+           "language_model": "bpc"}  # bits per token (a character-level model: per character)
 
 
 def metric_name(task: str) -> str:
@@ -340,6 +342,8 @@ def _backward_and_step(loss, model, optimizer, scaler, dist: Dist, cfg: TrainCon
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if cfg.sync == "allreduce" and dist.size > 1:
         _average_tensors(grads, dist)
+    if cfg.clip_grad_norm > 0:  # the same averaged gradients on every worker: the same clipped step
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_grad_norm)
     if scaler is None:
         optimizer.step()
         return

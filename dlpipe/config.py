@@ -25,7 +25,8 @@ from dlpipe.errors import ConfigError  # re-exported: callers import it from her
 TASK_METRICS = {"classification": ("test_accuracy", "test_log_loss", "test_roc_auc"),
                 "regression": ("test_r2", "test_mse", "test_mae"),
                 "reconstruction": ("test_mse",),  # mean squared reconstruction error per value
-                "clustering": ("test_qe",)}  # mean quantization error of a self-organizing map
+                "clustering": ("test_qe",),  # mean quantization error of a self-organizing map
+                "language_model": ("test_bpc",)}  # bits per token (per character for data.text.unit: char)
 FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
 
@@ -89,6 +90,7 @@ class TextDataConfig:
     label: str = ""  # "" = unlabelled
     classes: list[str] = field(default_factory=list)  # [] = sorted label values seen
     lowercase: bool = True
+    unit: Literal["word", "char"] = "word"  # tokens: words (\w+ runs) or every character (a character-level model)
     min_count: int = 2  # vocabulary: tokens seen at least this often in the train split
     max_vocab: int = 20000  # ... at most this many (plus <pad>=0 and <unk>=1)
     max_length: int = 128  # id sequences padded with 0 or truncated to this length
@@ -252,6 +254,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'train.warmup_epochs': expected fewer than train.epochs={cfg.train.epochs}, got {cfg.train.warmup_epochs}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
+    if cfg.train.clip_grad_norm < 0:
+        raise ConfigError(f"config key 'train.clip_grad_norm': expected a non-negative number (0 = off), got {cfg.train.clip_grad_norm}")
+    _validate_sequence_model(cfg)
     if cfg.model.task not in REGISTRY[cfg.model.name].tasks:
         raise ConfigError(f"config key 'model.task': model {cfg.model.name} supports {list(REGISTRY[cfg.model.name].tasks)}, "
                           f"got {cfg.model.task!r}")
@@ -303,6 +308,24 @@ def _validate(cfg: Config) -> None:
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError("config key 'data.classes': expected at least two distinct class folder names")
     _validate_data_kind(cfg.data)
+
+
+def _validate_sequence_model(cfg: Config) -> None:
+    """Which data a task of a sequence model needs (text -> classification or language_model,
+    timeseries -> regression), and which models read those kinds."""
+    kind, task = cfg.data.kind, cfg.model.task
+    sequence_kind = kind in ("text", "timeseries")
+    takes_sequences = bool({"text", "series"} & set(REGISTRY[cfg.model.name].inputs))
+    if takes_sequences and not sequence_kind:
+        raise ConfigError(f"config key 'data.kind': model {cfg.model.name} reads text or timeseries data, got {kind!r}")
+    if takes_sequences and sequence_kind:
+        wanted = {"text": ("classification", "language_model"), "timeseries": ("regression",)}[kind]
+        if task not in wanted:
+            raise ConfigError(f"config key 'model.task': on data.kind={kind} expected one of {list(wanted)}, got {task!r}")
+        if task == "classification" and not cfg.data.text.label:
+            raise ConfigError("config key 'model.task': classification needs labelled text (data.text.label), got ''")
+    if task == "language_model" and cfg.model.name == "rnn" and cfg.model.rnn.bidirectional:
+        raise ConfigError("config key 'model.rnn.bidirectional': a language model reads left to right: expected false")
 
 
 def _validate_data_kind(data: DataConfig) -> None:

@@ -16,6 +16,8 @@ from dlpipe.refs import TableRef
 
 def class_names(data: DataConfig, task: str) -> list[str]:
     """Label names in label order: image class folders, or data.table.classes for tables."""
+    if data.kind in ("text", "timeseries"):
+        return []  # a sequence model's classes come from the vocabulary table (sequence_setup)
     if data.kind != "table":
         return list(data.classes)
     if task in ("reconstruction", "clustering"):  # no target: the labels only colour plots
@@ -43,25 +45,68 @@ def relabel(df: DataFrame, ids: tuple[int, ...]) -> DataFrame:
     return df.where(F.col("label").isin(list(ids))).withColumn("label", mapping[F.col("label")].cast("int"))
 
 
+INPUT_KINDS = {"pixels": "image", "features": "table", "ids": "text", "history": "series"}  # column -> ModelSpec.inputs
+
+
 def input_of(spark: SparkSession, table: TableRef, data: DataConfig) -> tuple[str, tuple[int, ...]]:
-    """(input column, shape of one example): images carry `pixels`, tables carry `features`."""
+    """(input column, shape of one example): images carry `pixels`, tables `features`, text tables
+    `ids` (token ids padded to data.text.max_length), time-series windows `history`."""
     frame = lake.read_table(spark, table.uri, table.version)
     if "pixels" in frame.columns:
         return "pixels", (data.channels, data.image_size, data.image_size)
-    if "features" in frame.columns:
-        n = frame.select(F.size("features").alias("n")).first()
-        if n is None:
-            raise ValueError(f"{table} is empty: cannot tell how many features a row has")
-        return "features", (int(n["n"]),)
-    raise ValueError(f"{table} has neither a `pixels` nor a `features` column (columns: {frame.columns})")
+    for column in ("features", "ids", "history"):
+        if column in frame.columns:
+            n = frame.select(F.size(column).alias("n")).first()
+            if n is None:
+                raise ValueError(f"{table} is empty: cannot tell how many values a row's {column} holds")
+            return column, (int(n["n"]),)
+    raise ValueError(f"{table} has none of the columns pixels, features, ids, history (columns: {frame.columns})")
 
 
-def net_for(model: ModelConfig, data_name: str, input_column: str, input_shape: tuple[int, ...], num_classes: int) -> Net:
+def sequence_setup(spark: SparkSession, model: ModelConfig, tables: dict[str, TableRef], data: DataConfig) -> dict:
+    """What a recurrent net on a text or time-series table needs beyond its shape: for text the
+    vocabulary (<data.name>_vocab beside the train table, newest version: ids never change meaning)
+    with the tokenizer settings the served model carries, and the classes; for windows the horizon.
+    Returns {"params", "num_outputs", "classes", "text" (or None)}."""
+    import dataclasses
+
+    from pipelines.text import TOKEN
+
+    params = getattr(model, model.name)
+    if data.kind == "timeseries":
+        horizon = lake.read_table(spark, tables["val"].uri, tables["val"].version).select(F.size("target").alias("n")).first()
+        return {"params": params, "num_outputs": int(horizon["n"]) if horizon else data.timeseries.horizon,
+                "classes": [], "text": None}
+    uri = tables["train"].uri.rsplit("_train", 1)[0] + "_vocab"
+    if lake.latest_version(uri) is None:
+        raise InputNotFound(f"no vocabulary table at {uri}: run the prepare step first")
+    rows = lake.read_table(spark, uri, lake.latest_version(uri)).toPandas()
+    tokens = rows[rows["kind"] == "token"].sort_values("id")
+    vocab = list(tokens["token"])
+    if list(tokens["id"]) != list(range(len(vocab))):
+        raise ValueError(f"{uri}: token ids are not 0..{len(vocab) - 1}")
+    classes = list(rows[rows["kind"] == "label"].sort_values("id")["token"])
+    if model.task == "classification" and len(classes) < 2:
+        raise ValueError(f"{uri} holds {len(classes)} classes: a classifier needs labelled text (data.text.label)")
+    params = dataclasses.replace(params, vocab_size=len(vocab))
+    text = {"vocab": vocab, "unit": data.text.unit, "lowercase": data.text.lowercase, "pattern": TOKEN.pattern,
+            "vocab_table": uri}
+    outputs = len(classes) if model.task == "classification" else len(vocab)
+    return {"params": params, "num_outputs": outputs, "classes": classes if model.task == "classification" else [],
+            "text": text}
+
+
+def net_for(model: ModelConfig, data_name: str, input_column: str, input_shape: tuple[int, ...], num_classes: int,
+            sequence: dict | None = None) -> Net:
+    """`sequence`: sequence_setup()'s answer for text and time-series tables."""
     spec = REGISTRY[model.name]
-    kind = "image" if input_column == "pixels" else "table"
+    kind = INPUT_KINDS[input_column]
     if kind not in spec.inputs:
         raise ValueError(f"model.name={model.name} takes {' or '.join(spec.inputs)} input; "
                          f"data.name={data_name} is a {kind} table")
+    if sequence is not None:
+        return Net(name=model.name, params=sequence["params"], input_shape=tuple(input_shape),
+                   num_outputs=sequence["num_outputs"], task=model.task)
     return Net(name=model.name, params=getattr(model, model.name), input_shape=tuple(input_shape),
                num_outputs=num_classes if model.task == "classification" else 1, task=model.task)
 

@@ -17,6 +17,7 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from dlpipe.config import MlflowConfig
 
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+SEQUENCE_PYFUNC_CODE = Path(__file__).with_name("pyfunc_sequence.py")  # recurrent models: raw text or a window in
 # the pyfunc output follows from the model's task
 OUTPUT_SCHEMAS = {
     "classification": Schema([
@@ -100,6 +101,40 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
         )
 
 
+SEQUENCE_OUTPUTS = {
+    "classification": OUTPUT_SCHEMAS["classification"],
+    "regression": Schema([ColSpec(Array(DataType.double), "forecast")]),
+    "language_model": Schema([ColSpec(DataType.double, "bits_per_token"), ColSpec(DataType.string, "generated")]),
+}
+
+
+def log_sequence_model(model: torch.nn.Module, net, classes: list[str], text: dict | None, example: list, config: dict):
+    """Log a recurrent net as a pyfunc that takes what a consumer has: raw text (`text`: the
+    vocabulary by id, unit, lowercase, token pattern travel in meta.json) or a `history` window.
+    The net is compiled with TorchScript (packed sequences do not export with torch.export)."""
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    model = model.eval()
+    column = "text" if text else "history"
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"program": Path(tmp, "model.ts"), "meta": Path(tmp, "meta.json"),
+                 "state_dict": Path(tmp, "state_dict.pt"), "config": Path(tmp, "config.json")}
+        torch.jit.save(torch.jit.script(model), str(paths["program"]))
+        paths["meta"].write_text(json.dumps({"input_shape": list(net.input_shape), "classes": classes, "task": net.task,
+                                             "input_column": column, "net": net.to_dict(), "text": text}))
+        torch.save(model.state_dict(), paths["state_dict"])
+        paths["config"].write_text(json.dumps(config, indent=2))
+        inputs = Schema([ColSpec(DataType.string, "text")]) if text else input_schema("history")
+        params = ParamSchema([ParamSpec("length", DataType.long, 0), ParamSpec("temperature", DataType.double, 1.0),
+                              ParamSpec("seed", DataType.long, 0)]) if net.task == "language_model" else None
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(SEQUENCE_PYFUNC_CODE), artifacts={k: str(v) for k, v in paths.items()},
+            signature=ModelSignature(inputs=inputs, outputs=SEQUENCE_OUTPUTS[net.task], params=params),
+            input_example=pd.DataFrame({column: example}),
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
+        )
+
+
 def _pyplot():
     import matplotlib
 
@@ -111,14 +146,16 @@ def _pyplot():
 
 # the epoch figure beside the loss (dl.train.METRICS): its axis label and title
 CURVES = {"accuracy": ("accuracy", "Accuracy"), "mae": ("mean absolute error", "Mean absolute error"),
-          "mse": ("reconstruction MSE per value", "Reconstruction error"), "te": ("topographic error", "Topographic error")}
+          "mse": ("reconstruction MSE per value", "Reconstruction error"), "te": ("topographic error", "Topographic error"),
+          "bpc": ("bits per token", "Bits per token (character)")}
 
 
 def curves_figure(history: list[dict]):
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     metric = next(m for m in CURVES if m in history[0])
-    loss_label = {"accuracy": "cross-entropy loss", "mse": "loss (with the kind's penalty)", "te": "quantization error"}
+    loss_label = {"accuracy": "cross-entropy loss", "mse": "loss (with the kind's penalty)", "te": "quantization error",
+                  "bpc": "cross-entropy (nats per token)"}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
@@ -228,6 +265,32 @@ def codes_figure(codes: np.ndarray, labels: np.ndarray, classes: list[str]):
     wide = codes.shape[1] > 2
     ax.set(xlabel="principal component 1" if wide else "code 1", ylabel="principal component 2" if wide else "code 2",
            title=f"Codes ({codes.shape[1]}-d) of {len(codes)} validation rows")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def forecast_figure(model: torch.nn.Module, windows: dict):
+    """Forecast against actual over the val and test windows ({split: DataFrame with end, history,
+    target}, sorted by end): one panel for 1 step ahead, one for the last step of the horizon."""
+    plt = _pyplot()
+    model = model.eval()
+    horizon = len(next(iter(windows.values()))["target"].iloc[0])
+    steps = sorted({0, horizon - 1})
+    fig, axes = plt.subplots(1, len(steps), figsize=(7 * len(steps), 4), squeeze=False)
+    for split, frame in windows.items():
+        if not len(frame):
+            continue
+        forecast = model(torch.tensor(np.stack(frame["history"].to_numpy()), dtype=torch.float32)).numpy()
+        actual = np.stack(frame["target"].to_numpy())
+        for ax, k in zip(axes[0], steps):
+            mae = np.abs(forecast[:, k] - actual[:, k]).mean()
+            ax.plot(frame["end"], actual[:, k], "-", color="black", lw=1, label=f"actual ({split})" if split == "val" else None)
+            ax.plot(frame["end"], forecast[:, k], "-", lw=1.2, label=f"forecast, {split} (MAE {mae:.3g})")
+    for ax, k in zip(axes[0], steps):
+        ax.set(xlabel="window end (time of its last target value)", title=f"{k + 1} step(s) ahead")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -40,6 +40,8 @@ class TrainTask:
     labels: tuple[int, ...] = ()  # keep rows with these labels only, relabelled 0..k-1 (data.select_classes)
     label_fraction: float = 1.0  # of the training rows, chosen by a stable hash of the key
     init_state: dict | None = None  # starting weights (train.init_from): every tensor but the head's
+    vocab: tuple[str, ...] = ()  # a language model: its tokens by id; the main rank logs a sample every epoch
+    joiner: str = " "  # between sampled tokens ("" for characters)
 
 
 class HorovodDist:
@@ -102,16 +104,19 @@ def pick_device(use_gpu: str | bool, local_rank: int) -> torch.device:
 def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, max_rows: int = 0, *,
                task: str = "classification", labels: tuple[int, ...] = (), fraction: float = 1.0):
     """This worker's rows of a pinned Delta snapshot, read with pyarrow into contiguous arrays:
-    the `pixels` column of an image table or the `features` column of a table, and `label`
-    (int for classification, double for regression).
+    the `pixels` column of an image table, `features` of a table, `ids` of a text table or
+    `history` of time-series windows, and `label` (int for classification, double for regression),
+    `target` (windows: the next values) or zeros (a language model predicts its own input).
 
     Row groups are dealt out round-robin by rank; with fewer row groups than workers every
     worker strides over the rows instead. `labels` keeps those classes (relabelled 0..k-1);
     `fraction` < 1 keeps that share of rows by a stable hash of `key`. The driver never touches the data."""
     parquet = {f: _open_parquet(f) for f in files}  # footers read once
     names = next(iter(parquet.values())).schema_arrow.names if parquet else ["pixels"]
-    column = "pixels" if "pixels" in names else "features"
-    columns = ["label", column] + (["key"] if fraction < 1 else [])
+    column = next((c for c in ("pixels", "features", "ids", "history") if c in names), "pixels")
+    # windows predict their `target` values; a language model predicts its own next tokens
+    target = "target" if column == "history" else None if task == "language_model" else "label"
+    columns = ([target] if target else []) + [column] + (["key"] if fraction < 1 else [])
     pieces = [(f, g) for f, handle in parquet.items() for g in range(handle.num_row_groups)]
     tables = []
     if len(pieces) >= size:
@@ -125,7 +130,7 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
     tables = [(_select(t, labels, fraction), where) for t, where in tables]
     rows = sum(t.num_rows for t, _ in tables)
     x = np.empty((rows, *shape), dtype=np.float32)
-    y = np.empty(rows, dtype=np.int64 if task == "classification" else np.float32)
+    ys = []
     at = 0
     for t, where in tables:
         n = t.num_rows
@@ -134,8 +139,13 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
             raise ValueError(f"{where}: {column} hold {values.size} values for {n} rows, expected {int(np.prod(shape))} "
                              f"per row (input shape {shape})")
         x[at : at + n] = values.reshape(n, *shape)
-        y[at : at + n] = t.column("label").to_numpy()
+        if target == "target":
+            ys.append(pc.list_flatten(t.column("target")).to_numpy().astype(np.float32).reshape(n, -1))
+        elif target:
+            ys.append(t.column("label").to_numpy())
         at += n
+    dtype = np.int64 if task == "classification" else np.float32
+    y = np.concatenate(ys).astype(dtype) if ys else np.zeros(rows, dtype)
     if labels:  # original label -> its position in `labels`
         lookup = np.full(max(labels) + 1, -1, dtype=np.int64)
         lookup[list(labels)] = np.arange(len(labels))
@@ -195,7 +205,7 @@ def train_worker(task: TrainTask, backend: str):
         history = fit(
             model, train, val, task.train, dist, task=kind, device=device,
             resume=checkpoints.load(task.resume_from) if task.resume_from else None,
-            on_epoch=_mlflow_logger(task) if main and task.run_id else None,
+            on_epoch=_mlflow_logger(task, model, val[0]) if main and task.run_id else None,
             save_checkpoint=(lambda state: checkpoints.save(task.checkpoint_dir, state)) if main and task.checkpoint_dir else None,
             log=lambda line: print(line, flush=True),
         )
@@ -234,7 +244,10 @@ def _report_failure(error_dir: str, rank, exc: BaseException) -> None:
         pass
 
 
-def _mlflow_logger(task: TrainTask):
+SAMPLE_PROMPT, SAMPLE_LENGTH = 20, 200  # tokens of the first validation row, tokens generated
+
+
+def _mlflow_logger(task: TrainTask, model: torch.nn.Module, val_x: np.ndarray):
     def log(metrics: dict) -> None:
         import time
 
@@ -243,8 +256,16 @@ def _mlflow_logger(task: TrainTask):
 
         now = int(time.time() * 1000)
         step = metrics["epoch"]
-        MlflowClient(task.tracking_uri).log_batch(
-            task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
-        )
+        client = MlflowClient(task.tracking_uri)
+        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"])
+        if task.vocab and len(val_x):
+            prompt = [int(i) for i in val_x[0][:SAMPLE_PROMPT] if i != 0]
+            was_training = model.training
+            model.eval()
+            drawn = model.generate(prompt, SAMPLE_LENGTH, temperature=0.8, seed=step)
+            model.train(was_training)
+            words = lambda ids: task.joiner.join(task.vocab[i] for i in ids)  # noqa: E731
+            client.log_text(task.run_id, f"prompt: {words(prompt)}\nsample (temperature 0.8): {words(drawn)}\n",
+                            f"samples/epoch_{step:03d}.txt")
 
     return log

@@ -1,5 +1,6 @@
 """data.kind: text. Labelled documents (csv / jsonl / parquet with a text and a label column)
-or a raw corpus (format: lines, every non-blank line a document) -> <name>_train/_val/_test with
+or a raw corpus (format: lines, every non-blank line a document), tokenized into words or (data.text.unit:
+char) characters -> <name>_train/_val/_test with
 `key, source, label int, label_name string, text string, tokens array<string>, ids array<int>,
 length int` (label and label_name null for a corpus). `ids` are the token ids padded with 0
 or truncated to data.text.max_length; `length` is the token count before truncation.
@@ -32,8 +33,11 @@ PAD, UNK = "<pad>", "<unk>"
 TOKEN = re.compile(r"\w+(?:'\w+)*")
 
 
-def tokenize(text: str, lowercase: bool) -> list[str]:
-    return TOKEN.findall(text.lower() if lowercase else text)
+def tokenize(text: str, lowercase: bool, unit: str = "word") -> list[str]:
+    """Words (runs of \\w, inner apostrophes kept) or, for unit "char", every character. The served
+    recurrent models carry TOKEN.pattern and repeat this (dlpipe/pyfunc_sequence.py)."""
+    text = text.lower() if lowercase else text
+    return list(text) if unit == "char" else TOKEN.findall(text)
 
 
 def parser(data, root: str, state: dict | None) -> Parser:
@@ -46,7 +50,7 @@ def parser(data, root: str, state: dict | None) -> Parser:
         if value is None or (isinstance(value, float) and np.isnan(value)) or not str(value).strip():
             raise records.Invalid(f"empty text in column {column!r}")
         body = str(value).strip()
-        tokens = tokenize(body, t.lowercase)
+        tokens = tokenize(body, t.lowercase, t.unit)
         if not tokens:
             raise records.Invalid(f"empty text in column {column!r}: no word tokens in {body[:40]!r}")
         label = None

@@ -30,7 +30,8 @@ def _discover() -> dict[str, ModelSpec]:
 def build(net: Net) -> nn.Module:
     if net.name not in REGISTRY:
         raise ValueError(f"unknown model {net.name!r} (registered: {', '.join(REGISTRY)})")
-    outputs = net.num_outputs if net.task == "classification" else 1
+    # classes | the vocabulary (a language model) | the forecast horizon (a regression model may predict more than one value)
+    outputs = net.num_outputs if net.task in ("classification", "language_model", "regression") else 1
     return REGISTRY[net.name].build(net.params, tuple(net.input_shape), outputs)
 
 

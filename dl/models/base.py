@@ -10,8 +10,8 @@ from typing import Any, Callable
 from torch import nn
 
 # classification: logits per class; regression: one value; reconstruction (autoencoders) and clustering
-# (self-organizing maps): no target, the model owns its objective
-TASKS = ("classification", "regression", "reconstruction", "clustering")
+# (self-organizing maps): no target, the model owns its objective; language_model (recurrent nets): the next token
+TASKS = ("classification", "regression", "reconstruction", "clustering", "language_model")
 
 
 class ParamError(ValueError):
@@ -28,7 +28,9 @@ class ModelSpec:
     config: type  # frozen dataclass of hyperparameters
     build: Callable[[Any, tuple[int, ...], int], nn.Module]  # (config, input shape, outputs) -> module
     tasks: tuple[str, ...]  # what its output can be trained for
-    inputs: tuple[str, ...]  # "image" (pixels, channels x height x width) and/or "table" (features)
+    # "image" (pixels, channels x height x width), "table" (features), "text" (ids, token ids padded with 0),
+    # "series" (history, a window of values)
+    inputs: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True)

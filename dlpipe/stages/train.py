@@ -87,7 +87,10 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
     say("training on " + ", ".join(f"{split} {ref}" for split, ref in tables.items()))
     classes, label_ids = modeling.label_view(data, model.task)
     column, input_shape = modeling.input_of(spark, tables["val"], data)
-    net = modeling.net_for(model, data.name, column, input_shape, len(classes))
+    sequence = modeling.sequence_setup(spark, model, tables, data) if column in ("ids", "history") else None
+    if sequence is not None:
+        classes = sequence["classes"]
+    net = modeling.net_for(model, data.name, column, input_shape, len(classes), sequence)
     build(net)  # a net that cannot be built fails here, before any worker starts
     init_from = modeling.resolve(train.init_from) if train.init_from else ""
     init_state = modeling.pretrained_state(init_from, net) if init_from and not resumable else None
@@ -110,6 +113,8 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             checkpoint_dir=checkpoints.run_dir(train.checkpoint_uri, train.run_name, active.info.run_id)
             if train.checkpoint_every else "",
             resume_from=resume_from,
+            vocab=tuple(sequence["text"]["vocab"]) if sequence and sequence["text"] and net.task == "language_model" else (),
+            joiner="" if data.text.unit == "char" else " ",
         )
         say(f"training {model.name} with backend={train.backend}, {workers} worker(s), sync={train.sync}, "
             f"{train.epochs} epochs")
@@ -122,6 +127,9 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
         trained = build(net)
         trained.load_state_dict(result["state_dict"])
         val = modeling.relabel(lake.read_table(spark, tables["val"].uri, tables["val"].version), label_ids)
+        if sequence is not None:
+            info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], resolved_config)
+            return _summary(active, info, tables, result, train, resume_from)
         example = val.select(column).limit(2).toPandas()
         info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config)
         mlflow.set_tag("dlpipe.model_uri", info.model_uri)
@@ -134,11 +142,38 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             x = np.stack(sample[column].to_numpy()).astype(np.float32).reshape(-1, *input_shape)
             for path, figure in tracking.task_figures(trained, net.task, x, sample["label"].to_numpy(), classes).items():
                 mlflow.log_figure(figure, path)
+    return _summary(active, info, tables, result, train, resume_from)
+
+
+def _summary(active, info, tables, result, train, resume_from) -> dict:
     final = result["history"][-1]
     return {"step": "train", "run_id": active.info.run_id, "model_uri": info.model_uri,
             "tables": {split: ref.to_dict() for split, ref in tables.items()}, "backend": result["backend"],
             "world_size": result["world_size"], "sync": train.sync, "resumed_from": resume_from or None,
             "device": result["device"], "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
+
+
+def sequence_plots_and_model(spark, trained, net, tables, classes, text, resolved_config):
+    """A recurrent net: log the pyfunc that takes raw text or a window, then what shows how it does on
+    the val table: the confusion matrix (scored by that pyfunc, raw text in) or the forecast against
+    the actual values of the val and test windows."""
+    val = lake.read_table(spark, tables["val"].uri, tables["val"].version)
+    if text is not None:
+        sample = val.select("text", "label").limit(PLOTTED_ROWS).toPandas()
+        info = tracking.log_sequence_model(trained, net, classes, text, list(sample["text"][:2]), resolved_config)
+        if net.task == "classification":
+            predicted = mlflow.pyfunc.load_model(info.model_uri).predict(sample[["text"]])["prediction"].to_numpy()
+            matrix = np.zeros((len(classes), len(classes)), np.int64)
+            np.add.at(matrix, (sample["label"].to_numpy(np.int64), predicted), 1)
+            mlflow.log_figure(tracking.confusion_figure(matrix, classes, f"Validation confusion matrix ({len(sample)} rows)"),
+                              "plots/confusion_matrix_val.png")
+        return info
+    windows = {s: lake.read_table(spark, tables[s].uri, tables[s].version).select("end", "history", "target").toPandas()
+               .sort_values("end") for s in ("val", "test")}
+    info = tracking.log_sequence_model(trained, net, [], None, [list(map(float, windows["val"]["history"].iloc[0]))],
+                                       resolved_config)
+    mlflow.log_figure(tracking.forecast_figure(trained, windows), "plots/forecast_vs_actual.png")
+    return info
 
 
 def _run_finished(client: MlflowClient, run_id: str) -> bool:

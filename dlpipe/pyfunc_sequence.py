@@ -1,0 +1,150 @@
+"""MLflow "model from code" for the recurrent models (dl/models/rnn.py). MLflow stores this file
+inside every registered version and runs it at load time; the net is a TorchScript program and
+the vocabulary and tokenizer travel in meta.json, so consumers need only mlflow, torch, numpy and
+pandas: it must never import dlpipe.
+
+Input, by what the model was trained on:
+- text (sentiment, language model): a DataFrame with a `text` column of raw strings (or a list of
+  strings), tokenized as prepare did (lowercased or not; words by meta's pattern or characters),
+  unknown tokens as <unk>, truncated to the trained max_length. A row that is not a string or has
+  no token is rejected.
+- a time series: a `history` column, one list of `history` finite floats per row.
+Rejected rows raise INVALID_PARAMETER_VALUE naming the rows, the reason and what was expected.
+
+Output: classification: `prediction`, `label_name`, `probabilities`; regression: `forecast` (the
+next `horizon` values); language_model: `bits_per_token` of the text after its first token
+(bits per character for a character-level model) and `generated`: `length` tokens after the text
+(params `length` 0, `temperature` 1.0 (0: always the most likely token), `seed` 0)."""
+
+import json
+import math
+import re
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+
+class SequenceModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        with open(context.artifacts["meta"]) as f:
+            meta = json.load(f)
+        self.task, self.column, self.classes = meta["task"], meta["input_column"], meta["classes"]
+        self.width = int(meta["input_shape"][0])  # max_length (text) or history (series)
+        text = meta.get("text") or {}
+        self.tokens = list(text.get("vocab", []))  # by id: 0 <pad>, 1 <unk>
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+        self.unit, self.lowercase = text.get("unit", "word"), text.get("lowercase", True)
+        self.pattern = re.compile(text.get("pattern", r"\w+"))
+        self.module = torch.jit.load(context.artifacts["program"]).eval()
+
+    def tokenize(self, value: str) -> list:
+        value = value.lower() if self.lowercase else value
+        return list(value) if self.unit == "char" else self.pattern.findall(value)
+
+    def expected(self) -> str:
+        if self.column == "text":
+            return "`text`: a string with at least one token"
+        return f"`history`: {self.width} finite floats per row"
+
+    def _rows(self, model_input) -> list:
+        if isinstance(model_input, pd.DataFrame):
+            if self.column not in model_input.columns:
+                raise MlflowException(f"input has no column {self.column!r} (columns: {list(model_input.columns)}); "
+                                      f"expected {self.expected()}", error_code=INVALID_PARAMETER_VALUE)
+            return list(model_input[self.column])
+        return list(model_input)
+
+    def _check(self, problems: list) -> None:
+        rejected = [(i, p) for i, p in enumerate(problems) if p is not None]
+        if rejected:
+            shown = "; ".join(f"row {i}: {p}" for i, p in rejected[:5]) + ("; ..." if len(rejected) > 5 else "")
+            raise MlflowException(f"{len(rejected)} of {len(problems)} input rows rejected ({shown}); "
+                                  f"expected {self.expected()}", error_code=INVALID_PARAMETER_VALUE)
+
+    def encode(self, rows: list, truncate: bool = True) -> list:
+        """Token ids of each row (<unk> = 1); raises naming the rows that have none."""
+        sequences, problems = [], []
+        for value in rows:
+            if not isinstance(value, str):
+                sequences.append([])
+                problems.append(f"expected a string, got {type(value).__name__}")
+                continue
+            ids = [self.ids.get(t, 1) for t in self.tokenize(value.strip())]
+            sequences.append(ids[: self.width] if truncate else ids)
+            problems.append(None if ids else "no token")
+        self._check(problems)
+        return sequences
+
+    def padded(self, sequences: list) -> torch.Tensor:
+        x = torch.zeros(len(sequences), max([len(s) for s in sequences] + [1]), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            x[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return x
+
+    def predict(self, context, model_input, params=None):
+        rows = self._rows(model_input)
+        if self.column == "history":
+            return self._forecast(rows)
+        if self.task == "language_model":
+            return self._language_model(rows, params or {})
+        sequences = self.encode(rows)
+        with torch.no_grad():
+            logits = self.module(self.padded(sequences)) if rows else torch.zeros(0, len(self.classes))
+        probs = torch.softmax(logits.float(), 1).numpy()
+        predicted = probs.argmax(axis=1)
+        return pd.DataFrame({"prediction": predicted.astype(np.int64), "label_name": [self.classes[i] for i in predicted],
+                             "probabilities": list(probs.astype(np.float32))})
+
+    def _forecast(self, rows: list) -> pd.DataFrame:
+        arrays = [None if r is None else np.asarray(r, dtype=np.float32).ravel() for r in rows]
+        problems = [("no value" if a is None else f"{a.size} values") if a is None or a.size != self.width
+                    else (None if np.isfinite(a).all() else "a NaN or infinite value") for a in arrays]
+        self._check(problems)
+        x = torch.from_numpy(np.stack(arrays)) if rows else torch.zeros(0, self.width)
+        with torch.no_grad():
+            out = self.module(x).numpy() if rows else np.zeros((0, 1), np.float32)
+        return pd.DataFrame({"forecast": list(out.astype(np.float64))})
+
+    def _language_model(self, rows: list, params: dict) -> pd.DataFrame:
+        sequences = self.encode(rows, truncate=False)
+        bits = []
+        with torch.no_grad():
+            for s in sequences:
+                s = s[-self.width:]
+                if len(s) < 2:
+                    bits.append(float("nan"))  # nothing to predict after the first token
+                    continue
+                logp = torch.log_softmax(self.module(torch.tensor([s]))[0, :-1].float(), 1)
+                bits.append(float(-logp[torch.arange(len(s) - 1), torch.tensor(s[1:])].mean()) / math.log(2))
+        length, temperature = int(params.get("length", 0)), float(params.get("temperature", 1.0))
+        seed = int(params.get("seed", 0))
+        joiner = "" if self.unit == "char" else " "
+        generated = [joiner.join(self.tokens[i] for i in sample(self.module, s, length, temperature, seed)) for s in sequences]
+        return pd.DataFrame({"bits_per_token": bits, "generated": generated})
+
+
+def sample(module, prompt: list, length: int, temperature: float, seed: int) -> list:
+    """The loop of dl.models.rnn.sample over the scripted `step` (kept identical: a test compares them)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.tensor([prompt], dtype=torch.long)
+    h = c = torch.zeros(0)
+    out, first = [], True
+    with torch.no_grad():
+        for _ in range(length):
+            logits, h, c = module.step(ids, h, c, first)
+            first = False
+            logits[0, 0] = float("-inf")  # never <pad>
+            if temperature <= 0:
+                nxt = int(logits[0].argmax())
+            else:
+                nxt = int(torch.multinomial(torch.softmax(logits[0].float() / temperature, 0), 1, generator=generator))
+            out.append(nxt)
+            ids = torch.tensor([[nxt]], dtype=torch.long)
+    return out
+
+
+mlflow.models.set_model(SequenceModel())
