@@ -102,6 +102,13 @@ def _explain(spark, cfg: Config, args) -> dict:
                        image_uri=args.image, out=args.out)
 
 
+def _generate(spark, cfg: Config, args) -> dict:
+    from dlpipe.stages import generate
+
+    return generate.run(cfg.mlflow, model_uri=args.model or f"models:/{cfg.registry.model_name}@champion",
+                        prompt=args.prompt, length=args.length, temperature=args.temperature, seed=args.seed)
+
+
 def _anomalies(spark, cfg: Config, args) -> dict:
     from dlpipe.stages import anomalies
 
@@ -146,6 +153,7 @@ COMMANDS: dict[str, Command] = {
     "embed": Command("embeddings of an image table into <name>_embeddings, with KMeans purity", _embed),
     "similar": Command("the k nearest images to one image by cosine similarity of embeddings", _similar),
     "explain": Command("occlusion heatmap of one image (PNG)", _explain, spark=False),
+    "generate": Command("text from a language model: the prompt continued by sampled tokens", _generate, spark=False),
     "anomalies": Command("the rows of a table an autoencoder (or a map) fits worst, by reconstruction error",
                          _anomalies),
     "bench": Command("benchmarks (from a checkout): training | prepare | score | models", _bench, trains=True),
@@ -181,12 +189,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cmds["lake"].add_argument("--dry-run", action="store_true", help="vacuum: only list the files")
     cmds["models"].add_argument("action", choices=("describe", "rollback"))
     cmds["models"].add_argument("name", nargs="?", help="registered model name (default: registry.model_name)")
-    for name in ("explain", "embed", "anomalies"):
+    for name in ("explain", "embed", "anomalies", "generate"):
         cmds[name].add_argument("--model", default="", help="model URI (default models:/<registry.model_name>@champion)")
     for name in ("explain", "similar"):
         cmds[name].add_argument("--image", required=True, help="the image file (path or URI)")
     cmds["explain"].add_argument("--out", default="heatmap.png", help="where to write the heatmap PNG")
     cmds["similar"].add_argument("--k", type=int, default=10, help="how many nearest images")
+    cmds["generate"].add_argument("--prompt", required=True, help="the text to continue")
+    cmds["generate"].add_argument("--length", type=int, default=200, help="how many tokens (characters) to generate")
+    cmds["generate"].add_argument("--temperature", type=float, default=1.0, help="0: the most likely token each step")
+    cmds["generate"].add_argument("--seed", type=int, default=0, help="of the sampling")
     cmds["anomalies"].add_argument("--table", required=True, help="the table to rank: <uri> (its latest version) or <uri>@<version>")
     cmds["anomalies"].add_argument("--top", type=int, default=20, help="how many rows, largest error first")
     args = parser.parse_args(argv)
