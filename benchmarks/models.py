@@ -22,7 +22,7 @@ from dlpipe.launchers import TrainTask
 from dlpipe.refs import TableRef
 from dlpipe.scoring import binary_auc
 
-FAMILIES = ("feedforward", "autoencoders")
+FAMILIES = ("feedforward", "autoencoders", "recurrent")
 FASHION_FIRST, FASHION_SECOND = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 
 
@@ -64,6 +64,10 @@ def run(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "conf
         from benchmarks import autoencoders
 
         return autoencoders.run(spark, cfg)
+    if family == "recurrent":
+        from benchmarks import recurrent
+
+        return recurrent.run(spark, cfg)
     t, threads = cfg.train, max(1, torch.get_num_threads())
     backend, workers = t.backend, t.num_workers
     processes = 1 if backend == "local" else workers

@@ -164,7 +164,7 @@ COMMANDS: dict[str, Command] = {
 }
 STEPS = tuple(COMMANDS)
 BENCHMARKS = ("training", "prepare", "score", "models")
-FAMILIES = ("feedforward", "autoencoders")
+FAMILIES = ("feedforward", "autoencoders", "recurrent")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
