@@ -132,7 +132,8 @@ def forecast(spark, cfg, name: str, epochs=None) -> dict:
                 stat.append(fitted.apply(np.asarray(h, float)).forecast(horizon))
             else:
                 stat.append(ExponentialSmoothing(np.asarray(h, float), trend=spec).fit(
-                    smoothing_level=fitted.params["smoothing_level"], optimized=False).forecast(horizon))
+                    smoothing_level=fitted.params["smoothing_level"], optimized=False,
+                    smoothing_trend=fitted.params["smoothing_trend"] if spec else None).forecast(horizon))
     return {"dlpipe_mae": dl_mae, "naive_mae": float(np.abs(naive - hy).mean()), "arima_mae": float(np.abs(np.stack(stat) - hy).mean()),
             "arima_model": label, "arima_aic": float(aic), "season": m, "horizon": horizon, "test_windows": len(hy),
             "dlpipe_wall_s": wall, "dlpipe_samples_per_sec": _speed(result), "baseline_wall_s": time.perf_counter() - started}
