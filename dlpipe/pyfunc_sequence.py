@@ -65,19 +65,20 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"{len(rejected)} of {len(problems)} input rows rejected ({shown}); "
                                   f"expected {self.expected()}", error_code=INVALID_PARAMETER_VALUE)
 
+    def row_problems(self, rows: list) -> list:
+        """Per row: why the model cannot take it, or None (scoring keeps rejected rows with the reason)."""
+        if self.column == "history":
+            arrays = [None if r is None else np.asarray(r, dtype=np.float32).ravel() for r in rows]
+            return [("no value" if a is None else f"{a.size} values") if a is None or a.size != self.width
+                    else (None if np.isfinite(a).all() else "a NaN or infinite value") for a in arrays]
+        return ["expected a string, got " + type(v).__name__ if not isinstance(v, str)
+                else None if self.tokenize(v.strip()) else "no token" for v in rows]
+
     def encode(self, rows: list, truncate: bool = True) -> list:
         """Token ids of each row (<unk> = 1); raises naming the rows that have none."""
-        sequences, problems = [], []
-        for value in rows:
-            if not isinstance(value, str):
-                sequences.append([])
-                problems.append(f"expected a string, got {type(value).__name__}")
-                continue
-            ids = [self.ids.get(t, 1) for t in self.tokenize(value.strip())]
-            sequences.append(ids[: self.width] if truncate else ids)
-            problems.append(None if ids else "no token")
-        self._check(problems)
-        return sequences
+        self._check(self.row_problems(rows))
+        ids = [[self.ids.get(t, 1) for t in self.tokenize(value.strip())] for value in rows]
+        return [s[: self.width] for s in ids] if truncate else ids
 
     def padded(self, sequences: list) -> torch.Tensor:
         x = torch.zeros(len(sequences), max([len(s) for s in sequences] + [1]), dtype=torch.long)
@@ -100,31 +101,37 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
                              "probabilities": list(probs.astype(np.float32))})
 
     def _forecast(self, rows: list) -> pd.DataFrame:
-        arrays = [None if r is None else np.asarray(r, dtype=np.float32).ravel() for r in rows]
-        problems = [("no value" if a is None else f"{a.size} values") if a is None or a.size != self.width
-                    else (None if np.isfinite(a).all() else "a NaN or infinite value") for a in arrays]
-        self._check(problems)
-        x = torch.from_numpy(np.stack(arrays)) if rows else torch.zeros(0, self.width)
+        self._check(self.row_problems(rows))
+        x = torch.from_numpy(np.stack([np.asarray(r, dtype=np.float32).ravel() for r in rows])) if rows \
+            else torch.zeros(0, self.width)
         with torch.no_grad():
             out = self.module(x).numpy() if rows else np.zeros((0, 1), np.float32)
         return pd.DataFrame({"forecast": list(out.astype(np.float64))})
 
     def _language_model(self, rows: list, params: dict) -> pd.DataFrame:
         sequences = self.encode(rows, truncate=False)
-        bits = []
-        with torch.no_grad():
-            for s in sequences:
-                s = s[-self.width:]
-                if len(s) < 2:
-                    bits.append(float("nan"))  # nothing to predict after the first token
-                    continue
-                logp = torch.log_softmax(self.module(torch.tensor([s]))[0, :-1].float(), 1)
-                bits.append(float(-logp[torch.arange(len(s) - 1), torch.tensor(s[1:])].mean()) / math.log(2))
+        bits = self.bits(sequences)
         length, temperature = int(params.get("length", 0)), float(params.get("temperature", 1.0))
         seed = int(params.get("seed", 0))
         joiner = "" if self.unit == "char" else " "
-        generated = [joiner.join(self.tokens[i] for i in sample(self.module, s, length, temperature, seed)) for s in sequences]
+        generated = [joiner.join(self.tokens[i] for i in sample(self.module, s, length, temperature, seed)) if length else ""
+                     for s in sequences]
         return pd.DataFrame({"bits_per_token": bits, "generated": generated})
+
+    def bits(self, sequences: list, batch: int = 256) -> list:
+        """Bits per token of each sequence's last `width` tokens after its first (NaN for one token),
+        in padded batches (the net packs them: padding changes nothing)."""
+        out = []
+        with torch.no_grad():
+            for at in range(0, len(sequences), batch):
+                chunk = [s[-self.width:] for s in sequences[at: at + batch]]
+                x = self.padded(chunk)
+                logp = torch.log_softmax(self.module(x)[:, :-1].float(), 2)
+                target = x[:, 1:]
+                nats = -logp.gather(2, target.unsqueeze(2)).squeeze(2) * (target != 0)
+                counts = (target != 0).sum(1)
+                out += [float(n) / int(k) / math.log(2) if k else float("nan") for n, k in zip(nats.sum(1), counts)]
+        return out
 
 
 def sample(module, prompt: list, length: int, temperature: float, seed: int) -> list:

@@ -49,12 +49,17 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
     """Classification: key, label, prediction, label_name, probabilities, rejected_reason for every
     row of an image or feature table; regression: key, label, prediction (doubles), rejected_reason;
     reconstruction and clustering: key, label (a double), the pyfunc's columns, rejected_reason.
+    Recurrent models (raw text or history windows in): dlpipe.scoring_sequence.
     Arrow batches go straight to the model as one float32 matrix (no per-row Python objects). A row
     the model cannot take keeps its key and label, no prediction, and the reason (rejected_reason,
     null for scored rows), with the expected shape and range."""
     shipped = ship_model(spark, model_uri)
     meta = model_meta(shipped)
     column = meta.get("input_column", "pixels")
+    if column in ("text", "history"):  # a recurrent model: raw text or a window in
+        from dlpipe import scoring_sequence
+
+        return scoring_sequence.predict(images, shipped, meta)
     regression = meta.get("task") == "regression"
     unsupervised = UNSUPERVISED_COLUMNS.get(meta.get("task"))
 

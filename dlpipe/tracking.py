@@ -193,6 +193,15 @@ def load_net(model_uri: str):
     return net_from_dir(local)
 
 
+def logged_meta(model_uri: str) -> dict:
+    """A logged model's meta.json (input shape, classes, task, input column) without its weights."""
+    try:
+        path = mlflow.artifacts.download_artifacts(f"{model_uri.rstrip('/')}/artifacts/meta.json")
+    except Exception:  # a store that cannot fetch one file of a model: the whole model
+        path = str(Path(mlflow.artifacts.download_artifacts(model_uri), "artifacts", "meta.json"))
+    return json.loads(Path(path).read_text())
+
+
 def net_from_dir(local: str):
     from dl.models import REGISTRY, Net, build
     from dlpipe.typed import build as build_config

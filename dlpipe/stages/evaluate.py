@@ -41,7 +41,7 @@ def run(spark: SparkSession, data: DataConfig, model: ModelConfig, registry_cfg:
     model_uri = train_run.data.tags["dlpipe.model_uri"]
     tables = run_tables(train_run.data.params)
     test = tables["test"]
-    classes, label_ids = modeling.label_view(data, model.task)
+    classes, label_ids = evaluation.label_view(data, model.task, model_uri)
     metrics, _, matrix = evaluation.holdout(spark, model_uri, test, task=model.task, label_ids=label_ids,
                                             num_classes=len(classes))
     scores = {k: v for k, v in metrics.items() if k != "test_rows"}

@@ -11,7 +11,7 @@ import dataclasses
 from mlflow.tracking import MlflowClient
 from pyspark.sql import SparkSession
 
-from dlpipe import evaluation, modeling, registry, tracking
+from dlpipe import evaluation, registry, tracking
 from dlpipe.config import Config
 from dlpipe.refs import TableRef
 from dlpipe.registry import CHALLENGER, CHAMPION
@@ -26,7 +26,7 @@ def say(message: str) -> None:
 
 def holdout_metrics(spark: SparkSession, cfg: Config, model_uri: str, test: TableRef) -> dict[str, float]:
     """The champion on the challenger's holdout, exactly as evaluate measured the challenger."""
-    classes, label_ids = modeling.label_view(cfg.data, cfg.model.task)
+    classes, label_ids = evaluation.label_view(cfg.data, cfg.model.task, model_uri)
     metrics, _, _ = evaluation.holdout(spark, model_uri, test, task=cfg.model.task, label_ids=label_ids,
                                        num_classes=len(classes))
     return metrics

@@ -129,6 +129,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
         val = modeling.relabel(lake.read_table(spark, tables["val"].uri, tables["val"].version), label_ids)
         if sequence is not None:
             info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], resolved_config)
+            mlflow.set_tag("dlpipe.model_uri", info.model_uri)
             return _summary(active, info, tables, result, train, resume_from)
         example = val.select(column).limit(2).toPandas()
         info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config)
