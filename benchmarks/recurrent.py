@@ -178,22 +178,27 @@ class KneserNey:
         return total, n
 
 
-def char_lm(spark, cfg, epochs=None, max_rows=0, ngram_lines=20_000) -> dict:
+def char_lm(spark, cfg, epochs=None, max_rows=0, ngram_lines=20_000, test_lines=4000) -> dict:
+    """The net and the n-gram are scored on the same first `test_lines` lines of the test table."""
     model, result, files, _, wall = _trained(spark, cfg, epochs, max_rows)
-    x, _ = load_shard(files["test"], (cfg.data.text.max_length,), 0, 1)
+    uri = cfg.table_uri("test")
+    test = lake.read_table(spark, uri, lake.latest_version(uri)).select("key", "ids", "tokens").orderBy("key") \
+        .limit(test_lines).toPandas()
+    x = np.stack(test["ids"].to_numpy()).astype(np.int64)
     bits = chars = 0.0
     with torch.no_grad():
         for i in range(0, len(x), 256):
-            batch = torch.from_numpy(x[i:i + 256]).long()
+            batch = torch.from_numpy(x[i:i + 256])
             loss, _ = model.objective(batch, torch.zeros(len(batch)))
             n = float((batch[:, 1:] != 0).sum())
             bits, chars = bits + float(loss) * n / math.log(2), chars + n
     started = time.perf_counter()
     lines = {}
-    for split in ("train", "val", "test"):
+    for split in ("train", "val"):
         uri = cfg.table_uri(split)
         rows = lake.read_table(spark, uri, lake.latest_version(uri)).select("tokens").limit(ngram_lines).toPandas()
         lines[split] = ["".join(t[:cfg.data.text.max_length]) for t in rows["tokens"]]
+    lines["test"] = ["".join(t[:cfg.data.text.max_length]) for t in test["tokens"]]
     by_n = {}
     for n in range(1, 7):
         kn = KneserNey(n, lines["train"])
@@ -203,12 +208,21 @@ def char_lm(spark, cfg, epochs=None, max_rows=0, ngram_lines=20_000) -> dict:
     test_bits, test_n = by_n[best][1].bits(lines["test"])
     return {"dlpipe_bpc": bits / max(chars, 1), "ngram_bpc": test_bits / max(test_n, 1), "ngram_n": best,
             "ngram_val_bpc": {n: v[0] for n, v in by_n.items()}, "ngram_train_lines": len(lines["train"]),
+            "test_lines": len(x), "train_rows": result["train_rows"], "epochs": len(result["history"]),
             "dlpipe_wall_s": wall, "dlpipe_samples_per_sec": _speed(result), "baseline_wall_s": time.perf_counter() - started}
 
 
-def run(spark, cfg, *, cases: tuple[str, ...] = ("sentiment", "forecast_sunspots", "forecast_elec_equip", "char_lm", "long_range"),
-        epochs: int | None = None, max_rows: int = 0, long_range_rows: int = 8000, long_range_epochs: int = 10) -> dict:
-    """`cfg`: the bench's --conf/--set (paths.lake, tracking, train.backend); each case reads its own conf."""
+# Each case's size, so that the whole family runs in under 30 minutes on 2 busy cores (measured
+# samples/s in docs/testing.md): the confs' models, fewer epochs and rows where a full run would not fit.
+SIZES = {"sentiment": {"epochs": 2},  # 18.6k train rows, ~330 samples/s -> ~2 min of training
+         "forecast_sunspots": {}, "forecast_elec_equip": {},  # the confs' epochs: a few hundred windows
+         "char_lm": {"epochs": 1, "max_rows": 30_000},  # 2 x 256 LSTM, ~85 lines/s -> ~6 min of training
+         "long_range": {}}  # benchmarks/long_range.py's defaults
+
+
+def run(spark, cfg, *, cases: tuple[str, ...] = tuple(SIZES), epochs: int | None = None, max_rows: int = 0) -> dict:
+    """`cfg`: the bench's --conf/--set (paths.lake, tracking, train.backend); each case reads its own conf.
+    `epochs` and `max_rows` (when given) replace SIZES for the cases trained on tables."""
     import mlflow
 
     from dlpipe import tracking
@@ -218,8 +232,9 @@ def run(spark, cfg, *, cases: tuple[str, ...] = ("sentiment", "forecast_sunspots
     for name in cases:
         started = time.perf_counter()
         say(f"recurrent: {name}")
+        size = SIZES[name] | ({"epochs": epochs} if epochs else {}) | ({"max_rows": max_rows} if max_rows else {})
         if name == "long_range":
-            case, figure = long_range.run(rows=long_range_rows, epochs=long_range_epochs, log=say)
+            case, figure = long_range.run(log=say)
             tracking.setup(cfg.mlflow)
             with mlflow.start_run(run_name="bench-long-range"):
                 mlflow.set_tags({"dlpipe.step": "bench", "dlpipe.bench": "long_range"})
@@ -228,10 +243,10 @@ def run(spark, cfg, *, cases: tuple[str, ...] = ("sentiment", "forecast_sunspots
         else:
             case_cfg = _conf(cfg, CONFS[name], [])
             if name == "sentiment":
-                case = sentiment(spark, case_cfg, epochs, max_rows)
+                case = sentiment(spark, case_cfg, size.get("epochs"), size.get("max_rows", 0))
             elif name == "char_lm":
-                case = char_lm(spark, case_cfg, epochs, max_rows)
+                case = char_lm(spark, case_cfg, size.get("epochs"), size.get("max_rows", 0))
             else:
-                case = forecast(spark, case_cfg, name, epochs)
+                case = forecast(spark, case_cfg, name, size.get("epochs"))
         summary["cases"][name] = case | {"case_wall_s": time.perf_counter() - started}
     return summary
