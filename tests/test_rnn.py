@@ -209,3 +209,24 @@ def test_lstm_on_two_horovod_workers_matches_one_worker_with_the_global_batch(sp
     assert double["world_size"] == 2 and double["backend"] == "horovod"
     assert all(torch.allclose(single["state_dict"][k], double["state_dict"][k], atol=1e-5) for k in single["state_dict"])
     assert double["history"][-1]["loss"] < double["history"][0]["loss"]
+
+
+def test_served_bits_per_token_equal_the_training_figure_and_bad_rows_have_reasons():
+    from dlpipe.pyfunc_sequence import SequenceModel
+
+    torch.manual_seed(0)
+    model = build(_net(task="language_model", outputs=30, cell="lstm")).eval()
+    served = SequenceModel.__new__(SequenceModel)
+    served.module, served.width, served.column = torch.jit.script(model), 12, "text"
+    x, _ = _ids(40, seed=3)
+    x = x[(x != 0).sum(1) >= 2]  # a one-token row has nothing to predict (NaN when served)
+    ids = torch.from_numpy(x).long()
+    _, figure = model.objective(ids, torch.zeros(len(ids)))
+    bits = served.bits([[int(i) for i in row if i] for row in x], batch=7)  # batches of mixed lengths
+    assert np.mean(bits) == pytest.approx(float(figure) / len(x), rel=1e-5)
+    assert np.isnan(served.bits([[5]])[0])
+    served.lowercase, served.unit, served.pattern = True, "word", __import__("re").compile(r"\w+")
+    assert served.row_problems(["fine", "?!", None]) == [None, "no token", "expected a string, got NoneType"]
+    served.column = "history"
+    assert served.row_problems([[1.0] * 12, [1.0] * 3, [float("nan")] * 12, None]) == [
+        None, "3 values", "a NaN or infinite value", "no value"]
