@@ -76,7 +76,7 @@ def windows(observations: pd.DataFrame, history: int, horizon: int, stride: int,
             split = "test"
         else:
             continue
-        rows.append((f"{series}@{start!r}", series, start, end, values[i: i + history], values[i + history: i + size], split))
+        rows.append((f"{series}@{float(start)!r}", series, start, end, values[i: i + history], values[i + history: i + size], split))
     return pd.DataFrame(rows, columns=[c.split()[0] for c in WINDOW_SCHEMA.split(", ")])
 
 
