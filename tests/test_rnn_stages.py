@@ -1,7 +1,8 @@
 """Recurrent models through the stages on small real slices, real Spark + Delta + MLflow: the
 sentiment LSTM land -> prepare -> train -> evaluate (registered, champion) -> score (raw text in,
 probabilities out, a bad row kept with its reason), and the character-level text pipeline
-(data.text.unit: char)."""
+(data.text.unit: char) with a tiny language model trained, evaluated (test_bpc), registered as
+champion and sampled by `generate` from models:/<name>@champion."""
 
 import dataclasses
 import json
@@ -61,12 +62,15 @@ def test_sentiment_lstm_train_evaluate_register_score(spark, tmp_path):
     assert m["test_accuracy"] == pytest.approx((out.loc[rows["key"], "prediction"].to_numpy() == rows["label"].to_numpy()).mean())
 
 
-def test_char_unit_tokens_are_characters(spark, tmp_path):
+@pytest.mark.slow
+def test_char_unit_tokens_are_characters_and_the_language_model_registers_and_generates(spark, tmp_path):
     landing = tmp_path / "landing"
     landing.mkdir()
     (landing / "part-00000.txt").write_text("Ab ab!\n\n   \nabc\nzzzz ab\n" + "ab cab\n" * 20)
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.text.min_count=3", "data.text.max_length=5",
-                      "data.max_rejected_fraction=0.5", conf="conf/gutenberg_chars.yaml")
+                      "data.max_rejected_fraction=0.5", "train.epochs=1", "train.batch_size=4", "train.backend=local",
+                      "train.max_rows=0", "model.rnn.layers=1", "model.rnn.hidden=8", "model.rnn.embedding=4",
+                      "model.rnn.dropout=0", "registry.model_name=chars_e2e", conf="conf/gutenberg_chars.yaml")
 
     summary = stage("prepare", spark, cfg)
 
@@ -82,4 +86,11 @@ def test_char_unit_tokens_are_characters(spark, tmp_path):
         expected = [int(tokens["id"].get(t, 1)) for t in r.text[:5]]
         assert list(r.ids) == expected + [0] * (5 - len(expected))
     assert json.loads(json.dumps(summary["length"]))["max"] == 7
+
+    trained = stage("train", spark, cfg)
+    evaluated = stage("evaluate", spark, with_run(cfg, trained["run_id"]))
+    assert evaluated["champion"] and 0 < evaluated["metrics"]["test_bpc"] < 10  # no threshold for a language model
+    out = stage("generate", spark, cfg, model="", prompt="ab", length=6, temperature=0.0, seed=0)
+    assert out["model_uri"] == "models:/chars_e2e@champion" and len(out["generated"]) == 6
+    assert out["text"] == "ab" + out["generated"] and set(out["generated"]) <= set(tokens.index[2:])
 
