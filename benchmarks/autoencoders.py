@@ -30,9 +30,10 @@ from dlpipe.launchers import TrainTask
 KINDS = ("deep", "denoising", "sparse", "contractive")
 
 
-def run(spark, cfg: Config, *, ae_epochs: int = 10, som_epochs: int = 10, som_side: int = 20, code: int = 30,
-        probe_rows: int = 10_000) -> dict:
+def run(spark, cfg: Config, *, som_epochs: int = 10, som_side: int = 20, code: int = 30, probe_rows: int = 10_000) -> dict:
+    """The autoencoders train for the conf's train.epochs at its train.lr (cosine schedule)."""
     t = cfg.train
+    ae_epochs = t.epochs
     backend, workers = t.backend, t.num_workers
     processes = 1 if backend == "local" else workers
     threads = max(1, torch.get_num_threads() // processes)
@@ -42,7 +43,7 @@ def run(spark, cfg: Config, *, ae_epochs: int = 10, som_epochs: int = 10, som_si
     train, test = arrays(files["train"], shape), arrays(files["test"], shape)
     summary: dict = {"step": "bench models", "family": "autoencoders", "backend": backend, "workers": workers,
                      "tables": {split: "%s@%s" % ref for split, ref in tables.items()}, "cases": {}}
-    fit = TrainConfig(epochs=ae_epochs, batch_size=t.batch_size, lr=0.001, lr_schedule="cosine", seed=t.seed,
+    fit = TrainConfig(epochs=ae_epochs, batch_size=t.batch_size, lr=t.lr, lr_schedule="cosine", seed=t.seed,
                       checkpoint_every=0, pretrain=t.pretrain, pretrain_epochs=t.pretrain_epochs)  # --set train.pretrain=greedy
     trained = {}
     for kind in KINDS:
@@ -103,18 +104,23 @@ def denoising_case(trained: dict, x_test: np.ndarray, seed: int) -> dict:
 
 
 def probe_case(trained: dict, kind: str, train, test, rows: int, seed: int) -> dict:
-    """Test accuracy of a logistic regression on the codes of `rows` training images."""
+    """Test accuracy of a logistic regression on the codes of `rows` training images drawn at
+    random (the table is stored class by class: its first rows hold two classes)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
+    pick = np.random.default_rng(seed).permutation(len(train[0]))[:rows]
+    x, y = train[0][pick], train[1][pick]
+
     def probe(model) -> float:
-        scale = StandardScaler().fit(_codes(model, train[0][:rows]))
-        clf = LogisticRegression(max_iter=1000, random_state=seed).fit(scale.transform(_codes(model, train[0][:rows])), train[1][:rows])
+        codes = _codes(model, x)
+        scale = StandardScaler().fit(codes)
+        clf = LogisticRegression(max_iter=1000, random_state=seed).fit(scale.transform(codes), y)
         return float(clf.score(scale.transform(_codes(model, test[0])), test[1]))
 
     ours, plain = probe(trained[kind][0]), probe(trained["deep"][0])
     say(f"linear probe on the codes: {kind} {ours:.4f}, plain {plain:.4f}")
-    return {"probe_accuracy": ours, "deep_probe_accuracy": plain, "probe_rows": min(rows, len(train[0])),
+    return {"probe_accuracy": ours, "deep_probe_accuracy": plain, "probe_rows": len(pick),
             "test_mse": trained[kind][1]["test_mse"], "goal": "probe_accuracy > deep_probe_accuracy"}
 
 

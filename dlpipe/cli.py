@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -117,8 +119,11 @@ def _anomalies(spark, cfg: Config, args) -> dict:
 
 
 def _bench(spark, cfg: Config, args) -> dict:
+    """A benchmark's summary, headed by what docs/performance.md records of the machine and the day."""
     benchmark = benchmark_module(args.benchmark)
-    return benchmark.run(spark, cfg, **({"family": args.family} if args.benchmark == "models" else {}))
+    machine = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "cores": os.cpu_count(), "load_average_before": os.getloadavg()[0]}
+    summary = benchmark.run(spark, cfg, **({"family": args.family} if args.benchmark == "models" else {}))
+    return machine | summary | {"load_average_after": os.getloadavg()[0]}
 
 
 def _lake(spark, cfg: Config, args) -> dict:
