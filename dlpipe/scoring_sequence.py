@@ -4,7 +4,7 @@ Rows the model cannot take keep their key, no prediction and the reason, as in d
 
 Output by task: classification as every classifier (key, label, prediction, label_name,
 probabilities); regression (a forecast): key, end, target, forecast (the next `horizon` values);
-language_model: key, bits_per_token (null for a row of one token: nothing to predict)."""
+language_model: key, bits_per_token (null for a row of one token, with the reason: nothing to predict)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ SCHEMAS = {
     "regression": "key string, end double, target array<double>, forecast array<double>, rejected_reason string",
     "language_model": "key string, bits_per_token double, rejected_reason string",
 }
+ONE_TOKEN = "one token: a language model scores the tokens after the first"
 COLUMNS = {"classification": ("key", "label", "text"), "regression": ("key", "end", "target", "history"),
            "language_model": ("key", "text")}
 
@@ -58,6 +59,8 @@ def predict(rows: DataFrame, shipped: str, meta: dict) -> DataFrame:
             else:
                 bits = [None if math.isnan(b) else float(b) for b in out["bits_per_token"]] if taken else []
                 columns["bits_per_token"] = _spread(pa.array(bits, pa.float64()), good)
+                scored = iter(bits)
+                reasons = [r if not ok or next(scored) is not None else ONE_TOKEN for r, ok in zip(reasons, good)]
             columns["rejected_reason"] = pa.array(reasons, pa.string())
             yield pa.RecordBatch.from_pydict(columns)
 

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from dlpipe import datasets
-from pipelines.text import tokenize
+from dlpipe.scoring_sequence import ONE_TOKEN
 from dlpipe.spark import ENGINE_KEY
+from pipelines.text import tokenize
 from tests.conftest import make_config, read_table, split_rows, stage, with_run
 
 
@@ -94,3 +95,14 @@ def test_char_unit_tokens_are_characters_and_the_language_model_registers_and_ge
     assert out["model_uri"] == "models:/chars_e2e@champion" and len(out["generated"]) == 6
     assert out["text"] == "ab" + out["generated"] and set(out["generated"]) <= set(tokens.index[2:])
 
+    alone = stage("generate", spark, cfg, model="", prompt="a", length=2, temperature=0.0, seed=0)
+    assert alone["prompt_bits_per_token"] is None and json.loads(json.dumps(alone, allow_nan=False))["text"].startswith("a")
+
+    import deltalake
+    planted = deltalake.DeltaTable(cfg.table_uri("test")).to_pandas().iloc[:1].assign(key="planted", text="a")
+    deltalake.write_deltalake(cfg.table_uri("test"), planted, mode="append")
+    scored = stage("score", spark, dataclasses.replace(cfg, score=dataclasses.replace(cfg.score, input=cfg.table_uri("test"))))
+    out = deltalake.DeltaTable(cfg.table_uri("predictions")).to_pandas().set_index("key")
+    assert scored["predictions"]["rows_rejected"] == 1 and pd.isna(out.loc["planted", "bits_per_token"])
+    assert out.loc["planted", "rejected_reason"] == ONE_TOKEN
+    assert out.drop(index="planted")["rejected_reason"].isna().all() and out.drop(index="planted")["bits_per_token"].gt(0).all()

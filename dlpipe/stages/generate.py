@@ -4,6 +4,8 @@ the registered pyfunc itself, as a consumer would (dlpipe/pyfunc_sequence.py).""
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pandas as pd
 
@@ -27,10 +29,11 @@ def run(mlflow_cfg: MlflowConfig, *, model_uri: str, prompt: str, length: int, t
         raise ConfigError(f"--model {model_uri}: not a language model (model.task language_model); it cannot generate")
     out = model.predict(pd.DataFrame({"text": [prompt]}), params={"length": length, "temperature": temperature, "seed": seed})
     generated = str(out["generated"].iloc[0])
+    bits = float(out["bits_per_token"].iloc[0])  # NaN for a one-token prompt: nothing to score
     joiner = "" if _char_level(model) else " "
     return {"step": "generate", "model_uri": model_uri, "prompt": prompt, "length": length, "temperature": temperature,
             "seed": seed, "generated": generated, "text": prompt + joiner + generated,
-            "prompt_bits_per_token": float(out["bits_per_token"].iloc[0])}
+            "prompt_bits_per_token": None if math.isnan(bits) else bits}
 
 
 def _char_level(model) -> bool:
