@@ -231,7 +231,8 @@ def task_figures(model: torch.nn.Module, task: str, x: np.ndarray, labels: np.nd
     if task == "reconstruction":
         figures = {"plots/codes_2d.png": codes_figure(model.features(rows).numpy(), labels, classes)}
         if x.ndim == 4:  # images
-            figures["plots/reconstructions.png"] = reconstructions_figure(x[:10], model(rows[:10]).numpy())
+            shown = one_per_label(labels, 10)
+            figures["plots/reconstructions.png"] = reconstructions_figure(x[shown], model(rows[shown]).numpy())
         return figures
     if task == "clustering":
         shape = (model.cfg.rows, model.cfg.columns)
@@ -239,6 +240,12 @@ def task_figures(model: torch.nn.Module, task: str, x: np.ndarray, labels: np.nd
         return {"plots/u_matrix.png": map_figure(model.u_matrix(), "U-matrix: mean distance to the neighbours' prototypes", "bone"),
                 "plots/hit_map.png": map_figure(hits, f"Hit map: best matching unit of {len(x)} validation rows", "viridis")}
     raise ValueError(f"no task figures for task {task!r} (expected one of {TASK_FIGURES})")
+
+
+def one_per_label(labels: np.ndarray, n: int) -> np.ndarray:
+    """Up to n row indices: the first row of each label, in row order, then the other rows."""
+    first = np.sort(np.unique(labels, return_index=True)[1])
+    return np.concatenate([first, np.setdiff1d(np.arange(len(labels)), first)])[:n]
 
 
 def reconstructions_figure(images: np.ndarray, rebuilt: np.ndarray):
@@ -279,9 +286,10 @@ def codes_figure(codes: np.ndarray, labels: np.ndarray, classes: list[str]):
 
 
 @torch.no_grad()
-def forecast_figure(model: torch.nn.Module, windows: dict):
+def forecast_figure(model: torch.nn.Module, windows: dict, dates: bool = False):
     """Forecast against actual over the val and test windows ({split: DataFrame with end, history,
-    target}, sorted by end): one panel for 1 step ahead, one for the last step of the horizon."""
+    target}, sorted by end): one panel for 1 step ahead, one for the last step of the horizon.
+    `dates`: the times are seconds since the epoch (UTC), drawn as dates."""
     plt = _pyplot()
     model = model.eval()
     horizon = len(next(iter(windows.values()))["target"].iloc[0])
@@ -292,10 +300,11 @@ def forecast_figure(model: torch.nn.Module, windows: dict):
             continue
         forecast = model(torch.tensor(np.stack(frame["history"].to_numpy()), dtype=torch.float32)).numpy()
         actual = np.stack(frame["target"].to_numpy())
+        end = pd.to_datetime(frame["end"], unit="s") if dates else frame["end"]
         for ax, k in zip(axes[0], steps):
             mae = np.abs(forecast[:, k] - actual[:, k]).mean()
-            ax.plot(frame["end"], actual[:, k], "-", color="black", lw=1, label=f"actual ({split})" if split == "val" else None)
-            ax.plot(frame["end"], forecast[:, k], "-", lw=1.2, label=f"forecast, {split} (MAE {mae:.3g})")
+            ax.plot(end, actual[:, k], "-", color="black", lw=1, label="actual" if split == "val" else None)
+            ax.plot(end, forecast[:, k], "-", lw=1.2, label=f"forecast, {split} (MAE {mae:.3g})")
     for ax, k in zip(axes[0], steps):
         ax.set(xlabel="window end (time of its last target value)", title=f"{k + 1} step(s) ahead")
         ax.grid(alpha=0.3)

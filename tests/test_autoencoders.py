@@ -148,6 +148,14 @@ def test_hexagonal_map_neighbours_and_topographic_error():
 
 # --- on the small real slice -------------------------------------------------------------------------
 
+def test_reconstruction_grid_shows_each_label_before_repeating_one():
+    from dlpipe.tracking import one_per_label
+
+    labels = np.array([4, 4, 4, 1, 1, 7, 4])  # a table stored class by class
+    assert one_per_label(labels, 4).tolist() == [0, 3, 5, 1]
+    assert one_per_label(labels[:2], 10).tolist() == [0, 1]
+
+
 def test_conf_files_load():
     from dlpipe.config import load_config
 

@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
 
 from dl.models import build
 from dlpipe import checkpoints, lake, modeling, tracking
@@ -21,6 +22,7 @@ from dlpipe.refs import SPLITS, TableRef, resolve
 from dlpipe.scoring import confusion_and_metrics, predict
 
 PLOTTED_ROWS = 2000  # validation rows drawn in the plots of models trained without a target
+# drawn in a seeded random order: prepare may store a table class by class, so its first rows can be one class
 
 
 def say(message: str) -> None:
@@ -128,7 +130,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
         trained.load_state_dict(result["state_dict"])
         val = modeling.relabel(lake.read_table(spark, tables["val"].uri, tables["val"].version), label_ids)
         if sequence is not None:
-            info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], resolved_config)
+            info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], data, resolved_config)
             mlflow.set_tag("dlpipe.model_uri", info.model_uri)
             return _summary(active, info, tables, result, train, resume_from)
         example = val.select(column).limit(2).toPandas()
@@ -139,7 +141,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Validation confusion matrix"),
                               "plots/confusion_matrix_val.png")
         elif net.task in tracking.TASK_FIGURES:
-            sample = val.select(column, "label").limit(PLOTTED_ROWS).toPandas()
+            sample = val.select(column, "label").orderBy(F.rand(seed=0)).limit(PLOTTED_ROWS).toPandas()
             x = np.stack(sample[column].to_numpy()).astype(np.float32).reshape(-1, *input_shape)
             for path, figure in tracking.task_figures(trained, net.task, x, sample["label"].to_numpy(), classes).items():
                 mlflow.log_figure(figure, path)
@@ -154,13 +156,13 @@ def _summary(active, info, tables, result, train, resume_from) -> dict:
             "device": result["device"], "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
 
 
-def sequence_plots_and_model(spark, trained, net, tables, classes, text, resolved_config):
+def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, resolved_config):
     """A recurrent net: log the pyfunc that takes raw text or a window, then what shows how it does on
     the val table: the confusion matrix (scored by that pyfunc, raw text in) or the forecast against
     the actual values of the val and test windows."""
     val = lake.read_table(spark, tables["val"].uri, tables["val"].version)
     if text is not None:
-        sample = val.select("text", "label").limit(PLOTTED_ROWS).toPandas()
+        sample = val.select("text", "label").orderBy(F.rand(seed=0)).limit(PLOTTED_ROWS).toPandas()
         info = tracking.log_sequence_model(trained, net, classes, text, list(sample["text"][:2]), resolved_config)
         if net.task == "classification":
             predicted = mlflow.pyfunc.load_model(info.model_uri).predict(sample[["text"]])["prediction"].to_numpy()
@@ -173,8 +175,17 @@ def sequence_plots_and_model(spark, trained, net, tables, classes, text, resolve
                .sort_values("end") for s in ("val", "test")}
     info = tracking.log_sequence_model(trained, net, [], None, [list(map(float, windows["val"]["history"].iloc[0]))],
                                        resolved_config)
-    mlflow.log_figure(tracking.forecast_figure(trained, windows), "plots/forecast_vs_actual.png")
+    dates = _is_timestamp(data.timeseries.val_start)  # times were parsed like the boundaries (pipelines/records.py)
+    mlflow.log_figure(tracking.forecast_figure(trained, windows, dates), "plots/forecast_vs_actual.png")
     return info
+
+
+def _is_timestamp(boundary: str) -> bool:
+    try:
+        float(boundary)
+        return False
+    except ValueError:
+        return True
 
 
 def _run_finished(client: MlflowClient, run_id: str) -> bool:
