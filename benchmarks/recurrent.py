@@ -218,7 +218,7 @@ def char_lm(spark, cfg, epochs=None, max_rows=0, test_lines=4000) -> dict:
 # machine: docs/performance.md): the confs' models, fewer epochs and rows where a full run would not fit.
 SIZES = {"sentiment": {"epochs": 6},  # 18.6k train rows, ~530 samples/s on a quiet machine -> ~2 min of training
          "forecast_sunspots": {}, "forecast_elec_equip": {},  # the confs' epochs: a few hundred windows
-         "char_lm": {"epochs": 1, "max_rows": 30_000},  # 2 x 256 LSTM, ~85 lines/s -> ~6 min of training
+         "char_lm": {"epochs": 1, "max_rows": 30_000},  # 2 x 256 LSTM, ~120 lines/s -> ~4.5 min of training
          "long_range": {}}  # benchmarks/long_range.py's defaults
 
 
