@@ -119,6 +119,15 @@ def text(record: dict, column: str) -> str:
     return str(value).strip()
 
 
+def is_timestamp(value: Any) -> bool:
+    """Whether parse_time reads `value` as a timestamp (seconds since the epoch) rather than a number."""
+    try:
+        float(str(value).strip())
+        return False
+    except ValueError:
+        return True
+
+
 def parse_time(value: Any) -> float:
     """A time as a number: numbers (e.g. a year) stay as they are, timestamps become seconds
     since the epoch (UTC). Raises ValueError for anything else."""
@@ -129,7 +138,7 @@ def parse_time(value: Any) -> float:
     else:
         try:
             out = float(str(value).strip())
-        except ValueError:
+        except ValueError:  # a timestamp (is_timestamp is this test on its own)
             stamp = pd.Timestamp(str(value).strip())  # ValueError when unparsable
             if stamp is pd.NaT:
                 raise ValueError(f"not a time: {value!r}") from None

@@ -138,6 +138,14 @@ def test_table_config_errors_name_the_key(override, message):
         load_config("conf/adult.yaml", [override])
 
 
+def test_is_timestamp_agrees_with_how_parse_time_reads_a_time():
+    from pipelines.records import is_timestamp, parse_time
+
+    for number in ("1900", " 1749.5 ", 1990):
+        assert not is_timestamp(number) and parse_time(number) == float(number)
+    assert is_timestamp("2010-01-01") and parse_time("2010-01-01") == 1262304000.0
+
+
 def test_timeseries_config_errors_name_the_key():
     from dlpipe.config import ConfigError, load_config
 

@@ -20,6 +20,7 @@ from dlpipe.errors import InputNotFound
 from dlpipe.launchers import TrainTask, launch
 from dlpipe.refs import SPLITS, TableRef, resolve
 from dlpipe.scoring import confusion_and_metrics, predict
+from pipelines.records import is_timestamp
 
 PLOTTED_ROWS = 2000  # validation rows drawn in the plots of models trained without a target
 # drawn in a seeded random order: prepare may store a table class by class, so its first rows can be one class
@@ -175,17 +176,9 @@ def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, r
                .sort_values("end") for s in ("val", "test")}
     info = tracking.log_sequence_model(trained, net, [], None, [list(map(float, windows["val"]["history"].iloc[0]))],
                                        resolved_config)
-    dates = _is_timestamp(data.timeseries.val_start)  # times were parsed like the boundaries (pipelines/records.py)
+    dates = is_timestamp(data.timeseries.val_start)  # prepare parsed the times as it parses the boundaries
     mlflow.log_figure(tracking.forecast_figure(trained, windows, dates), "plots/forecast_vs_actual.png")
     return info
-
-
-def _is_timestamp(boundary: str) -> bool:
-    try:
-        float(boundary)
-        return False
-    except ValueError:
-        return True
 
 
 def _run_finished(client: MlflowClient, run_id: str) -> bool:
