@@ -114,6 +114,7 @@ def fit(
     resume: dict | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     save_checkpoint: Callable[[dict], None] | None = None,
+    stop: Callable[[dict], bool] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Train on this worker's shard; returns per-epoch metrics (the same on every worker).
@@ -125,6 +126,8 @@ def fit(
     Every worker takes the same number of steps per epoch (the smallest shard decides), so
     uneven shards never leave one worker waiting in a collective. `on_epoch` and
     `save_checkpoint` are called on rank 0 only; `resume` is a state from `save_checkpoint`.
+    `stop` (given on every rank, asked on rank 0 after each epoch, its answer shared by all) ends
+    the run early: a tuning trial its pruner gives up on.
 
     A model may own its objective, `objective(x, y) -> (loss, sum of the epoch figure)` (an
     autoencoder's reconstruction loss), and a model not trained by gradient descent takes its
@@ -191,6 +194,8 @@ def fit(
                                  "step": epoch * steps, "history": history})
             if on_epoch is not None:
                 on_epoch(metrics)
+        if stop is not None and dist.sum([float(dist.rank == 0 and stop(metrics))])[0] > 0:
+            break
     return history
 
 

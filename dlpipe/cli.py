@@ -30,6 +30,7 @@ class Command:
     spark: bool = True  # starts (or joins) the SparkSession
     tracking: bool = True  # talks to MLflow: the tracking server is checked first
     trains: bool = False  # starts training workers: the train.backend launcher is checked first
+    check: Callable[..., None] | None = None  # (cfg, args): more checks before Spark starts
 
 
 def _land_demo(spark, cfg: Config, args) -> dict:
@@ -74,6 +75,22 @@ def _retrain(spark, cfg: Config, args) -> dict:
     from dlpipe.stages import retrain
 
     return retrain.run(spark, cfg)
+
+
+def _tune_check(cfg: Config, args) -> None:
+    from dlpipe import tuning
+    from dlpipe.stages import tune
+
+    from dlpipe.config import raw_config
+
+    args.space_params, args.raw = tuning.read_space(args.space), raw_config(args.conf, args.all_overrides)
+    tune.check(cfg, args.space_params, args.raw)
+
+
+def _tune(spark, cfg: Config, args) -> dict:
+    from dlpipe.stages import tune
+
+    return tune.run(spark, cfg, args.space_params, args.raw)
 
 
 def _demo(spark, cfg: Config, args) -> dict:
@@ -154,6 +171,8 @@ COMMANDS: dict[str, Command] = {
     "score": Command("predictions of one model version on one table version (score.input) into <name>_predictions",
                      _score),
     "retrain": Command("train a challenger on new data; promote it only if it beats the champion", _retrain, trains=True),
+    "tune": Command("a hyperparameter study: trials of train over a search space (--space), many at once, "
+                    "the best registered", _tune, trains=True, check=_tune_check),
     "demo": Command("land, prepare, train, evaluate and score the demo dataset end to end", _demo, trains=True),
     "embed": Command("embeddings of an image table into <name>_embeddings, with KMeans purity", _embed),
     "similar": Command("the k nearest images to one image by cosine similarity of embeddings", _similar),
@@ -168,7 +187,7 @@ COMMANDS: dict[str, Command] = {
                       tracking=False),
 }
 STEPS = tuple(COMMANDS)
-BENCHMARKS = ("training", "prepare", "score", "models")
+BENCHMARKS = ("training", "prepare", "score", "models", "tune")
 FAMILIES = ("feedforward", "autoencoders", "recurrent")
 
 
@@ -186,6 +205,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dlpipe", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="step", required=True, metavar="command")
     cmds = {name: sub.add_parser(name, parents=[common], help=c.help, description=c.help) for name, c in COMMANDS.items()}
+    cmds["tune"].add_argument("--space", required=True, help="the search space: a YAML file of config keys -> "
+                              "{uniform|loguniform|int: [low, high]} or {choice: [values]} (docs/tuning.md)")
     cmds["bench"].add_argument("benchmark", choices=BENCHMARKS)
     cmds["bench"].add_argument("--family", choices=FAMILIES, default="feedforward", help="bench models: which family")
     cmds["lake"].add_argument("action", choices=("vacuum", "history"))
@@ -222,7 +243,7 @@ def upstream_overrides(step: str, upstream: str) -> list[str]:
         raise ConfigError(f"--upstream: expected a JSON summary (or a file holding one), got {upstream[:80]!r}") from None
     tables = summary.get("tables") or {}
     out = []
-    if step in ("train", "retrain", "embed") and all(s in tables for s in SPLITS):
+    if step in ("train", "retrain", "embed", "tune") and all(s in tables for s in SPLITS):
         out.append("train.tables=" + json.dumps({s: f"{tables[s]['uri']}@{tables[s]['version']}" for s in SPLITS}))
     if step == "evaluate" and summary.get("run_id"):
         out.append(f"evaluate.run_id={summary['run_id']}")
@@ -239,11 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[args.step]
     try:
         upstream = upstream_overrides(args.step, args.upstream) if args.upstream else []
-        cfg = load_config(args.conf, [*upstream, *args.overrides])  # before Spark starts
+        args.all_overrides = [*upstream, *args.overrides]
+        cfg = load_config(args.conf, args.all_overrides)  # before Spark starts
         if command.trains:
             from dlpipe.launchers import check_backend
 
             check_backend(cfg.train.backend)
+        if command.check:
+            command.check(cfg, args)
         if command.tracking:
             from dlpipe.registry import check_reachable
 

@@ -17,6 +17,7 @@ import yaml
 from dl.models import REGISTRY, TASKS
 from dl.train import TrainConfig
 from dlpipe import typed
+from dlpipe.tuning import TuneConfig, validate_tune
 
 CHECKOUT = Path(__file__).resolve().parent.parent  # where `make setup` puts .work/jars
 from dlpipe.errors import ConfigError  # re-exported: callers import it from here
@@ -188,6 +189,7 @@ class Config:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def table_uri(self, suffix: str) -> str:
         return table_uri(self.paths, self.data, suffix)
@@ -203,6 +205,16 @@ def table_uri(paths: PathsConfig, data: DataConfig, suffix: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults <- experiment file <- `key=value` overrides, then typed validation."""
+    return from_raw(raw_config(path, overrides))
+
+
+def from_raw(raw: dict) -> Config:
+    """A validated Config from a nested mapping of the keys set (raw_config's, or Config.to_dict())."""
+    return _resolve_paths(typed.build(Config, raw, prefix=""))
+
+
+def raw_config(path: str | Path | None = None, overrides: list[str] = ()) -> dict:
+    """What the experiment file and the overrides set, as one nested mapping (before the defaults)."""
     raw: dict = {}
     if path is not None:
         typed.merge(raw, _read_yaml(Path(path)))
@@ -211,7 +223,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=0.01")
         typed.merge(raw, typed.nest(typed.split_key(Config, key.strip()), yaml.safe_load(value)))
-    return _resolve_paths(typed.build(Config, raw, prefix=""))
+    return raw
 
 
 def _read_yaml(path: Path) -> dict:
@@ -308,6 +320,7 @@ def _validate(cfg: Config) -> None:
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError("config key 'data.classes': expected at least two distinct class folder names")
     _validate_data_kind(cfg.data)
+    validate_tune(cfg.tune, cfg.model.task)
 
 
 def _validate_sequence_model(cfg: Config) -> None:

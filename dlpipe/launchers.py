@@ -4,8 +4,9 @@ A launcher is one small protocol, chosen by `train.backend` in one place (LAUNCH
     check()                               -> raises ConfigError naming train.backend and the fix
     run(spark, task, num_workers) -> list    the workers' results (rank 0's is not None)
 
-in-process (`local`), Horovod on the job's Spark executors (`horovod`) and TorchDistributor
-(`torch_distributor`: torch.distributed, Gloo on CPU, NCCL on GPU). There is no fallback: a
+in-process (`local`), Horovod on the job's Spark executors (`horovod`), TorchDistributor
+(`torch_distributor`: torch.distributed, Gloo on CPU, NCCL on GPU), and one worker in one Spark
+task (`spark_task`: how `dlpipe tune` runs many small trials at once). There is no fallback: a
 launcher that cannot run is an error before Spark starts (the CLI calls check_backend), not a
 quieter run with fewer workers."""
 
@@ -84,15 +85,35 @@ class TorchDistributorOnSpark:
                 .run(train_worker, task, self.name)]
 
 
+class InSparkTask:
+    """One worker in one Spark task (spark.task.cpus cores): a tuning trial among many at once. A task
+    lost without a report from the worker (its process killed, its executor gone) is run once more."""
+
+    name, distributed = "spark_task", False
+
+    def check(self) -> None:
+        pass
+
+    def run(self, spark, task: TrainTask, num_workers: int) -> list:
+        job = spark.sparkContext.parallelize([0], 1)
+        try:
+            return job.map(lambda _: train_worker(task, "local")).collect()
+        except Exception as exc:
+            if _failure_cause(task.error_dir) is not None:
+                raise
+            print(f"dlpipe: a training task was lost ({type(exc).__name__}); running it once more", flush=True)
+            return job.map(lambda _: train_worker(task, "local")).collect()
+
+
 LAUNCHERS: dict[str, Launcher] = {launcher.name: launcher for launcher in
-                                  (HorovodOnSpark(), TorchDistributorOnSpark(), InProcess())}
-BACKENDS = tuple(LAUNCHERS)
+                                  (HorovodOnSpark(), TorchDistributorOnSpark(), InProcess(), InSparkTask())}
+BACKENDS = ("horovod", "torch_distributor", "local")  # what train.backend may name; spark_task is tune's
 
 
 def check_backend(backend: str) -> Launcher:
     """The launcher train.backend names, after checking it can run here."""
     if backend not in LAUNCHERS:
-        raise ConfigError(f"config key 'train.backend': expected one of {list(LAUNCHERS)}, got {backend!r}")
+        raise ConfigError(f"config key 'train.backend': expected one of {list(BACKENDS)}, got {backend!r}")
     launcher = LAUNCHERS[backend]
     launcher.check()
     return launcher

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,9 @@ from mlflow.types.schema import Array, ColSpec, DataType, Schema
 
 from dlpipe.config import MlflowConfig
 
+# torch.export and torch.jit.script are not thread-safe, and a module built in another thread while one
+# exports can end up in the exported program: tune's trials build and log models from driver threads
+TORCH_LOCK = threading.RLock()
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 SEQUENCE_PYFUNC_CODE = Path(__file__).with_name("pyfunc_sequence.py")  # recurrent models: raw text or a window in
 # the pyfunc output follows from the model's task
@@ -77,7 +81,8 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
     input_shape = tuple(net.input_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     served = CodeAndReconstruction(model) if net.task == "reconstruction" else model
-    program = torch.export.export(served, (torch.zeros(2, *input_shape),), dynamic_shapes={"x": {0: batch}})
+    with TORCH_LOCK:
+        program = torch.export.export(served, (torch.zeros(2, *input_shape),), dynamic_shapes={"x": {0: batch}})
     with tempfile.TemporaryDirectory() as tmp:
         paths = {
             "program": Path(tmp, "model.pt2"),
@@ -119,7 +124,8 @@ def log_sequence_model(model: torch.nn.Module, net, classes: list[str], text: di
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"program": Path(tmp, "model.ts"), "meta": Path(tmp, "meta.json"),
                  "state_dict": Path(tmp, "state_dict.pt"), "config": Path(tmp, "config.json")}
-        torch.jit.save(torch.jit.script(model), str(paths["program"]))
+        with TORCH_LOCK:
+            torch.jit.save(torch.jit.script(model), str(paths["program"]))
         paths["meta"].write_text(json.dumps({"input_shape": list(net.input_shape), "classes": classes, "task": net.task,
                                              "input_column": column, "net": net.to_dict(), "text": text}))
         torch.save(model.state_dict(), paths["state_dict"])

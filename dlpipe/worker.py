@@ -42,6 +42,7 @@ class TrainTask:
     init_state: dict | None = None  # starting weights (train.init_from): every tensor but the head's
     vocab: tuple[str, ...] = ()  # a language model: its tokens by id; the main rank logs a sample every epoch
     joiner: str = " "  # between sampled tokens ("" for characters)
+    trial: object = None  # a dlpipe.tuning.TrialSpec: the main rank reports each epoch to the study and stops when pruned
 
 
 class HorovodDist:
@@ -202,11 +203,17 @@ def train_worker(task: TrainTask, backend: str):
         if task.init_state:
             load_features(model, task.init_state)
         main = dist.rank == 0
+        reporter = None
+        if task.trial is not None and main:
+            from dlpipe.tuning import Reporter
+
+            reporter = Reporter(task.trial)
         history = fit(
             model, train, val, task.train, dist, task=kind, device=device,
             resume=checkpoints.load(task.resume_from) if task.resume_from else None,
             on_epoch=_mlflow_logger(task, model, val[0]) if main and task.run_id else None,
             save_checkpoint=(lambda state: checkpoints.save(task.checkpoint_dir, state)) if main and task.checkpoint_dir else None,
+            stop=(reporter or (lambda metrics: False)) if task.trial is not None else None,
             log=lambda line: print(line, flush=True),
         )
         mine = history[-1]["worker_samples_per_sec"] if history else 0.0
@@ -216,7 +223,7 @@ def train_worker(task: TrainTask, backend: str):
             return None
         return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
                 "train_rows": int(rows), "world_size": dist.size, "device": str(device),
-                "worker_samples_per_sec": per_worker}
+                "worker_samples_per_sec": per_worker, "pruned_at": reporter.pruned_at if reporter else None}
     except BaseException as exc:  # noqa: BLE001 - reported to the driver with the rank, then re-raised
         print(f"dlpipe: worker rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         _report_failure(task.error_dir, rank, exc)

@@ -6,6 +6,7 @@ checkpoint (same MLflow run, same table versions)."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import mlflow
 import numpy as np
@@ -17,13 +18,24 @@ from dl.models import build
 from dlpipe import checkpoints, lake, modeling, tracking
 from dlpipe.config import DataConfig, MlflowConfig, ModelConfig, TrainConfig
 from dlpipe.errors import InputNotFound
-from dlpipe.launchers import TrainTask, launch
+from dlpipe.launchers import LAUNCHERS, TrainTask, launch
 from dlpipe.refs import SPLITS, TableRef, resolve
 from dlpipe.scoring import confusion_and_metrics, predict
 from pipelines.records import is_timestamp
 
 PLOTTED_ROWS = 2000  # validation rows drawn in the plots of models trained without a target
 # drawn in a seeded random order: prepare may store a table class by class, so its first rows can be one class
+
+
+@dataclass(frozen=True)
+class Trial:
+    """run() as one trial of a tuning study (dlpipe.stages.tune): into the study's child run, through
+    the study's launcher, its main worker reporting to the study; no checkpoints, no resume, a pruned
+    trial logs its curves but no model."""
+
+    run_id: str  # the MLflow child run the study created
+    launcher: str  # spark_task (many trials at once) or train.backend (one distributed trial at a time)
+    spec: object  # dlpipe.tuning.TrialSpec
 
 
 def say(message: str) -> None:
@@ -72,13 +84,13 @@ def run_tables(params: dict[str, str]) -> dict[str, TableRef]:
 
 
 def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataConfig, mlflow_cfg: MlflowConfig, *,
-        model_name: str, table_uris: dict[str, str], resolved_config: dict) -> dict:
+        model_name: str, table_uris: dict[str, str], resolved_config: dict, trial: Trial | None = None) -> dict:
     """`table_uris`: the default train/val/test tables (<paths.lake>/<data.name>_<split>);
     `resolved_config` is logged with the run and saved with the model, nothing else reads it."""
     tracking.setup(mlflow_cfg)
     client = MlflowClient()
     resumable = None
-    if train.resume == "auto" and train.checkpoint_every:
+    if train.resume == "auto" and train.checkpoint_every and trial is None:
         resumable = checkpoints.find_resumable(train.checkpoint_uri, train.run_name,
                                                finished=lambda run_id: _run_finished(client, run_id))
     if resumable:
@@ -94,49 +106,63 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
     if sequence is not None:
         classes = sequence["classes"]
     net = modeling.net_for(model, data.name, column, input_shape, len(classes), sequence)
-    build(net)  # a net that cannot be built fails here, before any worker starts
+    with tracking.TORCH_LOCK:
+        build(net)  # a net that cannot be built fails here, before any worker starts
     init_from = modeling.resolve(train.init_from) if train.init_from else ""
     init_state = modeling.pretrained_state(init_from, net) if init_from and not resumable else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{train.run_name}-train") as active:
+    run_id = trial.run_id if trial else run_id
+    # a trial's run is a child of its study's run, which may be active in this thread
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{train.run_name}-train", nested=bool(trial)) as active:
         if not resumable:
-            mlflow.set_tags({"dlpipe.step": "train", "dlpipe.model_name": model_name, "dlpipe.run_name": train.run_name})
+            mlflow.set_tags({"dlpipe.step": "tune-trial" if trial else "train", "dlpipe.model_name": model_name,
+                             "dlpipe.run_name": train.run_name})
             mlflow.log_dict(resolved_config, "config.json")
             mlflow.log_params({k: v for k, v in _flatten(resolved_config).items()
                                if not k.startswith(("spark.conf", "train.tables"))})
             mlflow.log_params({f"table.{split}": str(ref) for split, ref in tables.items()})
             if init_from:
                 mlflow.log_param("train.init_from_resolved", init_from)
-        workers = 1 if train.backend == "local" else train.num_workers
+        backend = trial.launcher if trial else train.backend
+        workers = train.num_workers if LAUNCHERS[backend].distributed else 1
+        cores = int(spark.conf.get("spark.task.cpus", "1")) if backend == "spark_task" else (os.cpu_count() or 1) // workers
         task = TrainTask(
             net=net, train=train, labels=label_ids, label_fraction=data.label_fraction, init_state=init_state,
             train_files=lake.table_files(tables["train"].uri, tables["train"].version),
             val_files=lake.table_files(tables["val"].uri, tables["val"].version),
             tracking_uri=mlflow_cfg.tracking_uri, run_id=active.info.run_id,
-            threads=max(1, (os.cpu_count() or 1) // workers),
+            threads=max(1, cores), trial=trial.spec if trial else None,
             checkpoint_dir=checkpoints.run_dir(train.checkpoint_uri, train.run_name, active.info.run_id)
             if train.checkpoint_every else "",
             resume_from=resume_from,
             vocab=tuple(sequence["text"]["vocab"]) if sequence and sequence["text"] and net.task == "language_model" else (),
             joiner="" if data.text.unit == "char" else " ",
         )
-        say(f"training {model.name} with backend={train.backend}, {workers} worker(s), sync={train.sync}, "
-            f"{train.epochs} epochs")
-        result = launch(spark, task, train.backend, train.num_workers)
+        say(f"training {model.name} with backend={backend}, {workers} worker(s), sync={train.sync}, {train.epochs} epochs")
+        result = launch(spark, task, backend, train.num_workers)
         if not resumable:
             mlflow.log_params({"train.world_size": result["world_size"], "train.rows": result["train_rows"]})
         mlflow.log_metrics({f"worker_{i}_samples_per_sec": v for i, v in enumerate(result["worker_samples_per_sec"])})
         mlflow.log_figure(tracking.curves_figure(result["history"]), "plots/training_curves.png")
+        if result.get("pruned_at"):
+            mlflow.set_tag("dlpipe.tune.pruned_at_epoch", result["pruned_at"])
+            return _summary(active, None, tables, result, train, resume_from)
 
-        trained = build(net)
-        trained.load_state_dict(result["state_dict"])
         val = modeling.relabel(lake.read_table(spark, tables["val"].uri, tables["val"].version), label_ids)
         if sequence is not None:
-            info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], data, resolved_config)
+            with tracking.TORCH_LOCK:
+                trained = build(net)
+                trained.load_state_dict(result["state_dict"])
+                info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], data, resolved_config)
             mlflow.set_tag("dlpipe.model_uri", info.model_uri)
             return _summary(active, info, tables, result, train, resume_from)
         example = val.select(column).limit(2).toPandas()
-        info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config)
+        with tracking.TORCH_LOCK:
+            trained = build(net)
+            trained.load_state_dict(result["state_dict"])
+            info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config)
         mlflow.set_tag("dlpipe.model_uri", info.model_uri)
+        if trial:  # judged by its epoch metrics; evaluate draws the figures of the one registered
+            return _summary(active, info, tables, result, train, resume_from)
         if net.task == "classification":
             matrix, _ = confusion_and_metrics(predict(spark, val, info.model_uri), len(classes))
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Validation confusion matrix"),
@@ -151,10 +177,12 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
 
 def _summary(active, info, tables, result, train, resume_from) -> dict:
     final = result["history"][-1]
-    return {"step": "train", "run_id": active.info.run_id, "model_uri": info.model_uri,
-            "tables": {split: ref.to_dict() for split, ref in tables.items()}, "backend": result["backend"],
-            "world_size": result["world_size"], "sync": train.sync, "resumed_from": resume_from or None,
-            "device": result["device"], "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
+    summary = {"step": "train", "run_id": active.info.run_id, "model_uri": info.model_uri if info else None,
+               "tables": {split: ref.to_dict() for split, ref in tables.items()}, "backend": result["backend"],
+               "world_size": result["world_size"], "sync": train.sync, "resumed_from": resume_from or None,
+               "device": result["device"],
+               "metrics": {k: v for k, v in final.items() if k != "epoch"} | {"epochs": final["epoch"]}}
+    return summary | ({"pruned_at": result["pruned_at"]} if result.get("pruned_at") else {})
 
 
 def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, resolved_config):
