@@ -262,3 +262,36 @@ def test_the_example_spaces_fit_their_confs(name):
     conf = f"conf/{name}.yaml"
     space = tuning.read_space(f"conf/{name}.space.yaml")
     tune.check(load_config(conf), space, raw_config(conf))  # every value of each key is a valid config
+
+
+@pytest.mark.slow
+def test_a_trial_whose_task_is_lost_runs_once_more(spark, prepared_small, tmp_path, capsys):
+    import threading
+
+    import psutil
+
+    overrides = _sets(prepared_small[0], tmp_path, "tune.algorithm=random", "tune.trials=1", "tune.parallel=2",
+                      "train.epochs=15", "tune.alias=\"\"")
+    cfg = load_config(None, overrides)
+    outcome = {}
+    study = threading.Thread(target=lambda: outcome.update(summary=_run(spark, cfg, overrides, SPACE, tmp_path)))
+    study.start()
+    deadline = time.monotonic() + 240
+    while True:  # the trial's worker has reported an epoch: kill every Python worker of Spark (the task is lost)
+        try:
+            (trial,) = optuna.load_study(study_name="tuned_cnn-tune", storage=cfg.tune.storage).trials or [None]
+        except KeyError:
+            trial = None
+        if trial is not None and trial.intermediate_values:
+            break
+        assert study.is_alive() and time.monotonic() < deadline, "the trial reported no epoch in 240 s"
+        time.sleep(0.1)
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if "pyspark.daemon" in " ".join(p.cmdline()) and "pyspark.daemon" in " ".join(p.parent().cmdline())]
+    for p in workers:
+        p.kill()
+    study.join(timeout=300)
+    assert workers and outcome["summary"]["trials"]["complete"] == 1
+    assert "a training task was lost (" in capsys.readouterr().out  # ... and run once more
+    (trial,) = optuna.load_study(study_name="tuned_cnn-tune", storage=cfg.tune.storage).trials
+    assert trial.state.name == "COMPLETE" and MlflowClient().get_run(trial.user_attrs["run_id"]).info.status == "FINISHED"
