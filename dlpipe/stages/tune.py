@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from dlpipe import registry, tracking, tuning, typed
 from dlpipe.config import Config, from_raw
 from dlpipe.errors import ConfigError, DlpipeError
+from dlpipe.launchers import task_slots
 from dlpipe.refs import SPLITS, TableRef
 from dlpipe.stages import evaluate
 from dlpipe.stages import train as train_stage
@@ -85,6 +86,8 @@ def run(spark, cfg: Config, space: list[tuning.Param], raw: dict) -> dict:
     say(f"study {name} ({tune.algorithm}, {direction} {metric}): {target - left} of {target} trials done, "
         f"{left} to run, {at_once} at a time ({launcher}); storage {_masked(url)}; parent run {parent_id}")
     fixed = {p.key: p.distribution() for p in space}
+    if launcher == "spark_task" and at_once > task_slots(spark):
+        say(f"tune.parallel={at_once}, but this Spark application runs {task_slots(spark)} tasks at once: trials wait for a slot")
 
     def one(trial) -> tuple:
         values = {p.key: tuning.decode(p, trial.params[p.key]) for p in space}
