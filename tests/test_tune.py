@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from dl.models import CNNConfig, ConvBlock, Net, build
 from dl.train import TrainConfig, fit
-from dlpipe import tuning
+from dlpipe import lake, tuning
 from dlpipe.config import load_config, raw_config
 from dlpipe.errors import ConfigError
 from dlpipe.stages import tune
@@ -134,7 +134,9 @@ def test_grid_study_runs_every_point_once_in_parallel_and_registers_the_best(spa
     children = _children(cfg, summary["parent_run_id"])
     assert sorted(int(r.data.tags["dlpipe.tune.trial"]) for r in children) == [0, 1, 2, 3]
     assert all(r.info.status == "FINISHED" and "val_accuracy" in r.data.metrics for r in children)
-    assert all(r.data.params["table.train"] == f"{cfg.table_uri('train')}@0" for r in children)  # the pinned version
+    pinned = summary["tables"]["train"]
+    assert pinned["version"] == lake.latest_version(cfg.table_uri("train"))  # resolved once, when the study started
+    assert all(r.data.params["table.train"] == f"{pinned['uri']}@{pinned['version']}" for r in children)
     # the trials ran in Spark tasks, one core each
     assert {r.data.params["train.world_size"] for r in children} == {"1"}
     best = max(children, key=lambda r: r.data.metrics["val_accuracy"])
@@ -274,7 +276,8 @@ def test_a_trial_whose_task_is_lost_runs_once_more(spark, prepared_small, tmp_pa
                       "train.epochs=15", "tune.alias=\"\"")
     cfg = load_config(None, overrides)
     outcome = {}
-    study = threading.Thread(target=lambda: outcome.update(summary=_run(spark, cfg, overrides, SPACE, tmp_path)))
+    study = threading.Thread(target=lambda: outcome.update(summary=_run(spark, cfg, overrides, SPACE, tmp_path)),
+                             daemon=True)
     study.start()
     deadline = time.monotonic() + 240
     while True:  # the trial's worker has reported an epoch: kill every Python worker of Spark (the task is lost)
@@ -286,10 +289,14 @@ def test_a_trial_whose_task_is_lost_runs_once_more(spark, prepared_small, tmp_pa
             break
         assert study.is_alive() and time.monotonic() < deadline, "the trial reported no epoch in 240 s"
         time.sleep(0.1)
-    workers = [p for p in psutil.Process().children(recursive=True)
-               if "pyspark.daemon" in " ".join(p.cmdline()) and "pyspark.daemon" in " ".join(p.parent().cmdline())]
-    for p in workers:
-        p.kill()
+    workers = []
+    for p in psutil.Process().children(recursive=True):  # the daemon's children: the Python workers
+        try:
+            if "pyspark.daemon" in " ".join(p.cmdline()) and "pyspark.daemon" in " ".join(p.parent().cmdline()):
+                p.kill()
+                workers.append(p)
+        except psutil.Error:  # exited meanwhile, or a zombie waiting for the daemon
+            pass
     study.join(timeout=300)
     assert workers and outcome["summary"]["trials"]["complete"] == 1
     assert "a training task was lost (" in capsys.readouterr().out  # ... and run once more
