@@ -79,10 +79,12 @@ def _retrain(spark, cfg: Config, args) -> dict:
 
 def _tune_check(cfg: Config, args) -> None:
     from dlpipe import tuning
+    from dlpipe.config import raw_config
+    from dlpipe.launchers import check_backend
     from dlpipe.stages import tune
 
-    from dlpipe.config import raw_config
-
+    if cfg.tune.placement == "distributed":  # trials in Spark tasks do not use train.backend
+        check_backend(cfg.train.backend)
     args.space_params, args.raw = tuning.read_space(args.space), raw_config(args.conf, args.all_overrides)
     tune.check(cfg, args.space_params, args.raw)
 
@@ -172,7 +174,7 @@ COMMANDS: dict[str, Command] = {
                      _score),
     "retrain": Command("train a challenger on new data; promote it only if it beats the champion", _retrain, trains=True),
     "tune": Command("a hyperparameter study: trials of train over a search space (--space), many at once, "
-                    "the best registered", _tune, trains=True, check=_tune_check),
+                    "the best registered", _tune, check=_tune_check),
     "demo": Command("land, prepare, train, evaluate and score the demo dataset end to end", _demo, trains=True),
     "embed": Command("embeddings of an image table into <name>_embeddings, with KMeans purity", _embed),
     "similar": Command("the k nearest images to one image by cosine similarity of embeddings", _similar),
