@@ -18,6 +18,7 @@ from pathlib import Path
 
 import mlflow
 import yaml
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from dlpipe import registry, tracking, tuning, typed
@@ -201,8 +202,7 @@ def _parent_run(client: MlflowClient, experiment_id: str, name: str, cfg: Config
         "dlpipe.step": "tune", "dlpipe.tune.study": name, "dlpipe.model_name": cfg.registry.model_name})
     params = {f"tune.{k}": v for k, v in cfg.tune.__dict__.items()} | {"tune.storage": _masked(url)}
     params |= {f"space.{p.key}": json.dumps({p.kind: list(p.args)}) for p in space}
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, str(value)[:6000])
+    client.log_batch(run.info.run_id, params=[Param(key, str(value)[:6000]) for key, value in params.items()])
     return run.info.run_id
 
 
