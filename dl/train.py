@@ -94,7 +94,9 @@ class TrainConfig:
 
 
 METRICS = {"classification": "accuracy", "regression": "mae", "reconstruction": "mse", "clustering": "te",
-           "language_model": "bpc"}  # bits per token (a character-level model: per character)
+           "language_model": "bpc",  # bits per token (a character-level model: per character)
+           "recommendation": "rmse"}  # root mean squared error over the rated entries
+FINISH = {"rmse": math.sqrt}  # an epoch figure summed as squares
 
 
 def metric_name(task: str) -> str:
@@ -129,8 +131,10 @@ def fit(
     `stop` (given on every rank, asked on rank 0 after each epoch, its answer shared by all) ends
     the run early: a tuning trial its pruner gives up on.
 
-    A model may own its objective, `objective(x, y) -> (loss, sum of the epoch figure)` (an
-    autoencoder's reconstruction loss), and a model not trained by gradient descent takes its
+    A model may own its objective, `objective(x, y) -> (loss, sum of the epoch figure[, count])` (an
+    autoencoder's reconstruction loss; count: what the figure is averaged over when it is not the
+    rows, a recommender's rated entries), and report more epoch figures, `epoch_metrics(val x) ->
+    {name: sum over rows}` (logged as val_<name>, averaged over every worker's rows); a model not trained by gradient descent takes its
     epoch itself, `train_epoch(x, epoch, epochs, dist) -> (loss sum, figure sum)` (a batch SOM
     summing statistics over workers); everything else here is the same for every model. With
     `train.pretrain: greedy` a model with `pretrain_layers` is told which layer each of the first
@@ -162,19 +166,22 @@ def fit(
         t0 = time.perf_counter()
         if pretrained:
             model.set_pretraining((epoch - 1) // cfg.pretrain_epochs if epoch <= pretrained else None)
-        loss_sum, correct, seen = learner.epoch(x_train, y_train, epoch)
+        loss_sum, figure_sum, counted, seen = learner.epoch(x_train, y_train, epoch)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_correct, val_n = _evaluate(model, val, cfg.batch_size * 4, _loss(task), device, task)
+        val_loss, val_figure, val_n = _evaluate(model, val, cfg.batch_size * 4, _loss(task), device, task)
+        extra = _epoch_metrics(model, val[0], cfg.batch_size * 4, device)
         seconds = time.perf_counter() - t0
-        totals = dist.sum([loss_sum, correct, seen, val_loss, val_correct, val_n])
+        totals = dist.sum([loss_sum, figure_sum, counted, seen, val_loss, val_figure, val_n, len(val[0]), *extra.values()])
+        finish = FINISH.get(name, lambda v: v)
         metrics = {
             "epoch": epoch,
             "loss": totals[0] / totals[2],
-            name: totals[1] / totals[2],
-            "val_loss": totals[3] / max(totals[5], 1),
-            f"val_{name}": totals[4] / max(totals[5], 1),
+            name: finish(totals[1] / totals[2]),
+            "val_loss": totals[4] / max(totals[6], 1),
+            f"val_{name}": finish(totals[5] / max(totals[6], 1)),
+            **{f"val_{k}": v / max(totals[7], 1) for k, v in zip(extra, totals[8:])},
             "lr": learner.lr(),
-            "samples_per_sec": totals[2] / train_seconds,  # all workers, training only
+            "samples_per_sec": totals[3] / train_seconds,  # all workers, training only
             "worker_samples_per_sec": seen / train_seconds,  # this rank's training throughput
             "epoch_seconds": seconds,
         }
@@ -233,24 +240,25 @@ class _Gradient:
         torch.manual_seed(_seed(cfg.seed, epoch, dist.rank))
         order = np.random.default_rng([cfg.seed, epoch, dist.rank]).permutation(len(x_train)) if cfg.shuffle else np.arange(len(x_train))
         order = torch.from_numpy(order)
-        loss_sum = correct = 0.0
+        loss_sum = correct = counted = 0.0
         for step in range(self.steps):
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
             self.optimizer.zero_grad()
             with _autocast(device, cfg.precision):
-                loss, figure = self.objective(xb, yb)
+                loss, figure, n = _counted(self.objective(xb, yb), len(yb))
             _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg)
             self.schedule.step()
             if cfg.sync == "average" and dist.size > 1 and (step + 1) % cfg.average_every == 0:
                 _average_state(model, self.optimizer, dist)
-            loss_sum += loss.item() * len(yb)
+            loss_sum += loss.item() * n
             correct += float(figure)
+            counted += n
         if cfg.sync == "average" and dist.size > 1:
             _average_state(model, self.optimizer, dist)  # every worker ends the epoch with the same model
         elif dist.size > 1:  # allreduce kept the weights equal; batch-norm statistics are per worker until now
             _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
-        return loss_sum, correct, self.steps * cfg.batch_size
+        return loss_sum, correct, counted, self.steps * cfg.batch_size
 
 
 class _OwnEpochs:
@@ -269,10 +277,30 @@ class _OwnEpochs:
     def lr(self) -> float:
         return float(getattr(self.model, "rate", 0.0))
 
-    def epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int) -> tuple[float, float, int]:
+    def epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int) -> tuple[float, float, int, int]:
         self.model.train()
         loss_sum, figure_sum = self.model.train_epoch(x_train, epoch, self.cfg.epochs, self.dist)
-        return loss_sum, figure_sum, len(x_train)
+        return loss_sum, figure_sum, len(x_train), len(x_train)
+
+
+def _counted(out: tuple, rows: int) -> tuple[torch.Tensor, float, float]:
+    """An objective's (loss, figure sum[, count]) as (loss, figure sum, count); count defaults to the rows."""
+    return out[0], float(out[1]), float(out[2]) if len(out) > 2 else float(rows)
+
+
+@torch.no_grad()
+def _epoch_metrics(model: nn.Module, x: np.ndarray, batch_size: int, device) -> dict[str, float]:
+    """The model's own extra figures over this worker's val rows (sums), {} when it has none. The
+    keys must not depend on the rows: every worker sums the same list."""
+    if not hasattr(model, "epoch_metrics"):
+        return {}
+    model.eval()
+    x = torch.from_numpy(x)
+    sums: dict[str, float] = {}
+    for start in range(0, max(len(x), 1), batch_size):
+        for k, v in model.epoch_metrics(x[start : start + batch_size].to(device)).items():
+            sums[k] = sums.get(k, 0.0) + (v if len(x) else 0.0)
+    return sums
 
 
 def _objective(model: nn.Module, loss_fn, classify: bool):
@@ -391,10 +419,11 @@ def _evaluate(model: nn.Module, data: tuple[np.ndarray, np.ndarray], batch_size:
     model.eval()
     x, y = torch.from_numpy(data[0]), _targets(data[1], task)
     objective = _objective(model, loss_fn, task == "classification")
-    loss_sum = correct = 0.0
+    loss_sum = correct = counted = 0.0
     for start in range(0, len(x), batch_size):
         yb = y[start : start + batch_size].to(device)
-        loss, figure = objective(x[start : start + batch_size].to(device), yb)
-        loss_sum += loss.item() * len(yb)
-        correct += float(figure)
-    return loss_sum, correct, len(x)
+        loss, figure, n = _counted(objective(x[start : start + batch_size].to(device), yb), len(yb))
+        loss_sum += loss.item() * n
+        correct += figure
+        counted += n
+    return loss_sum, correct, counted

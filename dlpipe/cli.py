@@ -55,7 +55,7 @@ def _train(spark, cfg: Config, args) -> dict:
     from dlpipe.stages import train
 
     return train.run(spark, cfg.train, cfg.model, cfg.data, cfg.mlflow, model_name=cfg.registry.model_name,
-                     table_uris={s: cfg.table_uri(s) for s in SPLITS}, resolved_config=cfg.to_dict())
+                     table_uris=cfg.model_tables(), resolved_config=cfg.to_dict())
 
 
 def _evaluate(spark, cfg: Config, args) -> dict:
@@ -104,7 +104,7 @@ def _demo(spark, cfg: Config, args) -> dict:
 def _embed(spark, cfg: Config, args) -> dict:
     from dlpipe.stages import embed, train
 
-    tables = train.input_tables(cfg.train.tables, {s: cfg.table_uri(s) for s in SPLITS})
+    tables = train.input_tables(cfg.train.tables, cfg.model_tables())
     return embed.run(spark, cfg.data, cfg.mlflow, model_uri=args.model or f"models:/{cfg.registry.model_name}@champion",
                      tables=tables, out_uri=cfg.table_uri("embeddings"), seed=cfg.train.seed,
                      run_name=cfg.registry.model_name)
@@ -159,6 +159,14 @@ def _models(spark, cfg: Config, args) -> dict:
     return maintenance.models(args.action, cfg.registry, cfg.mlflow, name=args.name or "")
 
 
+def _recommend(spark, cfg: Config, args) -> dict:
+    from dlpipe.stages import recommend
+
+    return recommend.run(spark, cfg.mlflow, model_uri=args.model or f"models:/{cfg.registry.model_name}@champion",
+                         ratings_uris={s: cfg.table_uri(s) for s in SPLITS}, out_uri=cfg.table_uri("recommendations"),
+                         user=args.user, k=args.k)
+
+
 def _config(spark, cfg: Config, args) -> dict:
     return cfg.to_dict()
 
@@ -182,6 +190,8 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("text from a language model: the prompt continued by sampled tokens", _generate, spark=False),
     "anomalies": Command("the rows of a table an autoencoder (or a map) fits worst, by reconstruction error",
                          _anomalies),
+    "recommend": Command("top-k unrated items per user from a recommender: --user U, or every user into "
+                         "<name>_recommendations", _recommend),
     "bench": Command("benchmarks (from a checkout): training | prepare | score | models", _bench, trains=True),
     "lake": Command("Delta table maintenance: vacuum | history", _lake, spark=False, tracking=False),
     "models": Command("registry: describe | rollback", _models, spark=False),
@@ -217,7 +227,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cmds["lake"].add_argument("--dry-run", action="store_true", help="vacuum: only list the files")
     cmds["models"].add_argument("action", choices=("describe", "rollback"))
     cmds["models"].add_argument("name", nargs="?", help="registered model name (default: registry.model_name)")
-    for name in ("explain", "embed", "anomalies", "generate"):
+    for name in ("explain", "embed", "anomalies", "generate", "recommend"):
         cmds[name].add_argument("--model", default="", help="model URI (default models:/<registry.model_name>@champion)")
     for name in ("explain", "similar"):
         cmds[name].add_argument("--image", required=True, help="the image file (path or URI)")
@@ -227,6 +237,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cmds["generate"].add_argument("--length", type=int, default=200, help="how many tokens (characters) to generate")
     cmds["generate"].add_argument("--temperature", type=float, default=1.0, help="0: the most likely token each step")
     cmds["generate"].add_argument("--seed", type=int, default=0, help="of the sampling")
+    cmds["recommend"].add_argument("--user", default="", help="one user's recommendations (default: every user's, into a table)")
+    cmds["recommend"].add_argument("--k", type=int, default=10, help="how many items per user")
     cmds["anomalies"].add_argument("--table", required=True, help="the table to rank: <uri> (its latest version) or <uri>@<version>")
     cmds["anomalies"].add_argument("--top", type=int, default=20, help="how many rows, largest error first")
     args = parser.parse_args(argv)
@@ -235,9 +247,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def upstream_overrides(step: str, upstream: str) -> list[str]:
+def upstream_overrides(step: str, upstream: str, prefix: str = "") -> list[str]:
     """`--set` items that make an upstream stage's summary this stage's inputs: its train/val/test
-    tables for train, retrain and embed; its run for evaluate; its model for score."""
+    tables (`prefix`<split>: vectors_ for a recommender) for train, retrain and embed; its run for
+    evaluate; its model for score."""
     text = Path(upstream).read_text() if not upstream.lstrip().startswith("{") else upstream
     try:
         summary = json.loads(text)
@@ -245,8 +258,9 @@ def upstream_overrides(step: str, upstream: str) -> list[str]:
         raise ConfigError(f"--upstream: expected a JSON summary (or a file holding one), got {upstream[:80]!r}") from None
     tables = summary.get("tables") or {}
     out = []
-    if step in ("train", "retrain", "embed", "tune") and all(s in tables for s in SPLITS):
-        out.append("train.tables=" + json.dumps({s: f"{tables[s]['uri']}@{tables[s]['version']}" for s in SPLITS}))
+    if step in ("train", "retrain", "embed", "tune") and all(prefix + s in tables for s in SPLITS):
+        out.append("train.tables=" + json.dumps({s: f"{tables[prefix + s]['uri']}@{tables[prefix + s]['version']}"
+                                                 for s in SPLITS}))
     if step == "evaluate" and summary.get("run_id"):
         out.append(f"evaluate.run_id={summary['run_id']}")
     if step == "score" and summary.get("model_uri"):
@@ -261,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     command = COMMANDS[args.step]
     try:
-        upstream = upstream_overrides(args.step, args.upstream) if args.upstream else []
+        upstream = []
+        if args.upstream:
+            recommender = load_config(args.conf, args.overrides).model.task == "recommendation"
+            upstream = upstream_overrides(args.step, args.upstream, "vectors_" if recommender else "")
         args.all_overrides = [*upstream, *args.overrides]
         cfg = load_config(args.conf, args.all_overrides)  # before Spark starts
         if command.trains:

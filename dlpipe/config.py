@@ -27,7 +27,8 @@ TASK_METRICS = {"classification": ("test_accuracy", "test_log_loss", "test_roc_a
                 "regression": ("test_r2", "test_mse", "test_mae"),
                 "reconstruction": ("test_mse",),  # mean squared reconstruction error per value
                 "clustering": ("test_qe",),  # mean quantization error of a self-organizing map
-                "language_model": ("test_bpc",)}  # bits per token (per character for data.text.unit: char)
+                "language_model": ("test_bpc",),  # bits per token (per character for data.text.unit: char)
+                "recommendation": ("test_rmse", "test_mae")}  # over the held-out ratings of the test users
 FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
 
@@ -149,7 +150,7 @@ class RegistryConfig:
     min_accuracy: float = 0.85  # evaluate, first retrain: champion only at or above this test accuracy
     # retrain compares challenger and champion on this; auto = test_accuracy (classification) or test_r2 (regression)
     metric: Literal["auto", "test_accuracy", "test_log_loss", "test_roc_auc", "test_r2", "test_mse", "test_mae",
-                    "test_qe"] = "auto"
+                    "test_qe", "test_rmse"] = "auto"
     min_improvement: float = 0.005  # retrain promotes a challenger only if it beats the champion by at least this
     lock_ttl_s: int = 1800  # a promotion lock older than this was left by a crashed job and is broken
     lock_wait_s: int = 600  # how long a job waits for the promotion lock before failing
@@ -193,6 +194,12 @@ class Config:
 
     def table_uri(self, suffix: str) -> str:
         return table_uri(self.paths, self.data, suffix)
+
+    def model_tables(self) -> dict[str, str]:
+        """The train/val/test tables a model reads by default: <name>_<split>, or for a recommender
+        the per-user rating vectors <name>_vectors_<split>."""
+        prefix = "vectors_" if self.model.task == "recommendation" else ""
+        return {split: self.table_uri(prefix + split) for split in ("train", "val", "test")}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -337,6 +344,11 @@ def _validate_sequence_model(cfg: Config) -> None:
             raise ConfigError(f"config key 'model.task': on data.kind={kind} expected one of {list(wanted)}, got {task!r}")
         if task == "classification" and not cfg.data.text.label:
             raise ConfigError("config key 'model.task': classification needs labelled text (data.text.label), got ''")
+    if "ratings" in REGISTRY[cfg.model.name].inputs and kind != "ratings":
+        raise ConfigError(f"config key 'data.kind': model {cfg.model.name} reads rating vectors (data.kind: ratings), got {kind!r}")
+    if "ratings" in REGISTRY[cfg.model.name].inputs and cfg.data.ratings.min_rating <= 0:
+        raise ConfigError(f"config key 'data.ratings.min_rating': a recommender reads 0 as unrated: expected a rating "
+                          f"above 0, got {cfg.data.ratings.min_rating:g}")
     if task == "language_model" and cfg.model.name == "rnn" and cfg.model.rnn.bidirectional:
         raise ConfigError("config key 'model.rnn.bidirectional': a language model reads left to right: expected false")
 

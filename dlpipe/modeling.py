@@ -16,8 +16,8 @@ from dlpipe.refs import TableRef
 
 def class_names(data: DataConfig, task: str) -> list[str]:
     """Label names in label order: image class folders, or data.table.classes for tables."""
-    if data.kind in ("text", "timeseries"):
-        return []  # a sequence model's classes come from the vocabulary table (sequence_setup)
+    if data.kind in ("text", "timeseries", "ratings"):
+        return []  # a sequence model's classes come from the vocabulary table (sequence_setup); ratings have none
     if data.kind != "table":
         return list(data.classes)
     if task in ("reconstruction", "clustering"):  # no target: the labels only colour plots
@@ -45,22 +45,46 @@ def relabel(df: DataFrame, ids: tuple[int, ...]) -> DataFrame:
     return df.where(F.col("label").isin(list(ids))).withColumn("label", mapping[F.col("label")].cast("int"))
 
 
-INPUT_KINDS = {"pixels": "image", "features": "table", "ids": "text", "history": "series"}  # column -> ModelSpec.inputs
+INPUT_KINDS = {"pixels": "image", "features": "table", "ids": "text", "history": "series",
+               "ratings": "ratings"}  # column -> ModelSpec.inputs
 
 
 def input_of(spark: SparkSession, table: TableRef, data: DataConfig) -> tuple[str, tuple[int, ...]]:
     """(input column, shape of one example): images carry `pixels`, tables `features`, text tables
-    `ids` (token ids padded to data.text.max_length), time-series windows `history`."""
+    `ids` (token ids padded to data.text.max_length), time-series windows `history`, rating vectors
+    `ratings` (one value per item)."""
     frame = lake.read_table(spark, table.uri, table.version)
     if "pixels" in frame.columns:
         return "pixels", (data.channels, data.image_size, data.image_size)
-    for column in ("features", "ids", "history"):
+    for column in ("features", "ids", "history", "ratings"):
         if column in frame.columns:
             n = frame.select(F.size(column).alias("n")).first()
             if n is None:
                 raise ValueError(f"{table} is empty: cannot tell how many values a row's {column} holds")
             return column, (int(n["n"]),)
-    raise ValueError(f"{table} has none of the columns pixels, features, ids, history (columns: {frame.columns})")
+    raise ValueError(f"{table} has none of the columns pixels, features, ids, history, ratings (columns: {frame.columns})")
+
+
+def rating_items(train: TableRef) -> list[str]:
+    """A recommender's item ids in rating-vector order: the <name>_items table the prepare job that
+    wrote `train` (<name>_vectors_train) wrote with it; positions change when new items arrive."""
+    uri = train.uri.rsplit("_vectors_train", 1)[0] + "_items"
+    if lake.latest_version(uri) is None:
+        raise InputNotFound(f"no item index at {uri}: run the prepare step first")
+    job = next((c["metadata"].get("dlpipe.job_id") for c in lake.history(train.uri) if c["version"] == train.version), None)
+    version = next((c["version"] for c in lake.history(uri) if job and c["metadata"].get("dlpipe.job_id") == job),
+                   lake.latest_version(uri))
+    index = lake.read_columns(uri, version, ["item", "index"]).to_pandas().sort_values("index")
+    return list(index["item"])
+
+
+def with_rating_range(model: ModelConfig, data: DataConfig) -> ModelConfig:
+    """A recommender's hyperparameters with the rating scale of data.ratings (its levels, its clipping)."""
+    import dataclasses
+
+    params = dataclasses.replace(getattr(model, model.name), min_rating=data.ratings.min_rating,
+                                 max_rating=data.ratings.max_rating)
+    return dataclasses.replace(model, **{model.name: params})
 
 
 def sequence_setup(spark: SparkSession, model: ModelConfig, tables: dict[str, TableRef], data: DataConfig) -> dict:

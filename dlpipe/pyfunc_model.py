@@ -11,9 +11,14 @@ and the expected shape and range. Output, by the model's task: classification: `
 (class index), `label_name` and `probabilities` (one per class); regression: `prediction` (a double);
 reconstruction (autoencoders): `code` (the encoder's output) and `reconstruction_error` (mean squared
 error per value); clustering (self-organizing maps): `bmu` (the best matching unit, row-major),
-`bmu_row`, `bmu_col` and `quantization_error` (the distance to that unit's prototype)."""
+`bmu_row`, `bmu_col` and `quantization_error` (the distance to that unit's prototype); recommendation
+(collaborative filtering; input `ratings`: a user's ratings of every item, 0 for unrated, in the
+order of the model's `items`): `predicted` (a rating for every item) and `recommended` (the ids of
+the TOP_K items with the highest predicted rating the user has not rated, best first)."""
 
 import json
+
+TOP_K = 10
 
 import mlflow
 import numpy as np
@@ -36,6 +41,7 @@ class TorchModel(mlflow.pyfunc.PythonModel):
         self.value_range = meta.get("input_range", [0.0, 1.0] if self.column == "pixels" else None)
         self.module = torch.export.load(context.artifacts["program"]).module()
         self.map_columns = meta.get("net", {}).get("params", {}).get("columns", 1)  # a self-organizing map's width
+        self.items = meta.get("items") or []  # a recommender's item ids, in rating-vector order
 
     def expected(self) -> str:
         bounds = f" in [{self.value_range[0]:g}, {self.value_range[1]:g}]" if self.value_range else ""
@@ -96,6 +102,13 @@ class TorchModel(mlflow.pyfunc.PythonModel):
             error = np.sqrt(np.maximum(d2[np.arange(len(bmu)), bmu], 0)).astype(np.float64)
             return pd.DataFrame({"bmu": bmu, "bmu_row": bmu // self.map_columns, "bmu_col": bmu % self.map_columns,
                                  "quantization_error": error})
+        if self.task == "recommendation":
+            with torch.no_grad():
+                predicted = self.module(x).numpy() if len(x) else np.zeros((0, self.width), np.float32)
+            ranked = np.argsort(-np.where(x.numpy() > 0, -np.inf, predicted), axis=1, kind="stable")
+            unrated = (x.numpy() == 0).sum(axis=1)
+            return pd.DataFrame({"predicted": list(predicted.astype(np.float32)),
+                                 "recommended": [[self.items[i] for i in row[: min(TOP_K, n)]] for row, n in zip(ranked, unrated)]})
         if self.task == "regression":
             with torch.no_grad():
                 out = self.module(x).reshape(-1).numpy() if len(x) else np.zeros(0, np.float32)

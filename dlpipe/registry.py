@@ -29,7 +29,8 @@ from dlpipe.refs import SPLITS, TableRef
 CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK = "champion", "challenger", "previous", "rolled_back"
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK)
 HIGHER_IS_BETTER = {"test_accuracy": True, "test_log_loss": False, "test_roc_auc": True,
-                    "test_r2": True, "test_mse": False, "test_mae": False, "test_qe": False, "test_bpc": False}
+                    "test_r2": True, "test_mse": False, "test_mae": False, "test_qe": False, "test_bpc": False,
+                    "test_rmse": False}
 
 
 def say(message: str) -> None:

@@ -33,6 +33,7 @@ OUTPUT_SCHEMAS = {
     "reconstruction": Schema([ColSpec(Array(DataType.float), "code"), ColSpec(DataType.double, "reconstruction_error")]),
     "clustering": Schema([ColSpec(DataType.long, "bmu"), ColSpec(DataType.long, "bmu_row"), ColSpec(DataType.long, "bmu_col"),
                           ColSpec(DataType.double, "quantization_error")]),
+    "recommendation": Schema([ColSpec(Array(DataType.float), "predicted"), ColSpec(Array(DataType.string), "recommended")]),
 }
 
 
@@ -73,10 +74,12 @@ def setup(cfg: MlflowConfig) -> str:
     return experiment_id
 
 
-def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str], example: np.ndarray, config: dict):
+def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str], example: np.ndarray, config: dict,
+              items: list[str] | None = None):
     """Log the trained net as a pyfunc model (exported program + this model's code) with a
     signature and an input example; also keeps the state dict, the net description (model name,
-    hyperparameters, input shape, task: enough to rebuild it with dl.models) and the resolved config."""
+    hyperparameters, input shape, task: enough to rebuild it with dl.models) and the resolved config.
+    `items`: a recommender's item ids in the order of its rating vectors."""
     model = model.eval()
     input_shape = tuple(net.input_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
@@ -93,7 +96,7 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
         torch.export.save(program, paths["program"])
         paths["meta"].write_text(json.dumps({"input_shape": list(input_shape), "classes": classes, "task": net.task,
                                              "input_column": input_column, "net": net.to_dict(),
-                                             "input_range": [0.0, 1.0] if input_column == "pixels" else None}))
+                                             "input_range": _input_range(net, input_column), "items": items}))
         torch.save(model.state_dict(), paths["state_dict"])
         paths["config"].write_text(json.dumps(config, indent=2))
         return mlflow.pyfunc.log_model(
@@ -104,6 +107,13 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
             input_example=pd.DataFrame({input_column: [row.tolist() for row in example.reshape(len(example), -1)]}),
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
         )
+
+
+def _input_range(net, input_column: str) -> list[float] | None:
+    """Pixels are in [0, 1]; ratings in [0 (unrated), max_rating]; table features are any finite value."""
+    if input_column == "ratings":
+        return [0.0, float(net.params.max_rating)]
+    return [0.0, 1.0] if input_column == "pixels" else None
 
 
 SEQUENCE_OUTPUTS = {
@@ -231,7 +241,7 @@ TASK_FIGURES = ("reconstruction", "clustering")  # the tasks task_figures draws 
 def task_figures(model: torch.nn.Module, task: str, x: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
     """{artifact path: figure} a model trained without a target adds to its run, drawn from sample
     rows `x` (their labels colour the points): an autoencoder's input/output grid (images) and 2-D
-    codes; a self-organizing map's U-matrix and hit map."""
+    codes, and an RBM's filters and Gibbs samples; a self-organizing map's U-matrix and hit map."""
     model = model.eval()
     rows = torch.from_numpy(np.ascontiguousarray(x, np.float32))
     if task == "reconstruction":
@@ -239,6 +249,11 @@ def task_figures(model: torch.nn.Module, task: str, x: np.ndarray, labels: np.nd
         if x.ndim == 4:  # images
             shown = one_per_label(labels, 10)
             figures["plots/reconstructions.png"] = reconstructions_figure(x[shown], model(rows[shown]).numpy())
+        if x.ndim == 4 and x.shape[1] == 1 and hasattr(model, "filters"):  # an RBM on grey images
+            figures["plots/filters.png"] = grid_figure(model.filters()[:64].numpy(), "Weights of the first 64 hidden units",
+                                                       scale=True)
+            figures["plots/gibbs_samples.png"] = grid_figure(model.sample(32, GIBBS_STEPS).numpy(),
+                                                             f"Samples after {GIBBS_STEPS} Gibbs steps from noise")
         return figures
     if task == "clustering":
         shape = (model.cfg.rows, model.cfg.columns)
@@ -246,6 +261,25 @@ def task_figures(model: torch.nn.Module, task: str, x: np.ndarray, labels: np.nd
         return {"plots/u_matrix.png": map_figure(model.u_matrix(), "U-matrix: mean distance to the neighbours' prototypes", "bone"),
                 "plots/hit_map.png": map_figure(hits, f"Hit map: best matching unit of {len(x)} validation rows", "viridis")}
     raise ValueError(f"no task figures for task {task!r} (expected one of {TASK_FIGURES})")
+
+
+GIBBS_STEPS = 1000
+
+
+def grid_figure(images: np.ndarray, title: str, scale: bool = False):
+    """Grey images (n x 1 x height x width) in a grid of 8 columns; `scale`: each to its own range (weights)."""
+    plt = _pyplot()
+    columns = 8
+    rows = (len(images) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.1 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            image = images[i][0]
+            ax.imshow(image, cmap="gray", **({} if scale else {"vmin": 0, "vmax": 1}))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def one_per_label(labels: np.ndarray, n: int) -> np.ndarray:

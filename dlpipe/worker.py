@@ -105,19 +105,24 @@ def pick_device(use_gpu: str | bool, local_rank: int) -> torch.device:
 def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, max_rows: int = 0, *,
                task: str = "classification", labels: tuple[int, ...] = (), fraction: float = 1.0):
     """This worker's rows of a pinned Delta snapshot, read with pyarrow into contiguous arrays:
-    the `pixels` column of an image table, `features` of a table, `ids` of a text table or
-    `history` of time-series windows, and `label` (int for classification, double for regression),
-    `target` (windows: the next values) or zeros (a language model predicts its own input).
+    the `pixels` column of an image table, `features` of a table, `ids` of a text table,
+    `history` of time-series windows or `given` (else `ratings`) of rating vectors, and `label` (int
+    for classification, double for regression), `target` (windows: the next values), `ratings`
+    (rating vectors) or zeros (a language model predicts its own input).
 
     Row groups are dealt out round-robin by rank; with fewer row groups than workers every
     worker strides over the rows instead. `labels` keeps those classes (relabelled 0..k-1);
     `fraction` < 1 keeps that share of rows by a stable hash of `key`. The driver never touches the data."""
     parquet = {f: _open_parquet(f) for f in files}  # footers read once
     names = next(iter(parquet.values())).schema_arrow.names if parquet else ["pixels"]
-    column = next((c for c in ("pixels", "features", "ids", "history") if c in names), "pixels")
-    # windows predict their `target` values; a language model predicts its own next tokens
-    target = "target" if column == "history" else None if task == "language_model" else "label"
-    columns = ([target] if target else []) + [column] + (["key"] if fraction < 1 else [])
+    column = next((c for c in ("pixels", "features", "ids", "history", "ratings") if c in names), "pixels")
+    # windows predict their `target` values; a language model predicts its own next tokens; a recommender
+    # predicts `ratings` from the user's known ones (`given` in val and test, the ratings themselves in train)
+    target = "target" if column == "history" else None if task == "language_model" else \
+        "ratings" if column == "ratings" else "label"
+    if column == "ratings" and "given" in names:
+        column = "given"
+    columns = list(dict.fromkeys(([target] if target else []) + [column] + (["key"] if fraction < 1 else [])))
     pieces = [(f, g) for f, handle in parquet.items() for g in range(handle.num_row_groups)]
     tables = []
     if len(pieces) >= size:
@@ -140,8 +145,8 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
             raise ValueError(f"{where}: {column} hold {values.size} values for {n} rows, expected {int(np.prod(shape))} "
                              f"per row (input shape {shape})")
         x[at : at + n] = values.reshape(n, *shape)
-        if target == "target":
-            ys.append(pc.list_flatten(t.column("target")).to_numpy().astype(np.float32).reshape(n, -1))
+        if target in ("target", "ratings"):
+            ys.append(pc.list_flatten(t.column(target)).to_numpy().astype(np.float32).reshape(n, -1))
         elif target:
             ys.append(t.column("label").to_numpy())
         at += n

@@ -5,7 +5,8 @@ ratings in one split). Derived from those, rebuilt by every job:
 - <name>_items `item string, index int`: the position of each item in the rating vectors
   (items in numeric order when every id is a number);
 - <name>_vectors_train/_val/_test `user string, ratings array<float>`: one dense vector per
-  user of the ratings in that split, 0 for unrated.
+  user of the ratings in that split, 0 for unrated; _val and _test add `given array<float>`, the
+  user's train ratings (zeros for a user with none): what a recommender is given to predict `ratings`.
 """
 
 from __future__ import annotations
@@ -55,23 +56,31 @@ def derive(tables: dict, data, state) -> dict:
     items.sort(key=(lambda i: int(i)) if numeric else None)
     index = spark.createDataFrame(pd.DataFrame({"item": items, "index": np.arange(len(items), dtype=np.int32)}),
                                   "item string, index int")
-    width = len(items)
+    out = {"items": index, "vectors_train": dense_vectors(splits["train"], index, len(items))}
+    known = out["vectors_train"].select("user", F.col("ratings").alias("given"))
+    none = F.array_repeat(F.lit(0.0).cast("float"), len(items))
+    for split in ("val", "test"):  # what a model is given (the train ratings) beside what it must predict
+        out[f"vectors_{split}"] = dense_vectors(splits[split], index, len(items)).join(known, "user", "left") \
+            .select("user", "ratings", F.coalesce("given", none).alias("given"))
+    return out
+
+
+def dense_vectors(ratings: DataFrame, index: DataFrame, width: int) -> DataFrame:
+    """(user, item, rating) rows -> `user string, ratings array<float>`: one vector per user, the
+    rating at the item's position in `index`, 0 for unrated."""
 
     def dense(batches):
         for batch in batches:
             vectors = []
-            for positions, ratings in zip(batch["positions"], batch["ratings"]):
+            for positions, values in zip(batch["positions"], batch["ratings"]):
                 v = np.zeros(width, dtype=np.float32)
-                v[np.asarray(positions, dtype=np.int64)] = ratings
+                v[np.asarray(positions, dtype=np.int64)] = values
                 vectors.append(v)
             yield pd.DataFrame({"user": batch["user"], "ratings": vectors})
 
-    out = {"items": index}
-    for split, df in splits.items():
-        grouped = df.join(F.broadcast(index), "item").groupBy("user").agg(
-            F.collect_list("index").alias("positions"), F.collect_list("rating").alias("ratings"))
-        out[f"vectors_{split}"] = grouped.mapInPandas(dense, "user string, ratings array<float>")
-    return out
+    grouped = ratings.join(F.broadcast(index), "item").groupBy("user").agg(
+        F.collect_list("index").alias("positions"), F.collect_list("rating").alias("ratings"))
+    return grouped.mapInPandas(dense, "user string, ratings array<float>")
 
 
 def report(tables: dict, data, state, written: dict) -> dict:

@@ -10,8 +10,9 @@ from typing import Any, Callable
 from torch import nn
 
 # classification: logits per class; regression: one value; reconstruction (autoencoders) and clustering
-# (self-organizing maps): no target, the model owns its objective; language_model (recurrent nets): the next token
-TASKS = ("classification", "regression", "reconstruction", "clustering", "language_model")
+# (self-organizing maps): no target, the model owns its objective; language_model (recurrent nets): the next token;
+# recommendation (collaborative filtering): a vector of ratings over items in (0 = unrated), the predicted ratings out
+TASKS = ("classification", "regression", "reconstruction", "clustering", "language_model", "recommendation")
 
 
 class ParamError(ValueError):
@@ -29,7 +30,7 @@ class ModelSpec:
     build: Callable[[Any, tuple[int, ...], int], nn.Module]  # (config, input shape, outputs) -> module
     tasks: tuple[str, ...]  # what its output can be trained for
     # "image" (pixels, channels x height x width), "table" (features), "text" (ids, token ids padded with 0),
-    # "series" (history, a window of values)
+    # "series" (history, a window of values), "ratings" (a user's ratings over all items, 0 = unrated)
     inputs: tuple[str, ...]
 
 

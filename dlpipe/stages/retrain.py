@@ -35,7 +35,7 @@ def holdout_metrics(spark: SparkSession, cfg: Config, model_uri: str, test: Tabl
 def train_stage(spark: SparkSession, cfg: Config) -> dict:
     """The train stage with this config (what `dlpipe train` runs)."""
     return train.run(spark, cfg.train, cfg.model, cfg.data, cfg.mlflow, model_name=cfg.registry.model_name,
-                     table_uris={s: cfg.table_uri(s) for s in ("train", "val", "test")}, resolved_config=cfg.to_dict())
+                     table_uris=cfg.model_tables(), resolved_config=cfg.to_dict())
 
 
 def run(spark: SparkSession, cfg: Config) -> dict:
@@ -51,7 +51,7 @@ def _decide(spark: SparkSession, cfg: Config) -> dict:
     tracking.setup(cfg.mlflow)
     client = MlflowClient()
     r, name = cfg.registry, cfg.registry.model_name
-    current = train.input_tables(cfg.train.tables, {s: cfg.table_uri(s) for s in ("train", "val", "test")})
+    current = train.input_tables(cfg.train.tables, cfg.model_tables())
     champion = registry.alias_version(client, name, CHAMPION)
     summary = {"step": "retrain", "model_name": name, "metric": r.metric,
                "tables": {s: ref.to_dict() for s, ref in current.items()},

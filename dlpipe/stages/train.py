@@ -102,6 +102,8 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
     say("training on " + ", ".join(f"{split} {ref}" for split, ref in tables.items()))
     classes, label_ids = modeling.label_view(data, model.task)
     column, input_shape = modeling.input_of(spark, tables["val"], data)
+    if column == "ratings":
+        model = modeling.with_rating_range(model, data)
     sequence = modeling.sequence_setup(spark, model, tables, data) if column in ("ids", "history") else None
     if sequence is not None:
         classes = sequence["classes"]
@@ -159,7 +161,8 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
         with tracking.TORCH_LOCK:
             trained = build(net)
             trained.load_state_dict(result["state_dict"])
-            info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config)
+            info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config,
+                                      items=modeling.rating_items(tables["train"]) if column == "ratings" else None)
         mlflow.set_tag("dlpipe.model_uri", info.model_uri)
         if trial:  # judged by its epoch metrics; evaluate draws the figures of the one registered
             return _summary(active, info, tables, result, train, resume_from)

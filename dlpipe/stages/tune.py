@@ -181,7 +181,7 @@ def _pinned_tables(study, cfg: Config) -> dict[str, TableRef]:
     """The table versions every trial reads: those the study was started on."""
     pinned = study.user_attrs.get("tables")
     if pinned is None:
-        tables = train_stage.input_tables(cfg.train.tables, {s: cfg.table_uri(s) for s in SPLITS})
+        tables = train_stage.input_tables(cfg.train.tables, cfg.model_tables())
         study.set_user_attr("tables", {s: str(ref) for s, ref in tables.items()})
         return tables
     tables = {s: TableRef.parse(pinned[s]) for s in SPLITS}
