@@ -200,7 +200,7 @@ COMMANDS: dict[str, Command] = {
 }
 STEPS = tuple(COMMANDS)
 BENCHMARKS = ("training", "prepare", "score", "models", "tune")
-FAMILIES = ("feedforward", "autoencoders", "recurrent")
+FAMILIES = ("feedforward", "autoencoders", "recurrent", "energy")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -163,7 +163,8 @@ def _pyplot():
 # the epoch figure beside the loss (dl.train.METRICS): its axis label and title
 CURVES = {"accuracy": ("accuracy", "Accuracy"), "mae": ("mean absolute error", "Mean absolute error"),
           "mse": ("reconstruction MSE per value", "Reconstruction error"), "te": ("topographic error", "Topographic error"),
-          "bpc": ("bits per token", "Bits per token (character)")}
+          "bpc": ("bits per token", "Bits per token (character)"),
+          "rmse": ("RMSE of the ratings", "Rating error (val: held-out ratings)")}
 
 
 def curves_figure(history: list[dict]):
@@ -171,7 +172,7 @@ def curves_figure(history: list[dict]):
     epochs = [h["epoch"] for h in history]
     metric = next(m for m in CURVES if m in history[0])
     loss_label = {"accuracy": "cross-entropy loss", "mse": "loss (with the kind's penalty)", "te": "quantization error",
-                  "bpc": "cross-entropy (nats per token)"}
+                  "bpc": "cross-entropy (nats per token)", "rmse": "loss (an RBM's: free-energy gap)"}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
