@@ -36,14 +36,15 @@ LABEL_FRACTION = 0.1
 
 def run(spark, cfg: Config, rbm_conf: str = "conf/movielens_rbm.yaml", autorec_conf: str = "conf/movielens_autorec.yaml",
         hidden: int = 256, rbm_epochs: int = 10, dbn_layers: tuple[int, ...] = (500, 200), pretrain_epochs: int = 2,
-        finetune_epochs: int = 30) -> dict:
+        finetune_epochs: int = 30, cf_epochs: int = 0) -> dict:
+    """cf_epochs: 0 = each recommender conf's train.epochs (the others: a smaller run for a smoke test)."""
     t = cfg.train
     backend, workers = t.backend, t.num_workers
     threads = max(1, torch.get_num_threads())
     per_worker = max(1, threads // (1 if backend == "local" else workers))
     summary: dict = {"step": "bench models", "family": "energy", "backend": backend, "workers": workers,
                      "threads": threads, "cases": {}}
-    summary["cases"]["cf"] = cf_case(spark, cfg, rbm_conf, autorec_conf, backend, workers, per_worker)
+    summary["cases"]["cf"] = cf_case(spark, cfg, rbm_conf, autorec_conf, backend, workers, per_worker, cf_epochs)
     tables = latest_tables(cfg, hint="run `dlpipe land-demo-data` and `dlpipe prepare` first")
     files = {split: lake.table_files(*ref) for split, ref in tables.items()}
     summary["tables"] = {split: "%s@%s" % ref for split, ref in tables.items()}
@@ -66,7 +67,8 @@ def _labelled(train_files: list[str], shape) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- collaborative filtering
 
 
-def cf_case(spark, cfg: Config, rbm_conf: str, autorec_conf: str, backend: str, workers: int, threads: int) -> dict:
+def cf_case(spark, cfg: Config, rbm_conf: str, autorec_conf: str, backend: str, workers: int, threads: int,
+            epochs: int = 0) -> dict:
     out: dict = {}
     for key, conf in (("rbm", rbm_conf), ("autorec", autorec_conf)):
         c = load_config(conf, [f"paths.lake={cfg.paths.lake}"])
@@ -78,7 +80,7 @@ def cf_case(spark, cfg: Config, rbm_conf: str, autorec_conf: str, backend: str, 
         items = len(lake.read_columns(tables["test"][0], tables["test"][1], ["ratings"]).column(0)[0])
         net = Net(name=model.name, params=getattr(model, model.name), input_shape=(items,), num_outputs=1,
                   task="recommendation")
-        fit = dc.replace(c.train, checkpoint_every=0, tables={})
+        fit = dc.replace(c.train, checkpoint_every=0, tables={}, epochs=epochs or c.train.epochs)
         task = TrainTask(net=net, train=fit, train_files=lake.table_files(*tables["train"]),
                          val_files=lake.table_files(*tables["test"]), threads=threads)
         r = dlpipe_run(spark, task, backend, workers)  # its val figures are the test table's

@@ -50,7 +50,7 @@ def test_mlp_shapes_for_tables_and_images(act):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.name=transformer", "config key 'model.name': expected one of ['autoencoder', 'cnn', 'mlp', 'rnn', 'som'], got 'transformer'"),
+    ("model.name=transformer", "config key 'model.name': expected one of ['autoencoder', 'autorec', 'cnn', 'dbn', 'mlp', 'rbm', 'rbm_cf', 'rnn', 'som'], got 'transformer'"),
     ("model.task=ranking", "config key 'model.task': expected one of ['classification', 'regression', 'reconstruction'"),
     ("model.task=reconstruction", "config key 'model.task': model cnn supports ['classification', 'regression']"),
     ("model.autoencoder.kind=variational", "config key 'model.autoencoder.kind': expected one of ['deep', 'denoising'"),
@@ -58,7 +58,7 @@ def test_mlp_shapes_for_tables_and_images(act):
     ("model.som.topology=toroidal", "config key 'model.som.topology': expected one of ['rectangular', 'hexagonal']"),
     ("model.som.rate=0", "config key 'model.som.rate': expected a positive number, got 0"),
     ("train.pretrain=greedy", "config key 'train.pretrain': greedy pretraining needs a model with layers to pretrain "
-                              "(autoencoder), got model.name=cnn"),
+                              "(autoencoder, dbn), got model.name=cnn"),
     ("model.cnn.blocks=[{channels: 8, padding: full}]", "config key 'model.cnn.blocks[0].padding': expected one of ['same', 'valid']"),
     ("model.cnn.blocks=[{chanels: 8}]", "unknown config key 'model.cnn.blocks[0].chanels'"),
     ("model.cnn.blocks=[{channels: 8, stride: 0}]", "config key 'model.cnn.blocks[0].stride': expected positive integers"),
