@@ -98,9 +98,14 @@ def cf_case(spark, cfg: Config, rbm_conf: str, autorec_conf: str, backend: str, 
 
 def als(spark, uris: dict[str, str], ranks=(10, 20, 50), regs=(0.05, 0.1, 0.2), iterations: int = 15) -> dict:
     """Spark MLlib ALS on the (user, item, rating) tables, the grid scored on val, the best on test."""
+    import tempfile
+
     from pyspark.ml.recommendation import ALS
     from pyspark.sql import functions as F
 
+    # ALS's lineage grows with every iteration; without a checkpoint directory (checkpointInterval 10)
+    # deep grids overflow the executor's stack (measured: StackOverflowError at maxIter 15)
+    spark.sparkContext.setCheckpointDir(tempfile.mkdtemp(prefix="dlpipe-als-"))
     frames = {}
     for split, uri in uris.items():
         df = lake.read_table(spark, uri, lake.latest_version(uri))

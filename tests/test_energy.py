@@ -321,8 +321,22 @@ def _recommender(root, landing, name, **train):
                        *[f"train.{k}={v}" for k, v in train.items()], conf=conf)
 
 
+@pytest.fixture(scope="module")
+def recommenders(spark, movielens):
+    """The ratings RBM (2 Horovod workers) and AutoRec (one process), trained 2 epochs and evaluated:
+    {name: (config, train summary, evaluate summary)}."""
+    root, landing, _ = movielens
+    out = {}
+    for name, backend in (("rbm_cf", "horovod"), ("autorec", "local")):
+        cfg = _recommender(root, landing, name, backend=backend)
+        run = stage("train", spark, cfg)
+        out[name] = (cfg, run, stage("evaluate", spark, dataclasses.replace(
+            cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=run["run_id"]))))
+    return out
+
+
 @pytest.mark.slow
-def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, movielens, tmp_path):
+def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, movielens, recommenders):
     from dlpipe.tracking import load_net
     from tests.conftest import read_table
 
@@ -333,12 +347,9 @@ def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, mov
         assert np.array_equal(val.loc[user, "given"], train_vectors.loc[user, "ratings"])
 
     results = {}
-    for name, backend in (("rbm_cf", "horovod"), ("autorec", "local")):
-        cfg = _recommender(root, landing, name, backend=backend)
-        run = stage("train", spark, cfg)
-        assert run["world_size"] == (2 if backend == "horovod" else 1)
+    for name, (cfg, run, evaluated) in recommenders.items():
+        assert run["world_size"] == (2 if name == "rbm_cf" else 1)
         assert 0 < run["metrics"]["val_rmse"] < 4
-        evaluated = stage("evaluate", spark, dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, run_id=run["run_id"])))
         m = evaluated["metrics"]
         assert 0 < m["test_rmse"] < 4 and m["test_mae"] <= m["test_rmse"] and m["test_ratings"] > m["test_rows"] > 0
         assert evaluated["champion"]
@@ -395,13 +406,12 @@ CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_recommender_pyfunc_round_trips_without_dlpipe(spark, movielens, tmp_path):
+def test_recommender_pyfunc_round_trips_without_dlpipe(movielens, recommenders, tmp_path):
     from dlpipe.tracking import load_net
     from tests.conftest import read_table
 
-    root, landing, prepared = movielens
-    cfg = _recommender(root, landing, "rbm_cf", backend="local")
-    run = stage("train", spark, cfg)
+    _, _, prepared = movielens
+    cfg, run, _ = recommenders["rbm_cf"]
     rows = [list(map(float, v)) for v in read_table(prepared, "vectors_test")["given"].head(3)]
     script = tmp_path / "consumer.py"
     script.write_text(CONSUMER)
