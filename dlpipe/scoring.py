@@ -55,6 +55,11 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
     null for scored rows), with the expected shape and range."""
     shipped = ship_model(spark, model_uri)
     meta = model_meta(shipped)
+    if meta.get("task") == "recommendation":
+        from dlpipe.errors import DlpipeError
+
+        raise DlpipeError(f"{model_uri} is a recommender: it scores rating vectors, with `dlpipe recommend` "
+                          "(top-k unrated items per user) or `dlpipe evaluate` (held-out ratings)")
     column = meta.get("input_column", "pixels")
     if column in ("text", "history"):  # a recurrent model: raw text or a window in
         from dlpipe import scoring_sequence

@@ -376,6 +376,11 @@ def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, mov
     assert all(a["predicted"] >= b["predicted"] for a, b in zip(one["recommendations"], one["recommendations"][1:]))
     with pytest.raises(Exception, match="has no ratings"):
         stage("recommend", spark, cfg, model="", user="no-such-user", k=5)
+    from dlpipe.errors import DlpipeError
+    from dlpipe.scoring import predict
+
+    with pytest.raises(DlpipeError, match="is a recommender: it scores rating vectors"):
+        predict(spark, spark.range(1), evaluated["model_uri"])
 
     # every user's list, into the recommendations table
     batch = stage("recommend", spark, cfg, model=results["rbm_cf"][1]["model_uri"], user="", k=5)
