@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from dl.models.base import ModelSpec, ParamError, check_positive
-from dl.models.rbm import _init, cd_loss, free_energy, gibbs, hidden_p, visible_mean
+from dl.models.rbm import _init, cd_loss, free_energy, hidden_p, negative_phase, visible_mean
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,11 +86,7 @@ class DBN(nn.Module):
             return F.cross_entropy(logits.float(), y), (logits.argmax(1) == y).sum()
         linear, bias, gaussian = self._rbm(self.pretraining)
         v0 = self.layer_input(x, self.pretraining)
-        start = self.chains if self.training and self.cfg.persistent and self.chains is not None \
-            and self.chains.shape == v0.shape else v0
-        mean, sample = gibbs(linear, bias, start, self.cfg.k, gaussian)
-        if self.training and self.cfg.persistent:
-            self.chains = sample
+        mean = negative_phase(self, linear, bias, v0, gaussian)
         return cd_loss(linear, bias, v0, mean, gaussian), torch.zeros(())
 
     @torch.no_grad()

@@ -62,6 +62,17 @@ def cd_loss(linear: nn.Linear, bias: torch.Tensor, v0: torch.Tensor, vk: torch.T
     return free_energy(linear, bias, v0, gaussian).mean() - free_energy(linear, bias, vk.detach(), gaussian).mean()
 
 
+def negative_phase(model: nn.Module, linear: nn.Linear, bias: torch.Tensor, v0: torch.Tensor, gaussian: bool) -> torch.Tensor:
+    """The chain's last visible mean for CD-k from the data, or (training with cfg.persistent) from
+    where model.chains ended; keeps the new chains in model.chains."""
+    persistent = model.training and model.cfg.persistent
+    start = model.chains if persistent and model.chains is not None and model.chains.shape == v0.shape else v0
+    mean, sample = gibbs(linear, bias, start, model.cfg.k, gaussian)
+    if persistent:
+        model.chains = sample
+    return mean
+
+
 def _init(linear: nn.Linear) -> nn.Linear:
     nn.init.normal_(linear.weight, 0.0, 0.01)  # small random weights, zero biases (Hinton's practical guide)
     nn.init.zeros_(linear.bias)
@@ -104,12 +115,7 @@ class RBM(nn.Module):
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean F(data) - mean F(chain), sum of the per-example reconstruction MSE)."""
         v0 = x.flatten(1)
-        start = v0
-        if self.training and self.cfg.persistent and self.chains is not None and self.chains.shape == v0.shape:
-            start = self.chains
-        mean, sample = gibbs(self.linear, self.visible_bias, start, self.cfg.k, self.gaussian)
-        if self.training and self.cfg.persistent:
-            self.chains = sample
+        mean = negative_phase(self, self.linear, self.visible_bias, v0, self.gaussian)
         errors = (self(x).flatten(1) - v0).pow(2).mean(1)
         return cd_loss(self.linear, self.visible_bias, v0, mean, self.gaussian), errors.detach().sum()
 
