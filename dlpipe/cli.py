@@ -247,10 +247,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def upstream_overrides(step: str, upstream: str, prefix: str = "") -> list[str]:
+def upstream_overrides(step: str, upstream: str, suffixes: dict[str, str] | None = None) -> list[str]:
     """`--set` items that make an upstream stage's summary this stage's inputs: its train/val/test
-    tables (`prefix`<split>: vectors_ for a recommender) for train, retrain and embed; its run for
-    evaluate; its model for score."""
+    tables (`suffixes`: split -> table, Config.model_table_suffixes) for train, retrain and embed; its
+    run for evaluate; its model for score."""
     text = Path(upstream).read_text() if not upstream.lstrip().startswith("{") else upstream
     try:
         summary = json.loads(text)
@@ -258,8 +258,9 @@ def upstream_overrides(step: str, upstream: str, prefix: str = "") -> list[str]:
         raise ConfigError(f"--upstream: expected a JSON summary (or a file holding one), got {upstream[:80]!r}") from None
     tables = summary.get("tables") or {}
     out = []
-    if step in ("train", "retrain", "embed", "tune") and all(prefix + s in tables for s in SPLITS):
-        out.append("train.tables=" + json.dumps({s: f"{tables[prefix + s]['uri']}@{tables[prefix + s]['version']}"
+    names = suffixes or {s: s for s in SPLITS}
+    if step in ("train", "retrain", "embed", "tune") and all(names[s] in tables for s in SPLITS):
+        out.append("train.tables=" + json.dumps({s: f"{tables[names[s]]['uri']}@{tables[names[s]]['version']}"
                                                  for s in SPLITS}))
     if step == "evaluate" and summary.get("run_id"):
         out.append(f"evaluate.run_id={summary['run_id']}")
@@ -277,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         upstream = []
         if args.upstream:
-            recommender = load_config(args.conf, args.overrides).model.task == "recommendation"
-            upstream = upstream_overrides(args.step, args.upstream, "vectors_" if recommender else "")
+            suffixes = load_config(args.conf, args.overrides).model_table_suffixes()
+            upstream = upstream_overrides(args.step, args.upstream, suffixes)
         args.all_overrides = [*upstream, *args.overrides]
         cfg = load_config(args.conf, args.all_overrides)  # before Spark starts
         if command.trains:

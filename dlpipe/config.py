@@ -195,11 +195,19 @@ class Config:
     def table_uri(self, suffix: str) -> str:
         return table_uri(self.paths, self.data, suffix)
 
+    def model_table_suffixes(self) -> dict[str, str]:
+        """split -> the suffix of the table a model reads by default: <split>; for a recommender the
+        per-user rating vectors vectors_<split>; for the item-based AutoRec the per-item vectors
+        item_vectors_train/_val to train on, and vectors_test (per user, as it is served) to evaluate on."""
+        if self.model.task != "recommendation":
+            return {split: split for split in ("train", "val", "test")}
+        if self.model.name == "autorec" and self.model.autorec.based == "item":
+            return {"train": "item_vectors_train", "val": "item_vectors_val", "test": "vectors_test"}
+        return {split: "vectors_" + split for split in ("train", "val", "test")}
+
     def model_tables(self) -> dict[str, str]:
-        """The train/val/test tables a model reads by default: <name>_<split>, or for a recommender
-        the per-user rating vectors <name>_vectors_<split>."""
-        prefix = "vectors_" if self.model.task == "recommendation" else ""
-        return {split: self.table_uri(prefix + split) for split in ("train", "val", "test")}
+        """The train/val/test tables a model reads by default (model_table_suffixes)."""
+        return {split: self.table_uri(suffix) for split, suffix in self.model_table_suffixes().items()}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

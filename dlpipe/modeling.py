@@ -3,6 +3,9 @@ which net to build for a table, which labels a run sees, pretrained weights."""
 
 from __future__ import annotations
 
+import re
+
+import numpy as np
 from mlflow.tracking import MlflowClient
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -65,17 +68,29 @@ def input_of(spark: SparkSession, table: TableRef, data: DataConfig) -> tuple[st
     raise ValueError(f"{table} has none of the columns pixels, features, ids, history, ratings (columns: {frame.columns})")
 
 
-def rating_items(train: TableRef) -> list[str]:
-    """A recommender's item ids in rating-vector order: the <name>_items table the prepare job that
-    wrote `train` (<name>_vectors_train) wrote with it; positions change when new items arrive."""
-    uri = train.uri.rsplit("_vectors_train", 1)[0] + "_items"
+def rating_index(train: TableRef, column: str = "item") -> list[str]:
+    """A recommender's item (or user) ids in rating-vector order: the <name>_items (_users) table
+    that the prepare job that wrote `train` (<name>_vectors_train or _item_vectors_train) wrote with
+    it; positions change when new items or users arrive."""
+    uri = re.sub(r"_(item_)?vectors_train$", "", train.uri) + f"_{column}s"
     if lake.latest_version(uri) is None:
-        raise InputNotFound(f"no item index at {uri}: run the prepare step first")
+        raise InputNotFound(f"no {column} index at {uri}: run the prepare step first")
     job = next((c["metadata"].get("dlpipe.job_id") for c in lake.history(train.uri) if c["version"] == train.version), None)
     version = next((c["version"] for c in lake.history(uri) if job and c["metadata"].get("dlpipe.job_id") == job),
                    lake.latest_version(uri))
-    index = lake.read_columns(uri, version, ["item", "index"]).to_pandas().sort_values("index")
-    return list(index["item"])
+    index = lake.read_columns(uri, version, [column, "index"]).to_pandas().sort_values("index")
+    return list(index[column])
+
+
+def known_ratings(train: TableRef, items: int, users: int) -> np.ndarray:
+    """users x items: every train rating of a <name>_item_vectors_train version (what the item-based
+    AutoRec is served with), 0 where unrated."""
+    table = lake.read_columns(train.uri, train.version, ["item", "ratings"]).to_pandas()
+    index = {item: i for i, item in enumerate(rating_index(train, "item"))}
+    known = np.zeros((items, users), np.float32)
+    for item, vector in zip(table["item"], table["ratings"]):
+        known[index[item]] = vector
+    return known.T.copy()
 
 
 def with_rating_range(model: ModelConfig, data: DataConfig) -> ModelConfig:

@@ -14,7 +14,9 @@ error per value); clustering (self-organizing maps): `bmu` (the best matching un
 `bmu_row`, `bmu_col` and `quantization_error` (the distance to that unit's prototype); recommendation
 (collaborative filtering; input `ratings`: a user's ratings of every item, 0 for unrated, in the
 order of the model's `items`): `predicted` (a rating for every item) and `recommended` (the ids of
-the TOP_K items with the highest predicted rating the user has not rated, best first)."""
+the TOP_K items with the highest predicted rating the user has not rated, best first). An
+item-based recommender (its meta names `users`) also needs a `user` column: it scores only the users
+of its training matrix, and rejects the rows of any other."""
 
 import json
 
@@ -42,6 +44,8 @@ class TorchModel(mlflow.pyfunc.PythonModel):
         self.module = torch.export.load(context.artifacts["program"]).module()
         self.map_columns = meta.get("net", {}).get("params", {}).get("columns", 1)  # a self-organizing map's width
         self.items = meta.get("items") or []  # a recommender's item ids, in rating-vector order
+        self.users = meta.get("users") or []  # an item-based recommender's users: the rows of its training matrix
+        self.user_index = {u: i for i, u in enumerate(self.users)}
 
     def expected(self) -> str:
         bounds = f" in [{self.value_range[0]:g}, {self.value_range[1]:g}]" if self.value_range else ""
@@ -56,6 +60,24 @@ class TorchModel(mlflow.pyfunc.PythonModel):
                 inside = ((x >= self.value_range[0]) & (x <= self.value_range[1])).all(axis=1)
         return [None if ok and within else ("a NaN or infinite value" if not ok else "a value out of range")
                 for ok, within in zip(finite, inside)]
+
+    def user_problems(self, users) -> list:
+        """Per user id: None when the item-based model can score them, else why not."""
+        return [None if u in self.user_index else f"user {u!r} is not in the model's training matrix "
+                f"({len(self.users)} users): an item-based recommender scores only those" for u in users]
+
+    def _user_positions(self, model_input) -> torch.Tensor:
+        """The positions of the input's `user` column in the training matrix; raises naming every rejected row."""
+        if not isinstance(model_input, pd.DataFrame) or "user" not in model_input.columns:
+            raise MlflowException(f"an item-based recommender needs a `user` column (a user id of its training matrix) "
+                                  f"beside {self.expected()}", error_code=INVALID_PARAMETER_VALUE)
+        users = [str(u) for u in model_input["user"]]
+        rejected = [(i, p) for i, p in enumerate(self.user_problems(users)) if p is not None]
+        if rejected:
+            shown = "; ".join(f"row {i}: {p}" for i, p in rejected[:5]) + ("; ..." if len(rejected) > 5 else "")
+            raise MlflowException(f"{len(rejected)} of {len(users)} input rows rejected ({shown})",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        return torch.tensor([self.user_index[u] for u in users], dtype=torch.int64)
 
     def length_problem(self, length) -> str:
         return "no value" if length is None else f"{length} values"
@@ -104,7 +126,8 @@ class TorchModel(mlflow.pyfunc.PythonModel):
                                  "quantization_error": error})
         if self.task == "recommendation":
             with torch.no_grad():
-                predicted = self.module(x).numpy() if len(x) else np.zeros((0, self.width), np.float32)
+                inputs = (x, self._user_positions(model_input)) if self.users else (x,)
+                predicted = self.module(*inputs).numpy() if len(x) else np.zeros((0, self.width), np.float32)
             ranked = np.argsort(-np.where(x.numpy() > 0, -np.inf, predicted), axis=1, kind="stable")
             unrated = (x.numpy() == 0).sum(axis=1)
             return pd.DataFrame({"predicted": list(predicted.astype(np.float32)),

@@ -9,6 +9,7 @@ import math
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -29,10 +30,7 @@ def errors(spark: SparkSession, vectors: DataFrame, model_uri: str) -> DataFrame
         for batch in batches:
             x, reasons = _checked(model, batch.column("given"))
             target, _ = _checked(model, batch.column("ratings"))
-            good = np.array([r is None for r in reasons], dtype=bool)
-            predicted = np.zeros_like(x)
-            if good.any():
-                predicted[good] = np.stack(model.predict(None, x[good])["predicted"].to_numpy())
+            predicted, good = _predicted(model, x, batch.column("user").to_pylist(), reasons)
             rated = (target > 0) & good[:, None]
             diff = np.where(rated, predicted - target, 0.0)
             yield pa.RecordBatch.from_pydict({
@@ -42,6 +40,21 @@ def errors(spark: SparkSession, vectors: DataFrame, model_uri: str) -> DataFrame
                 "rejected_reason": pa.array(reasons, pa.string())})
 
     return vectors.select("user", "given", "ratings").mapInArrow(run, ERRORS_SCHEMA)
+
+
+def _predicted(model, x: np.ndarray, users: list[str], reasons: list) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted ratings, which rows were scored) for the rows of x without a reason; an item-based
+    model (model.users) also rejects, in `reasons`, the users outside its training matrix."""
+    if getattr(model, "users", None):
+        for i, problem in enumerate(model.user_problems(users)):
+            reasons[i] = reasons[i] or problem
+    good = np.array([r is None for r in reasons], dtype=bool)
+    predicted = np.zeros_like(x)
+    if good.any():
+        rows = pd.DataFrame({"user": [u for u, g in zip(users, good) if g], "ratings": list(x[good])}) \
+            if getattr(model, "users", None) else x[good]
+        predicted[good] = np.stack(model.predict(None, rows)["predicted"].to_numpy())
+    return predicted, good
 
 
 def holdout_metrics(per_user: DataFrame) -> dict[str, float]:
@@ -66,12 +79,9 @@ def top_k(spark: SparkSession, known: DataFrame, model_uri: str, k: int) -> Data
         model = _load(shipped)
         for batch in batches:
             x, reasons = _checked(model, batch.column("ratings"))
-            good = np.array([r is None for r in reasons], dtype=bool)
-            out = {"user": [], "rank": [], "item": [], "predicted": [], "rejected_reason": []}
-            predicted = np.zeros_like(x)
-            if good.any():
-                predicted[good] = np.stack(model.predict(None, x[good])["predicted"].to_numpy())
             users = batch.column("user").to_pylist()
+            predicted, good = _predicted(model, x, users, reasons)
+            out = {"user": [], "rank": [], "item": [], "predicted": [], "rejected_reason": []}
             for i, user in enumerate(users):
                 if not good[i]:
                     for name, value in zip(out, (user, None, None, None, reasons[i])):

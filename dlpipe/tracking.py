@@ -48,8 +48,10 @@ class CodeAndReconstruction(torch.nn.Module):
         return self.model.features(x), self.model(x)
 
 
-def input_schema(column: str) -> Schema:
-    return Schema([ColSpec(Array(DataType.double), column)])  # plain Python floats; cast to float32 inside
+def input_schema(column: str, user: bool = False) -> Schema:
+    """The input column (plain Python floats; cast to float32 inside), after a `user` id column for
+    a model that scores only the users it was trained with."""
+    return Schema(([ColSpec(DataType.string, "user")] if user else []) + [ColSpec(Array(DataType.double), column)])
 
 
 def setup(cfg: MlflowConfig) -> str:
@@ -75,17 +77,24 @@ def setup(cfg: MlflowConfig) -> str:
 
 
 def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str], example: np.ndarray, config: dict,
-              items: list[str] | None = None):
+              items: list[str] | None = None, users: list[str] | None = None, known: np.ndarray | None = None):
     """Log the trained net as a pyfunc model (exported program + this model's code) with a
     signature and an input example; also keeps the state dict, the net description (model name,
     hyperparameters, input shape, task: enough to rebuild it with dl.models) and the resolved config.
-    `items`: a recommender's item ids in the order of its rating vectors."""
+    `items`: a recommender's item ids in the order of its rating vectors; `users` and `known` (users
+    x items): the item-based AutoRec's training matrix, served through dl.models.autorec.FoldIn."""
     model = model.eval()
     input_shape = tuple(net.input_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 24)
     served = CodeAndReconstruction(model) if net.task == "reconstruction" else model
+    args, shapes = (torch.zeros(2, *input_shape),), {"x": {0: batch}}
+    if known is not None:
+        from dl.models.autorec import FoldIn
+
+        served, input_shape = FoldIn(model, torch.from_numpy(known)), (len(items),)
+        args, shapes = (torch.zeros(2, len(items)), torch.zeros(2, dtype=torch.int64)), {"x": {0: batch}, "users": {0: batch}}
     with TORCH_LOCK:
-        program = torch.export.export(served, (torch.zeros(2, *input_shape),), dynamic_shapes={"x": {0: batch}})
+        program = torch.export.export(served, args, dynamic_shapes=shapes)
     with tempfile.TemporaryDirectory() as tmp:
         paths = {
             "program": Path(tmp, "model.pt2"),
@@ -96,15 +105,17 @@ def log_model(model: torch.nn.Module, net, input_column: str, classes: list[str]
         torch.export.save(program, paths["program"])
         paths["meta"].write_text(json.dumps({"input_shape": list(input_shape), "classes": classes, "task": net.task,
                                              "input_column": input_column, "net": net.to_dict(),
-                                             "input_range": _input_range(net, input_column), "items": items}))
+                                             "input_range": _input_range(net, input_column), "items": items,
+                                             "users": users}))
         torch.save(model.state_dict(), paths["state_dict"])
         paths["config"].write_text(json.dumps(config, indent=2))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),
             artifacts={k: str(v) for k, v in paths.items()},
-            signature=ModelSignature(inputs=input_schema(input_column), outputs=OUTPUT_SCHEMAS[net.task]),
-            input_example=pd.DataFrame({input_column: [row.tolist() for row in example.reshape(len(example), -1)]}),
+            signature=ModelSignature(inputs=input_schema(input_column, user=bool(users)), outputs=OUTPUT_SCHEMAS[net.task]),
+            input_example=pd.DataFrame(({"user": users[: len(example)]} if users else {})
+                                       | {input_column: [row.tolist() for row in example.reshape(len(example), -1)]}),
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
         )
 

@@ -6,7 +6,10 @@ ratings in one split). Derived from those, rebuilt by every job:
   (items in numeric order when every id is a number);
 - <name>_vectors_train/_val/_test `user string, ratings array<float>`: one dense vector per
   user of the ratings in that split, 0 for unrated; _val and _test add `given array<float>`, the
-  user's train ratings (zeros for a user with none): what a recommender is given to predict `ratings`.
+  user's train ratings (zeros for a user with none): what a recommender is given to predict `ratings`;
+- <name>_users `user string, index int` and <name>_item_vectors_train/_val/_test `item string,
+  ratings array<float>` (_val and _test add `given`): the same matrices by item, one vector per item
+  over every user, what the item-based AutoRec trains on (it is evaluated and served per user).
 """
 
 from __future__ import annotations
@@ -49,25 +52,33 @@ def to_base(accepted: DataFrame, data, state) -> DataFrame:
 
 def derive(tables: dict, data, state) -> dict:
     splits = {s: tables[s] for s in BASE}
-    spark = splits["train"].sparkSession
     everything = splits["train"].unionByName(splits["val"]).unionByName(splits["test"])
-    items = [r["item"] for r in everything.select("item").distinct().collect()]
-    numeric = all(i.lstrip("-").isdigit() for i in items)
-    items.sort(key=(lambda i: int(i)) if numeric else None)
-    index = spark.createDataFrame(pd.DataFrame({"item": items, "index": np.arange(len(items), dtype=np.int32)}),
-                                  "item string, index int")
-    out = {"items": index, "vectors_train": dense_vectors(splits["train"], index, len(items))}
-    known = out["vectors_train"].select("user", F.col("ratings").alias("given"))
-    none = F.array_repeat(F.lit(0.0).cast("float"), len(items))
-    for split in ("val", "test"):  # what a model is given (the train ratings) beside what it must predict
-        out[f"vectors_{split}"] = dense_vectors(splits[split], index, len(items)).join(known, "user", "left") \
-            .select("user", "ratings", F.coalesce("given", none).alias("given"))
+    out = {"items": _index(everything, "item"), "users": _index(everything, "user")}
+    for key, position, prefix in (("user", "item", "vectors_"), ("item", "user", "item_vectors_")):
+        index = out[f"{position}s"]
+        width = index.count()
+        train = dense_vectors(splits["train"], index, width, key, position)
+        out[prefix + "train"] = train
+        none = F.array_repeat(F.lit(0.0).cast("float"), width)
+        known = train.select(key, F.col("ratings").alias("given"))
+        for split in BASE[1:]:  # what a model is given (the train ratings) beside what it must predict
+            out[prefix + split] = dense_vectors(splits[split], index, width, key, position).join(known, key, "left") \
+                .select(key, "ratings", F.coalesce("given", none).alias("given"))
     return out
 
 
-def dense_vectors(ratings: DataFrame, index: DataFrame, width: int) -> DataFrame:
-    """(user, item, rating) rows -> `user string, ratings array<float>`: one vector per user, the
-    rating at the item's position in `index`, 0 for unrated."""
+def _index(ratings: DataFrame, column: str) -> DataFrame:
+    """`<column> string, index int`: every id of the column once, in numeric order when every id is a number."""
+    ids = [r[column] for r in ratings.select(column).distinct().collect()]
+    numeric = all(i.lstrip("-").isdigit() for i in ids)
+    ids.sort(key=(lambda i: int(i)) if numeric else None)
+    return ratings.sparkSession.createDataFrame(pd.DataFrame({column: ids, "index": np.arange(len(ids), dtype=np.int32)}),
+                                                f"{column} string, index int")
+
+
+def dense_vectors(ratings: DataFrame, index: DataFrame, width: int, key: str = "user", position: str = "item") -> DataFrame:
+    """(user, item, rating) rows -> `<key> string, ratings array<float>`: one vector per user (or per
+    item), the rating at the item's (user's) position in `index`, 0 for unrated."""
 
     def dense(batches):
         for batch in batches:
@@ -76,12 +87,12 @@ def dense_vectors(ratings: DataFrame, index: DataFrame, width: int) -> DataFrame
                 v = np.zeros(width, dtype=np.float32)
                 v[np.asarray(positions, dtype=np.int64)] = values
                 vectors.append(v)
-            yield pd.DataFrame({"user": batch["user"], "ratings": vectors})
+            yield pd.DataFrame({key: batch[key], "ratings": vectors})
 
-    grouped = ratings.join(F.broadcast(index), "item").groupBy("user").agg(
+    grouped = ratings.join(F.broadcast(index), position).groupBy(key).agg(
         F.collect_list("index").alias("positions"), F.collect_list("rating").alias("ratings"))
-    return grouped.mapInPandas(dense, "user string, ratings array<float>")
+    return grouped.mapInPandas(dense, f"{key} string, ratings array<float>")
 
 
 def report(tables: dict, data, state, written: dict) -> dict:
-    return {"items": written["items"]["rows"], "users_per_split": {s: written[f"vectors_{s}"]["rows"] for s in BASE}}
+    return {"items": written["items"]["rows"], "users": written["users"]["rows"], "users_per_split": {s: written[f"vectors_{s}"]["rows"] for s in BASE}}

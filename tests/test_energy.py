@@ -18,7 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dl.models import REGISTRY, Net, build
-from dl.models.autorec import AutoRecConfig
+from dl.models.autorec import AutoRecConfig, FoldIn
 from dl.models.dbn import DBNConfig
 from dl.models.rbm import RBMConfig
 from dl.models.rbm_cf import RBMCFConfig
@@ -216,6 +216,24 @@ def test_fit_reports_the_root_mean_squared_error_over_rated_entries():
     assert history[-1]["val_rmse"] == pytest.approx(np.sqrt(((predicted - val_held)[rated] ** 2).mean()), rel=1e-5)
 
 
+def test_the_item_based_autorec_is_served_to_users_through_its_training_matrix():
+    r = _ratings(users=6)  # users x items: the training matrix
+    net = build(Net(name="autorec", params=AutoRecConfig(hidden=4, based="item"), input_shape=(6,), num_outputs=1,
+                    task="recommendation")).eval()
+    with torch.no_grad():
+        net.decoder.bias.fill_(3.0)  # predictions inside the rating scale, not clipped
+    served = FoldIn(net, torch.from_numpy(r))
+    with torch.no_grad():
+        by_item = net(torch.from_numpy(r.T.copy())).T  # every item's ratings by every user through the net
+        out = served(torch.from_numpy(r[[4, 1]]), torch.tensor([4, 1]))
+        assert out.shape == (2, 12) and torch.allclose(out, by_item[[4, 1]], atol=1e-6)
+        changed = r.copy()
+        changed[1, np.flatnonzero(r[1] == 0)[0]] = 5.0  # user 1 rates one more item: their row of the matrix changes
+        folded = served(torch.from_numpy(changed[[1]]), torch.tensor([1]))[0]
+        assert torch.allclose(folded, net(torch.from_numpy(changed.T.copy())).T[1], atol=1e-6)
+        assert not torch.allclose(folded, by_item[1], atol=1e-4)
+
+
 def test_recommender_configs_need_rating_data():
     from dlpipe.config import load_config
     from dlpipe.errors import ConfigError
@@ -223,7 +241,17 @@ def test_recommender_configs_need_rating_data():
     for conf, name in (("conf/movielens_rbm.yaml", "rbm_cf"), ("conf/movielens_autorec.yaml", "autorec")):
         cfg = load_config(conf)
         assert (cfg.model.name, cfg.model.task, cfg.data.kind) == (name, "recommendation", "ratings")
-        assert cfg.model_tables()["val"].endswith("movielens_vectors_val")
+    tables = load_config("conf/movielens_rbm.yaml").model_tables()
+    assert [tables[s].rsplit("/", 1)[1] for s in ("train", "val", "test")] == \
+        ["movielens_vectors_train", "movielens_vectors_val", "movielens_vectors_test"]
+    # the item-based AutoRec trains by item and is evaluated per user, as it is served
+    tables = load_config("conf/movielens_autorec.yaml").model_tables()
+    assert [tables[s].rsplit("/", 1)[1] for s in ("train", "val", "test")] == \
+        ["movielens_item_vectors_train", "movielens_item_vectors_val", "movielens_vectors_test"]
+    assert load_config("conf/movielens_autorec.yaml", ["model.autorec.based=user"]).model_tables()["val"] \
+        .endswith("/movielens_vectors_val")
+    with pytest.raises(ConfigError, match="model.autorec.based"):
+        load_config("conf/movielens_autorec.yaml", ["model.autorec.based=items"])
     with pytest.raises(ConfigError, match="data.kind': model rbm_cf reads rating vectors"):
         load_config(None, ["model.name=rbm_cf", "model.task=recommendation"])
     with pytest.raises(ConfigError, match="min_rating"):
@@ -355,16 +383,26 @@ def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, mov
         assert evaluated["champion"]
         results[name] = (cfg, evaluated)
 
-    # the test RMSE from the model itself, in this process: the same figure evaluate logged
+    # the item-based AutoRec's test RMSE from its net, in this process, on the train matrix by item:
+    # the same figure evaluate logged through the served model on the per-user test vectors
     cfg, evaluated = results["autorec"]
     model, meta = load_net(evaluated["model_uri"])
-    test = read_table(prepared, "vectors_test")
-    with torch.no_grad():
-        predicted = model(torch.tensor(np.stack(test["given"]))).numpy()
-    held = np.stack(test["ratings"])
-    assert evaluated["metrics"]["test_rmse"] == pytest.approx(np.sqrt(((predicted - held)[held > 0] ** 2).mean()), rel=1e-4)
     items = meta["items"]
     assert items == list(read_table(prepared, "items").sort_values("index")["item"])
+    assert meta["users"] == list(read_table(prepared, "users").sort_values("index")["user"])
+    by_item = read_table(prepared, "item_vectors_train").set_index("item")
+    item_val = read_table(prepared, "item_vectors_val").set_index("item")
+    none = np.zeros(len(meta["users"]), np.float32)  # an item nobody rated in train
+    for item in item_val.index[:10]:
+        assert np.array_equal(item_val.loc[item, "given"], by_item.loc[item, "ratings"] if item in by_item.index else none)
+    known = np.stack([by_item.loc[i, "ratings"] if i in by_item.index else none for i in items])
+    with torch.no_grad():
+        every = model(torch.from_numpy(known)).numpy().T  # users x items
+    test = read_table(prepared, "vectors_test")
+    position = {u: i for i, u in enumerate(meta["users"])}
+    predicted = every[[position[u] for u in test["user"]]]
+    held = np.stack(test["ratings"])
+    assert evaluated["metrics"]["test_rmse"] == pytest.approx(np.sqrt(((predicted - held)[held > 0] ** 2).mean()), rel=1e-4)
 
     # one user's list: never an item they rated in any split
     rows = pd.concat([read_table(prepared, s) for s in ("train", "val", "test")])
@@ -396,17 +434,26 @@ def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, mov
 CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
     import mlflow, pandas as pd
     mlflow.set_tracking_uri(sys.argv[1])
-    model = mlflow.pyfunc.load_model(sys.argv[2])
-    rows = json.loads(sys.argv[3])
-    out = model.predict(pd.DataFrame({"ratings": rows}))
-    bad = rows[0][:-1]
-    try:
-        model.predict(pd.DataFrame({"ratings": [bad]}))
-        refused = ""
-    except Exception as exc:
-        refused = str(exc)
-    print(json.dumps({"predicted": [list(map(float, p)) for p in out["predicted"]],
-                      "recommended": [list(r) for r in out["recommended"]], "refused": refused}))
+
+    def refusal(model, frame):
+        try:
+            model.predict(frame)
+            return ""
+        except Exception as exc:
+            return str(exc)
+
+    results = []
+    for case in json.loads(sys.argv[2]):  # {uri, rows, users (item-based: the users of the rows)}
+        model = mlflow.pyfunc.load_model(case["uri"])
+        rows, users = case["rows"], case["users"]
+        frame = pd.DataFrame(({"user": users} if users else {}) | {"ratings": rows})
+        out = model.predict(frame)
+        refused = [refusal(model, frame.head(1).assign(ratings=[rows[0][:-1]]))]
+        if users:
+            refused += [refusal(model, frame.head(1).assign(user=["no-such-user"])), refusal(model, frame[["ratings"]])]
+        results.append({"predicted": [list(map(float, p)) for p in out["predicted"]],
+                        "recommended": [list(r) for r in out["recommended"]], "refused": refused})
+    print(json.dumps(results))
 """)
 
 
@@ -416,22 +463,35 @@ def test_recommender_pyfunc_round_trips_without_dlpipe(movielens, recommenders, 
     from tests.conftest import read_table
 
     _, _, prepared = movielens
-    cfg, run, _ = recommenders["rbm_cf"]
-    rows = [list(map(float, v)) for v in read_table(prepared, "vectors_test")["given"].head(3)]
+    test = read_table(prepared, "vectors_test").head(3)
+    rows, users = [list(map(float, v)) for v in test["given"]], list(test["user"])
+    cfg = recommenders["rbm_cf"][0]
+    uris = {name: run["model_uri"] for name, (_, run, _) in recommenders.items()}
+    cases = [{"uri": uris["rbm_cf"], "rows": rows, "users": []}, {"uri": uris["autorec"], "rows": rows, "users": users}]
     script = tmp_path / "consumer.py"
     script.write_text(CONSUMER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-I", str(script), cfg.mlflow.tracking_uri, run["model_uri"], json.dumps(rows)],
+    proc = subprocess.run([sys.executable, "-I", str(script), cfg.mlflow.tracking_uri, json.dumps(cases)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    model, meta = load_net(run["model_uri"])
-    x = torch.tensor(rows)
-    with torch.no_grad():
-        expected = model(x).numpy()
-    assert np.allclose(out["predicted"], expected, atol=1e-5)
-    for given, recommended, predicted in zip(rows, out["recommended"], expected):
-        unrated = [i for i, r in enumerate(given) if r == 0]
-        best = sorted(unrated, key=lambda i: -predicted[i])[:10]
-        assert recommended == [meta["items"][i] for i in best]
-    assert f"expected `ratings`: {len(rows[0])} finite floats per row" in out["refused"]
+    served = dict(zip(("rbm_cf", "autorec"), json.loads(proc.stdout.strip().splitlines()[-1])))
+    by_item = read_table(prepared, "item_vectors_train").set_index("item")
+    for name, out in served.items():
+        model, meta = load_net(uris[name])
+        with torch.no_grad():
+            if name == "rbm_cf":
+                expected = model(torch.tensor(rows)).numpy()
+            else:  # the net over every item's train ratings, with these users' rows as given: their columns
+                known = np.stack([by_item.loc[i, "ratings"] if i in by_item.index else np.zeros(len(meta["users"]), np.float32)
+                                  for i in meta["items"]])
+                position = [meta["users"].index(u) for u in users]
+                known[:, position] = np.array(rows).T
+                expected = model(torch.from_numpy(known)).numpy().T[position]
+        assert np.allclose(out["predicted"], expected, atol=1e-4), name
+        for given, recommended, predicted in zip(rows, out["recommended"], expected):
+            unrated = [i for i, r in enumerate(given) if r == 0]
+            best = sorted(unrated, key=lambda i: -predicted[i])[:10]
+            assert recommended == [meta["items"][i] for i in best]
+        assert f"expected `ratings`: {len(rows[0])} finite floats per row" in out["refused"][0]
+    assert "user 'no-such-user' is not in the model's training matrix" in served["autorec"]["refused"][1]
+    assert "missing inputs ['user']" in served["autorec"]["refused"][2]  # MLflow's schema check, before the model's own

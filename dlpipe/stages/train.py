@@ -157,12 +157,19 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
                 info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], data, resolved_config)
             mlflow.set_tag("dlpipe.model_uri", info.model_uri)
             return _summary(active, info, tables, result, train, resume_from)
-        example = val.select(column).limit(2).toPandas()
+        example = np.stack(val.select(column).limit(2).toPandas()[column].to_numpy())
+        recommender = {}
+        if column == "ratings":
+            recommender["items"] = modeling.rating_index(tables["train"], "item")
+            if getattr(net.params, "based", "user") == "item":  # served with its training matrix (dl.models.autorec.FoldIn)
+                recommender["users"] = modeling.rating_index(tables["train"], "user")
+                recommender["known"] = modeling.known_ratings(tables["train"], len(recommender["items"]),
+                                                              len(recommender["users"]))
+                example = recommender["known"][:2]
         with tracking.TORCH_LOCK:
             trained = build(net)
             trained.load_state_dict(result["state_dict"])
-            info = tracking.log_model(trained, net, column, classes, np.stack(example[column].to_numpy()), resolved_config,
-                                      items=modeling.rating_items(tables["train"]) if column == "ratings" else None)
+            info = tracking.log_model(trained, net, column, classes, example, resolved_config, **recommender)
         mlflow.set_tag("dlpipe.model_uri", info.model_uri)
         if trial:  # judged by its epoch metrics; evaluate draws the figures of the one registered
             return _summary(active, info, tables, result, train, resume_from)
