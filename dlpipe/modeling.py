@@ -82,12 +82,12 @@ def rating_index(train: TableRef, column: str = "item") -> list[str]:
     return list(index[column])
 
 
-def known_ratings(train: TableRef, items: int, users: int) -> np.ndarray:
+def known_ratings(train: TableRef, items: list[str], users: int) -> np.ndarray:
     """users x items: every train rating of a <name>_item_vectors_train version (what the item-based
-    AutoRec is served with), 0 where unrated."""
+    AutoRec is served with), 0 where unrated; `items`: rating_index(train, "item")."""
     table = lake.read_columns(train.uri, train.version, ["item", "ratings"]).to_pandas()
-    index = {item: i for i, item in enumerate(rating_index(train, "item"))}
-    known = np.zeros((items, users), np.float32)
+    index = {item: i for i, item in enumerate(items)}
+    known = np.zeros((len(items), users), np.float32)
     for item, vector in zip(table["item"], table["ratings"]):
         known[index[item]] = vector
     return known.T.copy()

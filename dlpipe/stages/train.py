@@ -163,7 +163,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             recommender["items"] = modeling.rating_index(tables["train"], "item")
             if getattr(net.params, "based", "user") == "item":  # served with its training matrix (dl.models.autorec.FoldIn)
                 recommender["users"] = modeling.rating_index(tables["train"], "user")
-                recommender["known"] = modeling.known_ratings(tables["train"], len(recommender["items"]),
+                recommender["known"] = modeling.known_ratings(tables["train"], recommender["items"],
                                                               len(recommender["users"]))
                 example = recommender["known"][:2]
         with tracking.TORCH_LOCK:
