@@ -42,7 +42,14 @@ class SparkConfig:
         "spark.sql.shuffle.partitions": "8", "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.files.openCostInBytes": "16384", "spark.driver.memory": "4g",
         # prepare writes its staging folders (one per split) in one pass: one open file per split, no sort
-        "spark.sql.maxConcurrentOutputFileWriters": "8"})
+        "spark.sql.maxConcurrentOutputFileWriters": "8",
+        # a Delta snapshot replays the table's log in this many tasks: Delta's default of 50 cost 4-7 s
+        # per read of a small table on 2 cores, 2 about 1 s (docs/performance.md); raise it for logs
+        # of many thousands of files
+        "spark.databricks.delta.snapshotPartitions": "2",
+        # Delta's VACUUM lists the table's folders in this many tasks: Spark's default of 10000 made a
+        # VACUUM of a 2-file table take 136 s on 2 cores, 8 tasks 5 s
+        "spark.sql.sources.parallelPartitionDiscovery.parallelism": "8"})
     jars_dir: str = ".work/jars"  # jars for spark.jars (delta-spark, hadoop-aws: deploy/jars/pom.xml); relative: to the checkout
 
 

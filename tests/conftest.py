@@ -11,25 +11,31 @@ import pytest
 from tests.hdfs.cluster import hdfs  # noqa: F401  (the session fixture: a real HDFS on 127.0.0.1)
 
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
+# the JVMs of the `dlpipe` processes the tests start compile with C1 only: they live seconds to a few
+# minutes, where C2's compile threads cost more than they win on 2 cores (docs/testing.md). The tests'
+# own Spark (the `spark` fixture) lives the whole run and keeps C2.
+SHORT_JVM = "--driver-java-options -XX:TieredStopAtLevel=1 pyspark-shell"
+os.environ.setdefault("PYSPARK_SUBMIT_ARGS", SHORT_JVM)
 
 
 @pytest.fixture(scope="session")
 def spark():
-    """One local Spark per test run (start-up costs ~15 s on 2 cores)."""
+    """One local Spark per test run (start-up costs ~15 s on 2 cores), with dlpipe's default Spark conf."""
     from dlpipe.config import load_config
     from dlpipe.spark import get_session
 
+    cfg = load_config()
+    given = os.environ.get("PYSPARK_SUBMIT_ARGS")
+    if given == SHORT_JVM:
+        os.environ["PYSPARK_SUBMIT_ARGS"] = "pyspark-shell"
     session = get_session(
         "local[2]",
         "dlpipe-tests",
-        {
-            "spark.sql.shuffle.partitions": "4",
-            "spark.ui.enabled": "false",
-            "spark.driver.memory": "2g",
-            "spark.sql.execution.arrow.pyspark.enabled": "true",
-        },
-        jars_dir=load_config().spark.jars_dir, engine="spark",  # `make test` fetched the delta-spark jars
+        {**cfg.spark.conf, "spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false", "spark.driver.memory": "2g"},
+        jars_dir=cfg.spark.jars_dir, engine="spark",  # `make test` fetched the delta-spark jars
     )
+    if given == SHORT_JVM:
+        os.environ["PYSPARK_SUBMIT_ARGS"] = given
     yield session
     session.stop()
 
