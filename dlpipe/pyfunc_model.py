@@ -16,7 +16,8 @@ error per value); clustering (self-organizing maps): `bmu` (the best matching un
 order of the model's `items`): `predicted` (a rating for every item) and `recommended` (the ids of
 the TOP_K items with the highest predicted rating the user has not rated, best first). An
 item-based recommender (its meta names `users`) also needs a `user` column: it scores only the users
-of its training matrix, and rejects the rows of any other."""
+of its training matrix, and rejects the rows of any other; two rows of one user in a batch are each
+scored with their own ratings."""
 
 import json
 
@@ -28,6 +29,15 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+
+def _refuse(problems: list, tail: str = "") -> None:
+    """Raise naming the rejected rows (the first 5) when any per-row problem is not None."""
+    rejected = [(i, p) for i, p in enumerate(problems) if p is not None]
+    if rejected:
+        shown = "; ".join(f"row {i}: {p}" for i, p in rejected[:5]) + ("; ..." if len(rejected) > 5 else "")
+        raise MlflowException(f"{len(rejected)} of {len(problems)} input rows rejected ({shown}){tail}",
+                              error_code=INVALID_PARAMETER_VALUE)
 
 
 class TorchModel(mlflow.pyfunc.PythonModel):
@@ -72,12 +82,20 @@ class TorchModel(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"an item-based recommender needs a `user` column (a user id of its training matrix) "
                                   f"beside {self.expected()}", error_code=INVALID_PARAMETER_VALUE)
         users = [str(u) for u in model_input["user"]]
-        rejected = [(i, p) for i, p in enumerate(self.user_problems(users)) if p is not None]
-        if rejected:
-            shown = "; ".join(f"row {i}: {p}" for i, p in rejected[:5]) + ("; ..." if len(rejected) > 5 else "")
-            raise MlflowException(f"{len(rejected)} of {len(users)} input rows rejected ({shown})",
-                                  error_code=INVALID_PARAMETER_VALUE)
+        _refuse(self.user_problems(users))
         return torch.tensor([self.user_index[u] for u in users], dtype=torch.int64)
+
+    def _fold_in(self, x: torch.Tensor, users: torch.Tensor) -> np.ndarray:
+        """An item-based recommender over rounds in which each user appears once: two rows of one user
+        (two sets of known ratings) are each scored with their own ratings, not the last row's."""
+        occurrence, seen = np.zeros(len(users), np.int64), {}
+        for i, u in enumerate(users.tolist()):
+            occurrence[i] = seen[u] = seen.get(u, -1) + 1
+        predicted = np.zeros((len(x), self.width), np.float32)
+        for r in range(int(occurrence.max()) + 1 if len(x) else 0):
+            rows = torch.from_numpy(np.flatnonzero(occurrence == r))
+            predicted[rows.numpy()] = self.module(x[rows], users[rows]).numpy()
+        return predicted
 
     def length_problem(self, length) -> str:
         return "no value" if length is None else f"{length} values"
@@ -93,11 +111,7 @@ class TorchModel(mlflow.pyfunc.PythonModel):
                 problems = self.row_problems(x)
             else:
                 x, problems = self._from_rows(list(values) if values.ndim >= 1 else [values])
-        rejected = [(i, p) for i, p in enumerate(problems) if p is not None]
-        if rejected:
-            shown = "; ".join(f"row {i}: {p}" for i, p in rejected[:5]) + ("; ..." if len(rejected) > 5 else "")
-            raise MlflowException(f"{len(rejected)} of {len(problems)} input rows rejected ({shown}); "
-                                  f"expected {self.expected()}", error_code=INVALID_PARAMETER_VALUE)
+        _refuse(problems, f"; expected {self.expected()}")
         return x
 
     def _from_rows(self, rows: list):
@@ -126,8 +140,10 @@ class TorchModel(mlflow.pyfunc.PythonModel):
                                  "quantization_error": error})
         if self.task == "recommendation":
             with torch.no_grad():
-                inputs = (x, self._user_positions(model_input)) if self.users else (x,)
-                predicted = self.module(*inputs).numpy() if len(x) else np.zeros((0, self.width), np.float32)
+                if self.users:
+                    predicted = self._fold_in(x, self._user_positions(model_input))
+                else:
+                    predicted = self.module(x).numpy() if len(x) else np.zeros((0, self.width), np.float32)
             ranked = np.argsort(-np.where(x.numpy() > 0, -np.inf, predicted), axis=1, kind="stable")
             unrated = (x.numpy() == 0).sum(axis=1)
             return pd.DataFrame({"predicted": list(predicted.astype(np.float32)),

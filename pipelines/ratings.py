@@ -53,10 +53,10 @@ def to_base(accepted: DataFrame, data, state) -> DataFrame:
 def derive(tables: dict, data, state) -> dict:
     splits = {s: tables[s] for s in BASE}
     everything = splits["train"].unionByName(splits["val"]).unionByName(splits["test"])
-    out = {"items": _index(everything, "item"), "users": _index(everything, "user")}
-    for key, position, prefix in (("user", "item", "vectors_"), ("item", "user", "item_vectors_")):
-        index = out[f"{position}s"]
-        width = index.count()
+    (items, n_items), (users, n_users) = _index(everything, "item"), _index(everything, "user")
+    out = {"items": items, "users": users}
+    for key, position, prefix, index, width in (("user", "item", "vectors_", items, n_items),
+                                                ("item", "user", "item_vectors_", users, n_users)):
         train = dense_vectors(splits["train"], index, width, key, position)
         out[prefix + "train"] = train
         none = F.array_repeat(F.lit(0.0).cast("float"), width)
@@ -67,13 +67,14 @@ def derive(tables: dict, data, state) -> dict:
     return out
 
 
-def _index(ratings: DataFrame, column: str) -> DataFrame:
-    """`<column> string, index int`: every id of the column once, in numeric order when every id is a number."""
+def _index(ratings: DataFrame, column: str) -> tuple[DataFrame, int]:
+    """`<column> string, index int`: every id of the column once, in numeric order when every id is a
+    number; and how many ids there are."""
     ids = [r[column] for r in ratings.select(column).distinct().collect()]
     numeric = all(i.lstrip("-").isdigit() for i in ids)
     ids.sort(key=(lambda i: int(i)) if numeric else None)
-    return ratings.sparkSession.createDataFrame(pd.DataFrame({column: ids, "index": np.arange(len(ids), dtype=np.int32)}),
-                                                f"{column} string, index int")
+    frame = pd.DataFrame({column: ids, "index": np.arange(len(ids), dtype=np.int32)})
+    return ratings.sparkSession.createDataFrame(frame, f"{column} string, index int"), len(ids)
 
 
 def dense_vectors(ratings: DataFrame, index: DataFrame, width: int, key: str = "user", position: str = "item") -> DataFrame:

@@ -234,6 +234,32 @@ def test_the_item_based_autorec_is_served_to_users_through_its_training_matrix()
         assert not torch.allclose(folded, by_item[1], atol=1e-4)
 
 
+def test_two_rows_of_one_user_in_one_batch_are_each_scored_with_their_own_ratings():
+    """The served item-based model: a consumer asks for one user twice in a batch (two what-ifs)."""
+    from dlpipe.pyfunc_model import TorchModel
+
+    r = _ratings(users=6)
+    net = build(Net(name="autorec", params=AutoRecConfig(hidden=4, based="item"), input_shape=(6,), num_outputs=1,
+                    task="recommendation")).eval()
+    with torch.no_grad():
+        net.decoder.bias.fill_(3.0)  # predictions inside the rating scale, not clipped
+    model = TorchModel()
+    model.module, model.task, model.column, model.value_range = FoldIn(net, torch.from_numpy(r)), "recommendation", "ratings", None
+    model.input_shape, model.width, model.items = (12,), 12, [f"i{i}" for i in range(12)]
+    model.users = [str(u) for u in range(6)]
+    model.user_index = {u: i for i, u in enumerate(model.users)}
+    what_if = r[1].copy()
+    what_if[np.flatnonzero(r[1] == 0)[0]] = 5.0
+    rows = [r[1], r[2], what_if]
+    out = model.predict(None, pd.DataFrame({"user": ["1", "2", "1"], "ratings": [list(v) for v in rows]}))
+    with torch.no_grad():
+        alone = [model.predict(None, pd.DataFrame({"user": [u], "ratings": [list(v)]}))["predicted"][0]
+                 for u, v in zip(["1", "2", "1"], rows)]
+    for got, expected in zip(out["predicted"], alone):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert not np.allclose(out["predicted"][0], out["predicted"][2], atol=1e-4)
+
+
 def test_recommender_configs_need_rating_data():
     from dlpipe.config import load_config
     from dlpipe.errors import ConfigError
