@@ -11,11 +11,14 @@ import pytest
 from tests.hdfs.cluster import hdfs  # noqa: F401  (the session fixture: a real HDFS on 127.0.0.1)
 
 os.environ.setdefault("PYARROW_IGNORE_TIMEZONE", "1")
-# the JVMs of the `dlpipe` processes the tests start compile with C1 only: they live seconds to a few
-# minutes, where C2's compile threads cost more than they win on 2 cores (docs/testing.md). The tests'
-# own Spark (the `spark` fixture) lives the whole run and keeps C2.
-SHORT_JVM = "--driver-java-options -XX:TieredStopAtLevel=1 pyspark-shell"
-os.environ.setdefault("PYSPARK_SUBMIT_ARGS", SHORT_JVM)
+SHORT_JVM = {}  # the PYSPARK_SUBMIT_ARGS set for the `dlpipe` processes the tests start (tests/jvm.py)
+
+
+def pytest_sessionstart(session):
+    if "PYSPARK_SUBMIT_ARGS" not in os.environ:
+        from tests import jvm
+
+        SHORT_JVM["args"] = os.environ["PYSPARK_SUBMIT_ARGS"] = jvm.submit_args()
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +28,8 @@ def spark():
     from dlpipe.spark import get_session
 
     cfg = load_config()
-    given = os.environ.get("PYSPARK_SUBMIT_ARGS")
-    if given == SHORT_JVM:
+    short = SHORT_JVM.get("args")  # this JVM lives the whole run: C2, no archive
+    if short:
         os.environ["PYSPARK_SUBMIT_ARGS"] = "pyspark-shell"
     session = get_session(
         "local[2]",
@@ -34,8 +37,8 @@ def spark():
         {**cfg.spark.conf, "spark.sql.shuffle.partitions": "4", "spark.ui.enabled": "false", "spark.driver.memory": "2g"},
         jars_dir=cfg.spark.jars_dir, engine="spark",  # `make test` fetched the delta-spark jars
     )
-    if given == SHORT_JVM:
-        os.environ["PYSPARK_SUBMIT_ARGS"] = given
+    if short:
+        os.environ["PYSPARK_SUBMIT_ARGS"] = short
     yield session
     session.stop()
 
