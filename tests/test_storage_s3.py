@@ -88,8 +88,8 @@ def test_listing_skips_hidden_files_and_keeps_zero_byte_ones(aws, s3_landing):
 def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_path):
     """The whole step in its own process (its executors get the credentials the way a cluster's
     do: from their environment), reading the landing zone as s3a:// with hadoop-aws and writing
-    the lake on s3:// with delta-spark; every table read back with delta-rs; then train (shards and
-    checkpoints on S3), evaluate and score; the secret is nowhere."""
+    the lake on s3:// with delta-spark; every table read back with delta-rs; then retrain (train with
+    its shards and checkpoints on S3, evaluate, register, promote) and score; the secret is nowhere."""
     cfg, uri = s3_landing
     uri = uri.replace("s3://", "s3a://")
     lake_uri = "s3://lake-bucket/lake"
@@ -128,26 +128,26 @@ def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_pat
     assert lake.history(f"{lake_uri}/fashion_mnist_train")[0]["metadata"]["dlpipe.source"] == uri
     assert {h["engine"] for t in summary["tables"].values() for h in lake.history(t["uri"])} == {"spark"}
 
-    # train 1 epoch reading its shards from S3 (checkpoints on S3), register, score into the S3 lake
+    # retrain: train 1 epoch reading its shards from S3 (checkpoints on S3), evaluate, register and
+    # promote in one process; then score the champion into the S3 lake
     common = ["--set", f"paths.lake={lake_uri}", "--set", "spark.master=local[2]",
               "--set", f"data.classes={json.dumps(cfg.data.classes)}",
               "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"mlflow.artifact_root={tmp_path}/art",
               "--set", "registry.model_name=s3_cnn", "--set", "registry.min_accuracy=0.0"]
     steps = {
-        "train": ["--set", "train.backend=local", "--set", "train.epochs=1", "--set", "train.batch_size=16",
+        "retrain": ["--set", "train.backend=local", "--set", "train.epochs=1", "--set", "train.batch_size=16",
                   "--set", "model.cnn.blocks=[{channels: 4}]", "--set", "model.cnn.hidden=[16]",
                   "--set", "train.checkpoint_uri=s3://lake-bucket/checkpoints"],
-        "evaluate": [], "score": []}
+        "score": []}
     results = {}
     for step, extra in steps.items():
-        if step == "evaluate":
-            extra = ["--set", f"evaluate.run_id={results['train']['run_id']}"]
         out = tmp_path / f"{step}.json"
         done = subprocess.run([sys.executable, "-m", "dlpipe.cli", step, "--summary", str(out), *common, *extra],
                               env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (step, done.stderr[-3000:])
         assert secret not in done.stdout + done.stderr
         results[step] = json.loads(out.read_text())
+    assert results["retrain"]["action"] == "promoted" and results["retrain"]["champion_after"] == 1
     checkpoints = s3.get_file_info(fs.FileSelector("lake-bucket/checkpoints", recursive=True))
     assert any(i.type == fs.FileType.File for i in checkpoints)
     predictions = f"{lake_uri}/fashion_mnist_predictions"
@@ -205,19 +205,18 @@ from dlpipe.spark import get_session
 cfg = load_config()
 spark = get_session("local[1]", "writer", {"spark.ui.enabled": "false"}, jars_dir=cfg.spark.jars_dir, engine="spark")
 jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()
-if sys.argv[1] == "twice":  # the LogStore alone: the second create of the same version is refused
+if len(sys.argv) > 4:  # the LogStore alone: the second create of the same version is refused
     store = jvm.dlpipe.delta.S3ConditionalPutLogStore(conf)
-    path = jvm.org.apache.hadoop.fs.Path(sys.argv[2] + "/_delta_log/00000000000000000000.json")
+    path = jvm.org.apache.hadoop.fs.Path(sys.argv[4] + "/_delta_log/00000000000000000000.json")
     store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
     try:
         store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
         print("second write accepted")
     except Exception as exc:
         print("refused:", exc.java_exception.getClass().getName(), exc.java_exception.getMessage())
-else:
-    versions = [lake.write_table(spark.range(int(sys.argv[3]), int(sys.argv[3]) + 5), sys.argv[2], mode="append")
-                for _ in range(3)]
-    print(json.dumps(versions))
+versions = [lake.write_table(spark.range(int(sys.argv[3]), int(sys.argv[3]) + 5), sys.argv[2], mode="append")
+            for _ in range(3)]
+print(json.dumps(versions))
 """
 
 
@@ -228,15 +227,13 @@ def test_concurrent_native_writers_on_s3_lose_no_commit(aws, s3_landing, tmp_pat
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     env = {**os.environ, **aws, "PYTHONPATH": os.getcwd()}
-    once = subprocess.run([sys.executable, str(script), "twice", "s3a://lake-bucket/logstore"], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert once.returncode == 0, once.stderr[-3000:]
-    assert "refused: " in once.stdout and "FileAlreadyExistsException" in once.stdout, once.stdout
-
     uri = "s3a://lake-bucket/concurrent"
-    spark_setup = subprocess.run([sys.executable, str(script), "append", uri, "0"], env=env, capture_output=True,
-                                 text=True, timeout=300)  # v0..v2: the table exists before the race
-    assert spark_setup.returncode == 0, spark_setup.stderr[-3000:]
+    # v0..v2: the table exists before the race; and first, the LogStore alone refuses a second create
+    setup = subprocess.run([sys.executable, str(script), "append", uri, "0", "s3a://lake-bucket/logstore"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert setup.returncode == 0, setup.stderr[-3000:]
+    assert "refused: " in setup.stdout and "FileAlreadyExistsException" in setup.stdout, setup.stdout
+    assert json.loads(setup.stdout.strip().splitlines()[-1]) == [0, 1, 2]
     writers = [subprocess.Popen([sys.executable, str(script), "append", uri, str(start)], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for start in (100, 200)]
     outputs = [w.communicate(timeout=600) for w in writers]
