@@ -6,8 +6,9 @@ Two JVM options, given to every JVM pyspark starts through PYSPARK_SUBMIT_ARGS:
 - a class-data-sharing archive (JDK 17's dynamic CDS) of the classes a short Spark + Delta job
   loads, dumped once into .work/jvm/ and reused while Java and the jars stay the same: the JVM maps
   the classes instead of loading and verifying them again.
-Measured on 2 cores: a process that starts Spark, writes and reads a small Delta table twice took
-29 s with neither, 21 s with C1 and 18 s with both (docs/testing.md). The tests' own Spark (the
+Measured on 2 cores: a process that starts Spark and appends to and reads a small Delta table 6
+times took 40 s with C2 and 28.5 s with C1; one that does it twice took 29 s with C1 alone and
+18-21 s with C1 and the archive (docs/testing.md). The tests' own Spark (the
 `spark` fixture) lives the whole run and starts without them.
 """
 
