@@ -197,6 +197,7 @@ def test_missing_bucket_is_a_clear_error_naming_the_uri(aws, s3_landing, tmp_pat
 
 
 WRITER = """
+# writer.py TABLE START [LOGSTORE_TABLE]: 3 appends of START..START+4 to TABLE, after the LogStore check
 import json, sys
 from dlpipe import lake
 from dlpipe.config import load_config
@@ -205,16 +206,16 @@ from dlpipe.spark import get_session
 cfg = load_config()
 spark = get_session("local[1]", "writer", {"spark.ui.enabled": "false"}, jars_dir=cfg.spark.jars_dir, engine="spark")
 jvm, conf = spark._jvm, spark._jsc.hadoopConfiguration()
-if len(sys.argv) > 4:  # the LogStore alone: the second create of the same version is refused
+if len(sys.argv) > 3:  # the LogStore alone: the second create of the same version is refused
     store = jvm.dlpipe.delta.S3ConditionalPutLogStore(conf)
-    path = jvm.org.apache.hadoop.fs.Path(sys.argv[4] + "/_delta_log/00000000000000000000.json")
+    path = jvm.org.apache.hadoop.fs.Path(sys.argv[3] + "/_delta_log/00000000000000000000.json")
     store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
     try:
         store.write(path, jvm.java.util.ArrayList(["{}"]).iterator(), False, conf)
         print("second write accepted")
     except Exception as exc:
         print("refused:", exc.java_exception.getClass().getName(), exc.java_exception.getMessage())
-versions = [lake.write_table(spark.range(int(sys.argv[3]), int(sys.argv[3]) + 5), sys.argv[2], mode="append")
+versions = [lake.write_table(spark.range(int(sys.argv[2]), int(sys.argv[2]) + 5), sys.argv[1], mode="append")
             for _ in range(3)]
 print(json.dumps(versions))
 """
@@ -229,12 +230,12 @@ def test_concurrent_native_writers_on_s3_lose_no_commit(aws, s3_landing, tmp_pat
     env = {**os.environ, **aws, "PYTHONPATH": os.getcwd()}
     uri = "s3a://lake-bucket/concurrent"
     # v0..v2: the table exists before the race; and first, the LogStore alone refuses a second create
-    setup = subprocess.run([sys.executable, str(script), "append", uri, "0", "s3a://lake-bucket/logstore"], env=env,
+    setup = subprocess.run([sys.executable, str(script), uri, "0", "s3a://lake-bucket/logstore"], env=env,
                            capture_output=True, text=True, timeout=300)
     assert setup.returncode == 0, setup.stderr[-3000:]
     assert "refused: " in setup.stdout and "FileAlreadyExistsException" in setup.stdout, setup.stdout
     assert json.loads(setup.stdout.strip().splitlines()[-1]) == [0, 1, 2]
-    writers = [subprocess.Popen([sys.executable, str(script), "append", uri, str(start)], env=env, text=True,
+    writers = [subprocess.Popen([sys.executable, str(script), uri, str(start)], env=env, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for start in (100, 200)]
     outputs = [w.communicate(timeout=600) for w in writers]
     assert [w.returncode for w in writers] == [0, 0], [err[-3000:] for _, err in outputs]
