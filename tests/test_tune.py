@@ -221,16 +221,17 @@ def test_a_killed_driver_continues_its_study_without_repeating_finished_trials(p
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     storage = f"sqlite:///{tmp_path}/optuna.db"
 
-    def states():
+    def states():  # a trial's state, and whether its MLflow run is recorded yet
         try:
-            return [t.state.name for t in optuna.load_study(study_name="tuned_cnn-tune", storage=storage).trials]
+            trials = optuna.load_study(study_name="tuned_cnn-tune", storage=storage).trials
         except KeyError:  # the study is not created yet
             return []
+        return [(t.state.name, "run_id" in t.user_attrs) for t in trials]
 
     child = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
-        while states() != ["COMPLETE", "RUNNING"]:  # one trial done, the second one under way
+        while states() != [("COMPLETE", True), ("RUNNING", True)]:  # one trial done, the second one training
             assert child.poll() is None, f"tune exited ({child.returncode}) before its second trial started"
             assert time.monotonic() < deadline, f"no second trial started in 300 s: {states()}"
             time.sleep(0.2)
@@ -257,6 +258,23 @@ def test_a_killed_driver_continues_its_study_without_repeating_finished_trials(p
     finished = [r for r in children if r.info.status == "FINISHED"]
     assert len(finished) == 2 and len({r.data.tags["dlpipe.tune.trial"] for r in finished}) == 2
     assert Path(summary["best_conf"]).is_file()
+
+
+def test_recovery_fails_a_lost_trials_run_even_when_the_driver_died_before_recording_it(tmp_path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    experiment = client.create_experiment("e")
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    done, lost = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}), study.ask()
+    study.tell(done, 1.0)
+    tags = lambda number: {"dlpipe.tune.study": "s", "dlpipe.tune.trial": str(number)}  # noqa: E731
+    finished = client.create_run(experiment, tags=tags(done.number)).info.run_id
+    client.set_terminated(finished)
+    orphan = client.create_run(experiment, tags=tags(lost.number)).info.run_id  # killed before set_user_attr
+    assert tune._recover(study, client, experiment, "s") == 1
+    assert client.get_run(orphan).info.status == "FAILED" and "dlpipe.tune.lost" in client.get_run(orphan).data.tags
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "WAITING"]  # queued to run again
 
 
 @pytest.mark.parametrize("name", ["fashion_cnn", "adult_mlp", "fashion_autoencoder", "fashion_som", "sunspots"])

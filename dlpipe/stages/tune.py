@@ -71,7 +71,7 @@ def run(spark, cfg: Config, space: list[tuning.Param], raw: dict) -> dict:
     tables = _pinned_tables(study, cfg)
     pins = {"train.tables": {s: str(ref) for s, ref in tables.items()}, "train.checkpoint_every": 0}
     parent_id = _parent_run(client, experiment_id, name, cfg, space, url)
-    rerun = _recover(study, client)
+    rerun = _recover(study, client, experiment_id, name)
     target = tune.trials
     if tune.algorithm == "grid":
         points = tuning.grid_points(space)
@@ -206,19 +206,22 @@ def _parent_run(client: MlflowClient, experiment_id: str, name: str, cfg: Config
     return run.info.run_id
 
 
-def _recover(study, client: MlflowClient) -> int:
+def _recover(study, client: MlflowClient, experiment_id: str, name: str) -> int:
     """Trials a killed driver left running: failed (uncounted), their child runs FAILED, their values
-    queued to run again. Returns how many."""
+    queued to run again. Returns how many. The runs are found by tag, not by the trial's `run_id`
+    attribute, so a driver killed between creating the run and recording it leaves none RUNNING."""
     from optuna.trial import TrialState
 
     lost = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in lost:
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params)
-        run_id = t.user_attrs.get("run_id")
-        if run_id:
-            client.set_tag(run_id, "dlpipe.tune.lost", "the driver running this trial went away; run again")
-            client.set_terminated(run_id, "FAILED")
+        runs = client.search_runs([experiment_id], filter_string=(
+            f"tags.`dlpipe.tune.study` = '{name}' and tags.`dlpipe.tune.trial` = '{t.number}' "
+            "and attributes.status = 'RUNNING'"))
+        for run in runs:
+            client.set_tag(run.info.run_id, "dlpipe.tune.lost", "the driver running this trial went away; run again")
+            client.set_terminated(run.info.run_id, "FAILED")
     if lost:
         say(f"{len(lost)} trial(s) left running by an earlier driver: {[t.number for t in lost]}; running them again")
     return len(lost)
