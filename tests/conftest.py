@@ -86,6 +86,28 @@ def split_rows(summary):
     return pd.concat([read_table(summary, s).assign(split=s) for s in ("train", "val", "test")], ignore_index=True)
 
 
+def mlflow_store(root, name: str = "mlflow.db") -> str:
+    """sqlite:///<root>/<name>: a new store is a copy of one whose schema was migrated once per MLflow
+    version (.work/mlflow/), since migrating a fresh SQLite store costs 3-5 s and the suite makes dozens."""
+    import shutil
+
+    import mlflow
+
+    db = Path(root) / name
+    if not db.exists():
+        template = Path(__file__).resolve().parents[1] / ".work" / "mlflow" / f"store-{mlflow.__version__}.db"
+        if not template.exists():
+            from mlflow.tracking import MlflowClient
+
+            template.parent.mkdir(parents=True, exist_ok=True)
+            fresh = template.with_suffix(f".{os.getpid()}.tmp")
+            MlflowClient(f"sqlite:///{fresh.resolve()}").search_experiments()  # creates and migrates it
+            fresh.replace(template)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db)
+    return f"sqlite:///{db}"
+
+
 def make_config(root, *overrides, conf=None):
     """A config whose every output lives under `root` (a tmp dir)."""
     from dlpipe.config import load_config
@@ -93,7 +115,7 @@ def make_config(root, *overrides, conf=None):
     return load_config(conf, [
         f"paths.landing={root}/landing/fashion_mnist",
         f"paths.lake={root}/lake",
-        f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+        f"mlflow.tracking_uri={mlflow_store(root)}",
         f"mlflow.artifact_root={root}/mlartifacts",
         *overrides,
     ])
@@ -145,7 +167,7 @@ def mlflow_server(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts"),
+         "--backend-store-uri", mlflow_store(root), "--artifacts-destination", str(root / "artifacts"),
          "--serve-artifacts", "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )

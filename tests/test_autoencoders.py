@@ -20,7 +20,7 @@ from dl.models import REGISTRY, Net, build
 from dl.models.autoencoder import AutoencoderConfig
 from dl.models.som import SOMConfig
 from dl.train import SingleProcess, TrainConfig, fit
-from tests.conftest import WITHOUT_DLPIPE, read_table, stage, with_run
+from tests.conftest import WITHOUT_DLPIPE, mlflow_store, read_table, stage, with_run
 
 
 def _ae(shape=(5,), **params) -> torch.nn.Module:
@@ -172,7 +172,7 @@ def _configured(cfg, root, name: str, model_name: str, **params):
     return dataclasses.replace(
         cfg, model=model, train=dataclasses.replace(cfg.train, backend="local", epochs=2, run_name=model_name, checkpoint_every=0),
         registry=dataclasses.replace(cfg.registry, model_name=model_name),
-        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=f"sqlite:///{root}/mlflow.db", artifact_root=f"{root}/mlartifacts"))
+        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=mlflow_store(root), artifact_root=f"{root}/mlartifacts"))
 
 
 @pytest.fixture(scope="module")

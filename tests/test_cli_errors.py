@@ -8,12 +8,13 @@ import sys
 from PIL import Image
 
 from dlpipe import errors
+from tests.conftest import mlflow_store
 
 
 def _dlpipe(tmp_path, *args):
     """`dlpipe <command> <settings under tmp_path> <args>`: the later --set wins."""
     command, rest = args[0], list(args[1:])
-    common = ["--set", f"paths.lake={tmp_path}/lake", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    common = ["--set", f"paths.lake={tmp_path}/lake", "--set", f"mlflow.tracking_uri={mlflow_store(tmp_path)}",
               "--set", f"mlflow.artifact_root={tmp_path}/mlartifacts", "--set", "spark.master=local[1]",
               "--set", "spark.conf.spark.ui.enabled=false"]
     proc = subprocess.run([sys.executable, "-m", "dlpipe.cli", command, *common, *rest], capture_output=True, text=True,

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from dl.train import TrainConfig
 from dlpipe import lake, modeling
 from dlpipe.launchers import TrainTask, WorkerError, launch
+from tests.conftest import mlflow_store
 from tests.test_train import _blobs, tiny_net
 
 pytestmark = pytest.mark.slow
@@ -35,7 +36,7 @@ def _task(tmp_path, fit: TrainConfig, train_files=None, **model):
     return TrainTask(net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0,
                         batch_norm=False) if not model else tiny_net(**model),
         train=fit, train_files=train_files or _files(tmp_path, "train", x, y), val_files=_files(tmp_path, "val", vx, vy),
-        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", threads=1,
+        tracking_uri=mlflow_store(tmp_path), threads=1,
     )
 
 

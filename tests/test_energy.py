@@ -23,7 +23,7 @@ from dl.models.dbn import DBNConfig
 from dl.models.rbm import RBMConfig
 from dl.models.rbm_cf import RBMCFConfig
 from dl.train import TrainConfig, fit
-from tests.conftest import WITHOUT_DLPIPE, make_config, stage
+from tests.conftest import WITHOUT_DLPIPE, make_config, mlflow_store, stage
 
 
 def _sigmoid(z):
@@ -335,7 +335,7 @@ def test_rbm_and_dbn_train_stage_log_their_figures_and_layer_metrics(spark, prep
         cfg, model=dataclasses.replace(cfg.model, name="rbm", task="reconstruction", rbm=RBMConfig(hidden=16)),
         train=dataclasses.replace(cfg.train, optimizer="sgd", lr=0.05, momentum=0.5, run_name="small_rbm", **base),
         registry=dataclasses.replace(cfg.registry, model_name="small_rbm"),
-        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=f"{tmp_path}/art"))
+        mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=mlflow_store(tmp_path), artifact_root=f"{tmp_path}/art"))
     run = stage("train", spark, rbm)
     client = MlflowClient(rbm.mlflow.tracking_uri)
     logged = {a.path for a in client.list_artifacts(run["run_id"], "plots")}

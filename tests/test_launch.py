@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from dl.train import TrainConfig
 from dlpipe.launchers import TrainTask, launch
+from tests.conftest import mlflow_store
 from tests.test_train import _blobs, tiny_net
 
 
@@ -25,7 +26,7 @@ def _task(tmp_path, files_per_split=3, rows=600):
             path = tmp_path / f"{split}-{f}.parquet"
             pq.write_table(table, path)
             files[split].append(f"file://{path}")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_store(tmp_path)
     client = MlflowClient(uri)
     run = client.create_run(client.create_experiment("launch", artifact_location=(tmp_path / "art").as_uri()))
     return TrainTask(net=tiny_net(in_channels=1, image_size=12, num_classes=2, conv_channels=(4,), hidden=16, dropout=0.0),
@@ -57,7 +58,7 @@ def test_missing_horovod_fails_the_command_in_one_line_before_spark_starts(tmp_p
     (hidden / "__init__.py").write_text("raise ImportError('No module named horovod (hidden by the test)')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "hide"), *sys.path])}
     proc = subprocess.run([sys.executable, "-m", "dlpipe.cli", "train", "--set", "train.backend=horovod",
-                           "--set", f"paths.lake={tmp_path}/lake", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"],
+                           "--set", f"paths.lake={tmp_path}/lake", "--set", f"mlflow.tracking_uri={mlflow_store(tmp_path, 'm.db')}"],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = proc.stderr.strip().splitlines()  # nothing else: Spark never started

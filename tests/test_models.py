@@ -14,7 +14,7 @@ from dl.train import TrainConfig, metric_name
 from dlpipe import lake, modeling
 from dlpipe.config import ConfigError, load_config
 from dlpipe.launchers import TrainTask, launch
-from tests.conftest import stage, with_run
+from tests.conftest import mlflow_store, stage, with_run
 
 
 def test_registry_finds_every_model_file_with_its_tasks_and_inputs():
@@ -120,7 +120,7 @@ def diabetes_tables(spark, tmp_path_factory):
     from pipelines.split import hash_split
 
     root = tmp_path_factory.mktemp("diabetes")
-    cfg = load_config(None, [f"paths.lake={root}/lake", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+    cfg = load_config(None, [f"paths.lake={root}/lake", f"mlflow.tracking_uri={mlflow_store(root)}",
                              f"mlflow.artifact_root={root}/mlartifacts", "data.name=diabetes", "model.name=mlp",
                              "model.task=regression", "model.mlp.hidden=[32, 16]", "model.mlp.dropout=0.0",
                              "model.mlp.batch_norm=true", "train.backend=local", "train.epochs=30", "train.batch_size=32",

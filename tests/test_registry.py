@@ -11,12 +11,12 @@ from mlflow.tracking import MlflowClient
 
 from dlpipe import lake, registry
 from dlpipe.config import ConfigError
-from tests.conftest import make_config
+from tests.conftest import make_config, mlflow_store
 
 
 @pytest.fixture()
 def client(tmp_path):
-    return MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return MlflowClient(mlflow_store(tmp_path))
 
 
 def make_versions(client, tmp_path, name, n):
@@ -101,7 +101,7 @@ def test_describe_unknown_model_is_a_clear_error(client):
 def test_models_cli_unknown_model_exits_1(tmp_path, capsys):
     from dlpipe.cli import main
 
-    rc = main(["models", "describe", "nope", "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db"])
+    rc = main(["models", "describe", "nope", "--set", f"mlflow.tracking_uri={mlflow_store(tmp_path, 'm.db')}"])
     assert rc == 1 and "no registered model named 'nope'" in capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ from dl.models import Net, build
 from dl.models.rnn import RNNConfig
 from dl.train import SingleProcess, TrainConfig, fit
 from dlpipe.config import ConfigError, load_config
-from tests.conftest import WITHOUT_DLPIPE
+from tests.conftest import WITHOUT_DLPIPE, mlflow_store
 
 
 def _net(task="classification", outputs=2, length=12, **params) -> Net:
@@ -137,7 +137,7 @@ def _log(tmp_path, net, model, text, example):
     from dlpipe import tracking
     from dlpipe.config import MlflowConfig
 
-    tracking.setup(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "art")))
+    tracking.setup(MlflowConfig(tracking_uri=mlflow_store(tmp_path), artifact_root=str(tmp_path / "art")))
     with mlflow.start_run():
         return tracking.log_sequence_model(model, net, ["0", "1"] if net.task == "classification" else [], text,
                                            example, {}).model_uri
@@ -172,7 +172,7 @@ def test_dlpipe_generate_through_the_cli(tmp_path, capsys):
     model = build(net).eval()
     uri = _log(tmp_path, net, model, {"vocab": chars, "unit": "char", "lowercase": True, "pattern": ""}, ["abc"])
     args = ["generate", "--model", uri, "--prompt", "Bad", "--length", "15", "--temperature", "0",
-            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+            "--set", f"mlflow.tracking_uri={mlflow_store(tmp_path)}"]
     runs = []
     for _ in range(2):
         assert main(args) == 0

@@ -16,7 +16,7 @@ from pyarrow import fs
 
 from dlpipe import lake
 from pipelines.sources import list_files
-from tests.conftest import moto_server
+from tests.conftest import mlflow_store, moto_server
 
 REGION = "us-east-1"
 
@@ -132,7 +132,7 @@ def test_prepare_reads_s3_and_writes_delta_tables_to_s3(aws, s3_landing, tmp_pat
     # promote in one process; then score the champion into the S3 lake
     common = ["--set", f"paths.lake={lake_uri}", "--set", "spark.master=local[2]",
               "--set", f"data.classes={json.dumps(cfg.data.classes)}",
-              "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "--set", f"mlflow.artifact_root={tmp_path}/art",
+              "--set", f"mlflow.tracking_uri={mlflow_store(tmp_path)}", "--set", f"mlflow.artifact_root={tmp_path}/art",
               "--set", "registry.model_name=s3_cnn", "--set", "registry.min_accuracy=0.0"]
     steps = {
         "retrain": ["--set", "train.backend=local", "--set", "train.epochs=1", "--set", "train.batch_size=16",

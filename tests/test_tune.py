@@ -22,7 +22,7 @@ from dlpipe import lake, tuning
 from dlpipe.config import load_config, raw_config
 from dlpipe.errors import ConfigError
 from dlpipe.stages import tune
-from tests.conftest import make_config
+from tests.conftest import make_config, mlflow_store
 
 # --------------------------------------------------------------------------- fast: no Spark
 
@@ -103,7 +103,7 @@ SPACE = "train.lr: {choice: [0.003, 0.01]}\nmodel.cnn.hidden: {choice: [[16], [3
 def _sets(cfg, root, *overrides):
     """--set items: the small prepared slice, this test's own MLflow store, study storage and outputs."""
     return [f"paths.landing={cfg.paths.landing}", f"paths.lake={cfg.paths.lake}", f"data.name={cfg.data.name}",
-            f"data.classes={json.dumps(cfg.data.classes)}", f"mlflow.tracking_uri=sqlite:///{root}/mlflow.db",
+            f"data.classes={json.dumps(cfg.data.classes)}", f"mlflow.tracking_uri={mlflow_store(root)}",
             f"mlflow.artifact_root={root}/mlartifacts", "model.cnn.blocks=[{channels: 8}]", "train.batch_size=16",
             "train.epochs=1", "registry.model_name=tuned_cnn", f"tune.storage=sqlite:///{root}/optuna.db",
             f"tune.best_conf={root}/best.yaml", *overrides]
@@ -250,7 +250,7 @@ def test_a_killed_driver_continues_its_study_without_repeating_finished_trials(p
     assert trials[1].state.name == "FAIL" and "error" not in trials[1].user_attrs  # lost, not failed
     rerun = [t for t in trials[2:] if t.params == trials[1].params]
     assert len(rerun) == 1 and rerun[0].state.name == "COMPLETE"  # the lost trial's values, run again
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(mlflow_store(tmp_path))
     client = MlflowClient()
     lost = client.get_run(trials[1].user_attrs["run_id"])
     assert lost.info.status == "FAILED" and "dlpipe.tune.lost" in lost.data.tags  # never RUNNING forever
@@ -261,7 +261,7 @@ def test_a_killed_driver_continues_its_study_without_repeating_finished_trials(p
 
 
 def test_recovery_fails_a_lost_trials_run_even_when_the_driver_died_before_recording_it(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(mlflow_store(tmp_path))
     client = MlflowClient()
     experiment = client.create_experiment("e")
     study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
