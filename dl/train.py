@@ -95,7 +95,8 @@ class TrainConfig:
 
 METRICS = {"classification": "accuracy", "regression": "mae", "reconstruction": "mse", "clustering": "te",
            "language_model": "bpc",  # bits per token (a character-level model: per character)
-           "recommendation": "rmse"}  # root mean squared error over the rated entries
+           "recommendation": "rmse",  # root mean squared error over the rated entries
+           "embedding": "pair_accuracy"}  # word2vec: the share of true-neighbour / noise decisions it gets right
 FINISH = {"rmse": math.sqrt}  # an epoch figure summed as squares
 
 

@@ -130,6 +130,13 @@ def _generate(spark, cfg: Config, args) -> dict:
                         prompt=args.prompt, length=args.length, temperature=args.temperature, seed=args.seed)
 
 
+def _words(spark, cfg: Config, args) -> dict:
+    from dlpipe.stages import words
+
+    return words.run(cfg.mlflow, action=args.action, model_uri=args.model or f"models:/{cfg.registry.model_name}@champion",
+                     word=args.word, terms=args.terms, k=args.k)
+
+
 def _anomalies(spark, cfg: Config, args) -> dict:
     from dlpipe.stages import anomalies
 
@@ -184,10 +191,13 @@ COMMANDS: dict[str, Command] = {
     "tune": Command("a hyperparameter study: trials of train over a search space (--space), many at once, "
                     "the best registered", _tune, check=_tune_check),
     "demo": Command("land, prepare, train, evaluate and score the demo dataset end to end", _demo, trains=True),
-    "embed": Command("embeddings of an image table into <name>_embeddings, with KMeans purity", _embed),
+    "embed": Command("embeddings of an image table into <name>_embeddings, with KMeans purity (a word2vec "
+                     "model: its words)", _embed),
     "similar": Command("the k nearest images to one image by cosine similarity of embeddings", _similar),
     "explain": Command("occlusion heatmap of one image (PNG)", _explain, spark=False),
     "generate": Command("text from a language model: the prompt continued by sampled tokens", _generate, spark=False),
+    "words": Command("a word2vec model's nearest words (similar --word W) or analogies (analogy A B C)", _words,
+                     spark=False),
     "anomalies": Command("the rows of a table an autoencoder (or a map) fits worst, by reconstruction error",
                          _anomalies),
     "recommend": Command("top-k unrated items per user from a recommender: --user U, or every user into "
@@ -227,7 +237,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cmds["lake"].add_argument("--dry-run", action="store_true", help="vacuum: only list the files")
     cmds["models"].add_argument("action", choices=("describe", "rollback"))
     cmds["models"].add_argument("name", nargs="?", help="registered model name (default: registry.model_name)")
-    for name in ("explain", "embed", "anomalies", "generate", "recommend"):
+    cmds["words"].add_argument("action", choices=("similar", "analogy"))
+    cmds["words"].add_argument("terms", nargs="*", metavar="WORD", help="analogy: A B C (A is to B as C is to ?)")
+    cmds["words"].add_argument("--word", default="", help="similar: the word")
+    cmds["words"].add_argument("--k", type=int, default=10, help="how many words")
+    for name in ("explain", "embed", "anomalies", "generate", "recommend", "words"):
         cmds[name].add_argument("--model", default="", help="model URI (default models:/<registry.model_name>@champion)")
     for name in ("explain", "similar"):
         cmds[name].add_argument("--image", required=True, help="the image file (path or URI)")

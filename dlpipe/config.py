@@ -28,7 +28,8 @@ TASK_METRICS = {"classification": ("test_accuracy", "test_log_loss", "test_roc_a
                 "reconstruction": ("test_mse",),  # mean squared reconstruction error per value
                 "clustering": ("test_qe",),  # mean quantization error of a self-organizing map
                 "language_model": ("test_bpc",),  # bits per token (per character for data.text.unit: char)
-                "recommendation": ("test_rmse", "test_mae")}  # over the held-out ratings of the test users
+                "recommendation": ("test_rmse", "test_mae"),  # over the held-out ratings of the test users
+                "embedding": ("test_loss", "test_pair_accuracy")}  # word2vec's own objective on the test rows
 FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
 
@@ -346,15 +347,15 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_sequence_model(cfg: Config) -> None:
-    """Which data a task of a sequence model needs (text -> classification or language_model,
-    timeseries -> regression), and which models read those kinds."""
+    """Which data a task of a sequence model needs (text -> classification, language_model or
+    embedding, timeseries -> regression), and which models read those kinds."""
     kind, task = cfg.data.kind, cfg.model.task
     sequence_kind = kind in ("text", "timeseries")
     takes_sequences = bool({"text", "series"} & set(REGISTRY[cfg.model.name].inputs))
     if takes_sequences and not sequence_kind:
         raise ConfigError(f"config key 'data.kind': model {cfg.model.name} reads text or timeseries data, got {kind!r}")
     if takes_sequences and sequence_kind:
-        wanted = {"text": ("classification", "language_model"), "timeseries": ("regression",)}[kind]
+        wanted = {"text": ("classification", "language_model", "embedding"), "timeseries": ("regression",)}[kind]
         if task not in wanted:
             raise ConfigError(f"config key 'model.task': on data.kind={kind} expected one of {list(wanted)}, got {task!r}")
         if task == "classification" and not cfg.data.text.label:

@@ -24,13 +24,18 @@ def holdout(spark: SparkSession, model_uri: str, table: TableRef, *, task: str, 
     test_r2, test_mse, test_mae (a forecast: over every step of the horizon); language_model:
     test_bpc (bits per token, the mean over rows); reconstruction: test_mse (mean reconstruction error); clustering:
     test_qe (mean quantization error); recommendation: test_rmse and test_mae over the held-out
-    ratings, test_ratings (how many). All: test_rows (users for a recommender)."""
+    ratings, test_ratings (how many); embedding: test_loss and test_pair_accuracy of word2vec's
+    objective (dlpipe.words.holdout). All: test_rows (users for a recommender)."""
     rows = modeling.relabel(lake.read_table(spark, table.uri, table.version), label_ids)
     if task == "recommendation":  # rating vectors: the held-out ratings predicted from the known ones
         from dlpipe import recommend
 
         per_user = recommend.errors(spark, rows, model_uri)
         return recommend.holdout_metrics(per_user), per_user, None
+    if task == "embedding":  # word vectors: their own objective on the held-out text
+        from dlpipe import words
+
+        return words.holdout(model_uri, table.uri, table.version), rows, None
     predictions = predict(spark, rows, model_uri)
     if task == "language_model":  # the mean over rows, as the epoch figure val_bpc
         s = scored_rows(predictions).agg(F.avg("bits_per_token").alias("bpc"), F.count("bits_per_token").alias("n")).first()
@@ -55,8 +60,8 @@ def holdout(spark: SparkSession, model_uri: str, table: TableRef, *, task: str, 
 def good_enough(task: str, metrics: dict[str, float], min_accuracy: float) -> tuple[bool, str]:
     """(ok, why) for a model with no champion to beat: classification needs test_accuracy >=
     registry.min_accuracy; regression needs test R^2 > 0 (better than predicting the mean); a model
-    trained without a target (reconstruction, clustering, a language model) or a recommender has no threshold."""
-    if task in ERROR_COLUMN or task in ("language_model", "recommendation"):
+    trained without a target (reconstruction, clustering, a language model, word vectors) or a recommender has no threshold."""
+    if task in ERROR_COLUMN or task in ("language_model", "recommendation", "embedding"):
         return True, f"no threshold for a {task} model"
     if task == "regression":
         r2 = metrics["test_r2"]

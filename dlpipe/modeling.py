@@ -105,7 +105,8 @@ def with_rating_range(model: ModelConfig, data: DataConfig) -> ModelConfig:
 def sequence_setup(spark: SparkSession, model: ModelConfig, tables: dict[str, TableRef], data: DataConfig) -> dict:
     """What a recurrent net on a text or time-series table needs beyond its shape: for text the
     vocabulary (<data.name>_vocab beside the train table, newest version: ids never change meaning)
-    with the tokenizer settings the served model carries, and the classes; for windows the horizon.
+    with the tokenizer settings the served model carries, and the classes (word2vec: the token
+    counts too); for windows the horizon.
     Returns {"params", "num_outputs", "classes", "text" (or None)}."""
     import dataclasses
 
@@ -128,9 +129,11 @@ def sequence_setup(spark: SparkSession, model: ModelConfig, tables: dict[str, Ta
     if model.task == "classification" and len(classes) < 2:
         raise ValueError(f"{uri} holds {len(classes)} classes: a classifier needs labelled text (data.text.label)")
     params = dataclasses.replace(params, vocab_size=len(vocab))
+    if model.task == "embedding":  # word2vec: subsampling and its noise words follow the corpus counts
+        params = dataclasses.replace(params, counts=tuple(int(c) for c in tokens["count"]))
     text = {"vocab": vocab, "unit": data.text.unit, "lowercase": data.text.lowercase, "pattern": TOKEN.pattern,
             "vocab_table": uri}
-    outputs = len(classes) if model.task == "classification" else len(vocab)
+    outputs = len(classes) if model.task == "classification" else 1 if model.task == "embedding" else len(vocab)
     return {"params": params, "num_outputs": outputs, "classes": classes if model.task == "classification" else [],
             "text": text}
 

@@ -8,13 +8,16 @@ Input, by what the model was trained on:
   strings), tokenized as prepare did (lowercased or not; words by meta's pattern or characters),
   unknown tokens as <unk>, truncated to the trained max_length. A row that is not a string or has
   no token is rejected.
+- word vectors (word2vec): a `word` column, one word of the vocabulary per row (lowercased as
+  prepare did); an unknown word, or more than one word, is rejected.
 - a time series: a `history` column, one list of `history` finite floats per row.
 Rejected rows raise INVALID_PARAMETER_VALUE naming the rows, the reason and what was expected.
 
 Output: classification: `prediction`, `label_name`, `probabilities`; regression: `forecast` (the
 next `horizon` values); language_model: `bits_per_token` of the text after its first token
 (bits per character for a character-level model) and `generated`: `length` tokens after the text
-(params `length` 0, `temperature` 1.0 (0: always the most likely token), `seed` 0)."""
+(params `length` 0, `temperature` 1.0 (0: always the most likely token), `seed` 0); embedding:
+`vector`, the word's vector."""
 
 import json
 import math
@@ -48,6 +51,8 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
     def expected(self) -> str:
         if self.column == "text":
             return "`text`: a string with at least one token"
+        if self.column == "word":
+            return f"`word`: one word of the model's vocabulary ({len(self.tokens) - 2} words)"
         return f"`history`: {self.width} finite floats per row"
 
     def _rows(self, model_input) -> list:
@@ -71,8 +76,18 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
             arrays = [None if r is None else np.asarray(r, dtype=np.float32).ravel() for r in rows]
             return [("no value" if a is None else f"{a.size} values") if a is None or a.size != self.width
                     else (None if np.isfinite(a).all() else "a NaN or infinite value") for a in arrays]
+        if self.column == "word":
+            return [self._word_problem(v) for v in rows]
         return ["expected a string, got " + type(v).__name__ if not isinstance(v, str)
                 else None if self.tokenize(v.strip()) else "no token" for v in rows]
+
+    def _word_problem(self, value):
+        if not isinstance(value, str):
+            return "expected a string, got " + type(value).__name__
+        words = self.tokenize(value.strip())
+        if len(words) != 1:
+            return f"expected one word, got {len(words)} tokens in {value[:40]!r}"
+        return None if self.ids.get(words[0], 1) > 1 else f"unknown word {words[0]!r}"
 
     def encode(self, rows: list, truncate: bool = True) -> list:
         """Token ids of each row (<unk> = 1); raises naming the rows that have none."""
@@ -92,6 +107,12 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
             return self._forecast(rows)
         if self.task == "language_model":
             return self._language_model(rows, params or {})
+        if self.task == "embedding":
+            self._check(self.row_problems(rows))
+            ids = torch.tensor([self.ids[self.tokenize(v.strip())[0]] for v in rows], dtype=torch.long)
+            with torch.no_grad():
+                vectors = self.module(ids).double().numpy() if rows else np.zeros((0, 0))
+            return pd.DataFrame({"vector": list(vectors)})
         sequences = self.encode(rows)
         with torch.no_grad():
             logits = self.module(self.padded(sequences)) if rows else torch.zeros(0, len(self.classes))

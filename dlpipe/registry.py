@@ -30,7 +30,7 @@ CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK = "champion", "challenger", "previou
 ALIASES = (CHAMPION, CHALLENGER, PREVIOUS, ROLLED_BACK)
 HIGHER_IS_BETTER = {"test_accuracy": True, "test_log_loss": False, "test_roc_auc": True,
                     "test_r2": True, "test_mse": False, "test_mae": False, "test_qe": False, "test_bpc": False,
-                    "test_rmse": False}
+                    "test_rmse": False, "test_loss": False, "test_pair_accuracy": True}
 
 
 def say(message: str) -> None:

@@ -131,17 +131,19 @@ SEQUENCE_OUTPUTS = {
     "classification": OUTPUT_SCHEMAS["classification"],
     "regression": Schema([ColSpec(Array(DataType.double), "forecast")]),
     "language_model": Schema([ColSpec(DataType.double, "bits_per_token"), ColSpec(DataType.string, "generated")]),
+    "embedding": Schema([ColSpec(Array(DataType.double), "vector")]),
 }
 
 
 def log_sequence_model(model: torch.nn.Module, net, classes: list[str], text: dict | None, example: list, config: dict):
-    """Log a recurrent net as a pyfunc that takes what a consumer has: raw text (`text`: the
-    vocabulary by id, unit, lowercase, token pattern travel in meta.json) or a `history` window.
-    The net is compiled with TorchScript (packed sequences do not export with torch.export)."""
+    """Log a recurrent net (or word vectors) as a pyfunc that takes what a consumer has: raw text
+    (`text`: the vocabulary by id, unit, lowercase, token pattern travel in meta.json), a `word`
+    (word2vec) or a `history` window. The net is compiled with TorchScript (packed sequences do
+    not export with torch.export)."""
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     model = model.eval()
-    column = "text" if text else "history"
+    column = "word" if net.task == "embedding" else "text" if text else "history"
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"program": Path(tmp, "model.ts"), "meta": Path(tmp, "meta.json"),
                  "state_dict": Path(tmp, "state_dict.pt"), "config": Path(tmp, "config.json")}
@@ -151,7 +153,7 @@ def log_sequence_model(model: torch.nn.Module, net, classes: list[str], text: di
                                              "input_column": column, "net": net.to_dict(), "text": text}))
         torch.save(model.state_dict(), paths["state_dict"])
         paths["config"].write_text(json.dumps(config, indent=2))
-        inputs = Schema([ColSpec(DataType.string, "text")]) if text else input_schema("history")
+        inputs = Schema([ColSpec(DataType.string, column)]) if text else input_schema("history")
         params = ParamSchema([ParamSpec("length", DataType.long, 0), ParamSpec("temperature", DataType.double, 1.0),
                               ParamSpec("seed", DataType.long, 0)]) if net.task == "language_model" else None
         return mlflow.pyfunc.log_model(
@@ -175,7 +177,8 @@ def _pyplot():
 CURVES = {"accuracy": ("accuracy", "Accuracy"), "mae": ("mean absolute error", "Mean absolute error"),
           "mse": ("reconstruction MSE per value", "Reconstruction error"), "te": ("topographic error", "Topographic error"),
           "bpc": ("bits per token", "Bits per token (character)"),
-          "rmse": ("RMSE of the ratings", "Rating error (val: held-out ratings)")}
+          "rmse": ("RMSE of the ratings", "Rating error (val: held-out ratings)"),
+          "pair_accuracy": ("true neighbour / noise decisions right", "Pair accuracy")}
 
 
 def curves_figure(history: list[dict]):
@@ -183,7 +186,8 @@ def curves_figure(history: list[dict]):
     epochs = [h["epoch"] for h in history]
     metric = next(m for m in CURVES if m in history[0])
     loss_label = {"accuracy": "cross-entropy loss", "mse": "loss (with the kind's penalty)", "te": "quantization error",
-                  "bpc": "cross-entropy (nats per token)", "rmse": "loss (an RBM's: free-energy gap)"}
+                  "bpc": "cross-entropy (nats per token)", "rmse": "loss (an RBM's: free-energy gap)",
+                  "pair_accuracy": "negative-sampling loss per example"}
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [h["loss"] for h in history], "o-", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")

@@ -88,6 +88,10 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_check(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):  # tuple[X, ...], given as a list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return tuple(_check(typing.get_args(tp)[0], v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")

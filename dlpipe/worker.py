@@ -108,7 +108,7 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
     the `pixels` column of an image table, `features` of a table, `ids` of a text table,
     `history` of time-series windows or `given` (else `ratings`) of rating vectors, and `label` (int
     for classification, double for regression), `target` (windows: the next values), `ratings`
-    (rating vectors) or zeros (a language model predicts its own input).
+    (rating vectors) or zeros (a language model predicts its own input; word vectors have no target).
 
     Row groups are dealt out round-robin by rank; with fewer row groups than workers every
     worker strides over the rows instead. `labels` keeps those classes (relabelled 0..k-1);
@@ -118,7 +118,7 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
     column = next((c for c in ("pixels", "features", "ids", "history", "ratings") if c in names), "pixels")
     # windows predict their `target` values; a language model predicts its own next tokens; a recommender
     # predicts `ratings` from the user's known ones (`given` in val and test, the ratings themselves in train)
-    target = "target" if column == "history" else None if task == "language_model" else \
+    target = "target" if column == "history" else None if task in ("language_model", "embedding") else \
         "ratings" if column == "ratings" else "label"
     if column == "ratings" and "given" in names:
         column = "given"

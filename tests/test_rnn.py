@@ -108,7 +108,7 @@ def test_generate_is_deterministic_at_temperature_0_and_the_served_loop_is_the_s
     ("model.rnn.dropout=1", "config key 'model.rnn.dropout': expected a number in [0, 1), got 1"),
     ("model.rnn.hidden=0", "config key 'model.rnn.hidden': expected positive integers"),
     ("train.clip_grad_norm=-1", "config key 'train.clip_grad_norm': expected a non-negative number"),
-    ("model.task=regression", "config key 'model.task': on data.kind=text expected one of ['classification', 'language_model']"),
+    ("model.task=regression", "config key 'model.task': on data.kind=text expected one of ['classification', 'language_model', 'embedding']"),
     ("data.kind=images", "config key 'data.kind': model rnn reads text or timeseries data, got 'images'"),
 ])
 def test_bad_rnn_config_names_the_key(override, message):

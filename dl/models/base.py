@@ -11,8 +11,9 @@ from torch import nn
 
 # classification: logits per class; regression: one value; reconstruction (autoencoders) and clustering
 # (self-organizing maps): no target, the model owns its objective; language_model (recurrent nets): the next token;
-# recommendation (collaborative filtering): a vector of ratings over items in (0 = unrated), the predicted ratings out
-TASKS = ("classification", "regression", "reconstruction", "clustering", "language_model", "recommendation")
+# recommendation (collaborative filtering): a vector of ratings over items in (0 = unrated), the predicted ratings out;
+# embedding (word2vec): no target, the model learns vectors of the tokens from their neighbours
+TASKS = ("classification", "regression", "reconstruction", "clustering", "language_model", "recommendation", "embedding")
 
 
 class ParamError(ValueError):

@@ -1,6 +1,7 @@
 """`dlpipe embed`: embeddings of the image tables (train.tables, default the newest set one prepare
 job wrote) into <name>_embeddings, then KMeans (k = number of classes) on the embeddings and on the
-raw pixels; cluster purity logged to MLflow."""
+raw pixels; cluster purity logged to MLflow. A word2vec model's words instead (dlpipe.stages.words):
+word, vector, count."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ def run(spark: SparkSession, data: DataConfig, mlflow_cfg: MlflowConfig, *, mode
         tables: dict[str, TableRef], out_uri: str, seed: int, run_name: str) -> dict:
     tracking.setup(mlflow_cfg)
     model_uri = modeling.resolve(model_uri)
+    if tracking.logged_meta(model_uri).get("task") == "embedding":  # word vectors: one row per word
+        from dlpipe.stages import words
+
+        return words.embed(spark, model_uri=model_uri, out_uri=out_uri, run_name=run_name)
     parts = [lake.read_table(spark, tables[s].uri, tables[s].version).withColumn("split", F.lit(s)) for s in SPLITS]
     images = parts[0].unionByName(parts[1]).unionByName(parts[2])
     sources = ",".join(str(tables[s]) for s in SPLITS)

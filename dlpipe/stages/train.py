@@ -198,7 +198,15 @@ def _summary(active, info, tables, result, train, resume_from) -> dict:
 def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, resolved_config):
     """A recurrent net: log the pyfunc that takes raw text or a window, then what shows how it does on
     the val table: the confusion matrix (scored by that pyfunc, raw text in) or the forecast against
-    the actual values of the val and test windows."""
+    the actual values of the val and test windows. Word vectors: the pyfunc that takes words and a
+    2-D projection of the frequent words."""
+    if net.task == "embedding":  # word vectors: served by word; their map of the frequent words
+        from dlpipe import words
+
+        info = tracking.log_sequence_model(trained, net, [], text, text["vocab"][2:4], resolved_config)
+        mlflow.log_figure(words.projection_figure(text["vocab"][2:], trained.vectors()[2:].numpy()),
+                          "plots/word_projection.png")
+        return info
     val = lake.read_table(spark, tables["val"].uri, tables["val"].version)
     if text is not None:
         sample = val.select("text", "label").orderBy(F.rand(seed=0)).limit(PLOTTED_ROWS).toPandas()

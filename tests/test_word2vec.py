@@ -1,0 +1,164 @@
+"""word2vec (dl/models/word2vec.py): the windows it cuts, its subsampling and noise distributions
+against their formulas, skip-gram and CBOW learning which words go together, parameter averaging
+with k = 1 equal to allreduce for the embedding tables; and (slow) a corpus through prepare ->
+train -> evaluate -> `dlpipe words` -> `dlpipe embed` on a real Spark, Delta and MLflow, the
+registered pyfunc loaded where dlpipe cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from dl.models import Net, build
+from dl.models.word2vec import Word2Vec, Word2VecConfig, keep_probability
+from dl.train import TrainConfig, fit
+from dlpipe.errors import ConfigError
+from tests.conftest import WITHOUT_DLPIPE, make_config, stage, with_run
+
+TOPICS = (["sun", "moon", "star", "sky", "cloud", "rain"], ["bread", "milk", "cheese", "butter", "egg", "salt"])
+
+
+def _corpus(rows=1500, length=8, seed=0):
+    """Id rows of one topic each (ids 2..7 and 8..13), right-padded to 12 with 0."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((rows, 12), np.int32)
+    for i in range(rows):
+        base = 2 + 6 * (i % 2)
+        x[i, :length] = rng.integers(base, base + 6, length)
+    return x
+
+
+def _model(**params) -> Word2Vec:
+    counts = (0, 0) + (100,) * 12
+    return Word2Vec(Word2VecConfig(**{"vocab_size": 14, "counts": counts, "dim": 16, "window": 2} | params))
+
+
+def test_windows_pair_each_word_with_its_neighbours_after_dropping_padding_and_unknown_words():
+    model = _model().eval()  # eval: every word kept, full windows
+    centre, neighbours, mask = model.windows(torch.tensor([[2, 3, 1, 4, 5, 0, 0]]))
+    pairs = {(int(c), int(n)) for c, row, keep in zip(centre[0], neighbours[0], mask[0]) for n, k in zip(row, keep) if k}
+    words = [2, 3, 4, 5]  # <unk> (1) dropped before the windows are cut, so 3 and 4 become neighbours
+    expected = {(words[i], words[j]) for i in range(4) for j in range(4) if i != j and abs(i - j) <= 2}
+    assert pairs == expected and int(mask.sum()) == 10
+
+
+def test_subsampling_and_noise_follow_word2vecs_formulas():
+    counts = torch.tensor([0, 0, 9000, 900, 90, 10], dtype=torch.float64)
+    f = counts / counts.sum()
+    expected = ((f / 1e-3).sqrt() + 1) * 1e-3 / f
+    assert torch.allclose(keep_probability(counts, 1e-3)[2:], expected[2:].clamp(max=1))
+    model = Word2Vec(Word2VecConfig(vocab_size=6, counts=tuple(int(c) for c in counts), dim=4, subsample=1e-3))
+    torch.manual_seed(0)
+    drawn = torch.bincount(model.noise_words(200_000), minlength=6).double() / 200_000
+    p = counts[2:] ** 0.75 / (counts[2:] ** 0.75).sum()
+    assert drawn[:2].sum() == 0 and torch.allclose(drawn[2:], p, atol=0.005)  # never <pad> or <unk>
+    model.train()
+    centre = model.windows(torch.full((20_000, 3), 2))[0]  # the most frequent word, three times a row
+    assert float((centre == 2).double().mean()) == pytest.approx(float(keep_probability(counts, 1e-3)[2]), abs=0.01)
+
+
+@pytest.mark.parametrize("architecture", ["skipgram", "cbow"])
+def test_words_that_occur_together_end_nearest(architecture):
+    torch.manual_seed(0)
+    model = _model(architecture=architecture, subsample=0)
+    x = _corpus()
+    fit(model, (x, np.zeros(len(x))), (x[:64], np.zeros(64)), TrainConfig(epochs=3, batch_size=32, lr=0.01,
+        checkpoint_every=0), task="embedding", log=lambda _: None)
+    v = torch.nn.functional.normalize(model.vectors()[2:], dim=1)
+    similarity = v @ v.t()
+    same = similarity[:6, :6].fill_diagonal_(float("nan")).nanmean()
+    across = similarity[:6, 6:].mean()
+    assert same > across + 0.3, (same, across)
+    nearest = similarity.fill_diagonal_(-2).argmax(1)
+    assert ((nearest < 6) == (torch.arange(12) < 6)).all()  # every word's nearest is of its own topic
+
+
+def test_the_reported_loss_is_the_mean_and_the_sum_gradient_moves_each_example_by_the_full_rate():
+    x = torch.from_numpy(_corpus(rows=8))
+    grads = {}
+    for gradient in ("mean", "sum"):
+        torch.manual_seed(0)  # the same start and the same noise words
+        model = _model(subsample=0, gradient=gradient).eval()
+        loss, _, n = model.objective(x)
+        loss.backward()
+        grads[gradient] = (float(loss.detach()), model.context.weight.grad.clone(), n)  # input vectors' is 0 at the start
+    assert grads["mean"][0] == pytest.approx(grads["sum"][0], rel=1e-5) and grads["sum"][1].abs().sum() > 0
+    assert torch.allclose(grads["sum"][1], grads["mean"][1] * grads["mean"][2], atol=1e-5)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="negatives: expected positive integers"):
+        Word2VecConfig(negatives=0)
+    with pytest.raises(ValueError, match="counts: expected one count per token id"):
+        Word2VecConfig(vocab_size=5, counts=(1, 2))
+    with pytest.raises(ValueError, match="vocab_size"):
+        build(Net(name="word2vec", params=Word2VecConfig(), input_shape=(12,), num_outputs=1, task="embedding"))
+
+
+CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
+    import mlflow, pandas as pd
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    out = model.predict(pd.DataFrame({"word": ["Sun", "milk"]}))
+    try:
+        model.predict(pd.DataFrame({"word": ["sun", "nosuchword", "two words"]}))
+        refused = ""
+    except Exception as exc:
+        refused = str(exc)
+    print(json.dumps({"vectors": [v.tolist() for v in out["vector"]], "refused": refused}))
+""")
+
+
+@pytest.mark.slow
+def test_a_corpus_through_prepare_train_evaluate_words_and_embed(spark, tmp_path):
+    import deltalake
+
+    from dlpipe.stages import words
+
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.choice(TOPICS[i % 2], 8)) for i in range(1200)]
+    (landing / "part-00000.txt").write_text("\n".join(lines) + "\n")
+    cfg = make_config(tmp_path, f"paths.landing={landing}", "data.name=topics", "data.text.min_count=1",
+                      "data.text.max_length=12", "train.epochs=2", "train.batch_size=32", "train.backend=local",
+                      "train.lr=0.01", "model.word2vec.dim=16", "model.word2vec.window=2", "model.word2vec.subsample=0",
+                      "registry.model_name=topics_w2v", conf="conf/gutenberg_word2vec.yaml")
+    stage("prepare", spark, cfg)
+    trained = stage("train", spark, cfg)
+    assert trained["metrics"]["val_pair_accuracy"] > 0.6
+
+    evaluated = stage("evaluate", spark, with_run(cfg, trained["run_id"]))
+
+    assert evaluated["champion"] and evaluated["model_uri"] == "models:/topics_w2v/1"
+    m = evaluated["metrics"]
+    assert m["test_pair_accuracy"] > 0.6 and 0 < m["test_loss"] < 6 * np.log(2) and m["test_rows"] > 50
+    from mlflow.tracking import MlflowClient
+
+    assert "plots/word_projection.png" in [a.path for a in MlflowClient().list_artifacts(trained["run_id"], "plots")]
+    near = stage("words", None, cfg, action="similar", model="", word="Sun", terms=[], k=5)  # models:/<name>@champion
+    assert near["nearest"][0]["word"] in TOPICS[0] and len({n["word"] for n in near["nearest"]} & set(TOPICS[0])) >= 4
+    analogy = words.run(cfg.mlflow, action="analogy", model_uri="models:/topics_w2v@champion",
+                        terms=["sun", "moon", "milk"], word="", k=3)
+    assert analogy["question"] == "sun : moon :: milk : ?" and {"sun", "moon", "milk"}.isdisjoint(n["word"] for n in analogy["nearest"])
+    with pytest.raises(ConfigError, match="--word 'nosuchword': not in the model's vocabulary of 12 words"):
+        words.run(cfg.mlflow, action="similar", model_uri="models:/topics_w2v@champion", word="nosuchword", terms=[], k=5)
+
+    embedded = stage("embed", spark, cfg, model="")
+
+    written = embedded["embeddings"]
+    table = deltalake.DeltaTable(written["uri"], version=written["version"]).to_pandas().set_index("word")
+    assert sorted(table.index) == sorted(TOPICS[0] + TOPICS[1]) and (table["count"] > 0).all()
+    assert table["count"].sum() == deltalake.DeltaTable(cfg.table_uri("vocab")).to_pandas()["count"].sum()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
+    consumer = subprocess.run([sys.executable, "-I", "-c", CONSUMER, "models:/topics_w2v/1"], capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path, env=env)
+    assert consumer.returncode == 0, consumer.stderr[-2000:]
+    out = json.loads(consumer.stdout.strip().splitlines()[-1])
+    assert np.allclose(out["vectors"][0], table.loc["sun", "vector"], atol=1e-6)
+    assert np.allclose(out["vectors"][1], table.loc["milk", "vector"], atol=1e-6)
+    assert "2 of 3 input rows rejected (row 1: unknown word 'nosuchword'; row 2: expected one word, got 2 tokens" in out["refused"]
