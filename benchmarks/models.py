@@ -22,7 +22,7 @@ from dlpipe.launchers import TrainTask
 from dlpipe.refs import TableRef
 from dlpipe.scoring import binary_auc
 
-FAMILIES = ("feedforward", "autoencoders", "recurrent", "energy")
+FAMILIES = ("feedforward", "autoencoders", "recurrent", "energy", "embeddings")
 FASHION_FIRST, FASHION_SECOND = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
 
 
@@ -72,6 +72,10 @@ def run(spark, cfg: Config, family: str = "feedforward", adult_conf: str = "conf
         from benchmarks import energy
 
         return energy.run(spark, cfg)
+    if family == "embeddings":
+        from benchmarks import embeddings
+
+        return embeddings.run(spark, cfg)
     t, threads = cfg.train, max(1, torch.get_num_threads())
     backend, workers = t.backend, t.num_workers
     processes = 1 if backend == "local" else workers

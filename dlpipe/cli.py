@@ -210,7 +210,7 @@ COMMANDS: dict[str, Command] = {
 }
 STEPS = tuple(COMMANDS)
 BENCHMARKS = ("training", "prepare", "score", "models", "tune")
-FAMILIES = ("feedforward", "autoencoders", "recurrent", "energy")
+FAMILIES = ("feedforward", "autoencoders", "recurrent", "energy", "embeddings")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -100,6 +100,31 @@ def test_config_errors_name_the_field():
         build(Net(name="word2vec", params=Word2VecConfig(), input_shape=(12,), num_outputs=1, task="embedding"))
 
 
+@pytest.mark.slow
+def test_parameter_averaging_every_step_equals_allreduce_for_the_embedding_tables(spark, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dlpipe.launchers import TrainTask, launch
+
+    files = {}
+    for split, rows in (("train", 256), ("val", 32)):
+        x = _corpus(rows, seed=len(split))
+        files[split] = [str(tmp_path / f"{split}.parquet")]
+        pq.write_table(pa.table({"ids": pa.array(list(x), pa.list_(pa.int32()))}), files[split][0])
+    net = Net(name="word2vec", params=_model().cfg, input_shape=(12,), num_outputs=1, task="embedding")
+    base = dict(epochs=1, batch_size=16, lr=0.5, optimizer="sgd", seed=5, checkpoint_every=0)
+    results = [launch(spark, TrainTask(net=net, train=TrainConfig(**base, **sync), train_files=files["train"],
+                                       val_files=files["val"], threads=1), "horovod", 2)
+               for sync in ({"sync": "allreduce"}, {"sync": "average", "average_every": 1})]
+    for result in results:  # two real Horovod workers, not a fallback to one process
+        assert (result["backend"], result["world_size"]) == ("horovod", 2)
+    allreduce, averaged = (r["state_dict"] for r in results)
+    assert allreduce["context.weight"].abs().sum() > 0  # it trained (the output vectors start at 0)
+    for table in ("embed.weight", "context.weight"):
+        assert torch.allclose(allreduce[table], averaged[table], atol=1e-6), table
+
+
 CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
     import mlflow, pandas as pd
     model = mlflow.pyfunc.load_model(sys.argv[1])
