@@ -77,7 +77,8 @@ def word2vec_case(spark, c: Config, t, threads: int) -> dict:
         out["analogy_questions"], out["wordsim_pairs"] = analogies["questions"], similarity["pairs"]
         say(f"word2vec: {name} analogy {analogies['accuracy']:.4f} of {analogies['questions']}, "
             f"WordSim353 Spearman {similarity['spearman']:.4f} of {similarity['pairs']} pairs, {m['seconds']:.0f} s")
-    out["dlpipe_final_val_pair_accuracy"] = r["test_accuracy"]
+    out |= {"dlpipe_final_val_pair_accuracy": r["test_accuracy"], "dlpipe_startup_s": r["startup_s"],
+            "dlpipe_samples_per_s": r["samples_per_sec"]}
     out["setup"] = {"model": {k: v for k, v in dc.asdict(p).items() if k not in ("counts", "vocab_size")},
                     "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr,
                     "sync": t.sync, "backend": t.backend, "world_size": r["world_size"], "gensim_threads": threads,

@@ -122,27 +122,33 @@ class Word2Vec(nn.Module):
         -log s(u_true . h) - sum over the noise words of log s(-u_noise . h), and its pair accuracy the
         share of its 1 + negatives yes/no decisions (true neighbour or noise) the model gets right."""
         centre, neighbours, mask = self.windows(x)
+        k = self.cfg.negatives
+        pairs = mask.sum(-1)
+        has = pairs > 0  # the words with at least one neighbour: one example each (CBOW) or one per pair
+        if not bool(has.any()):
+            return self.embed.weight.sum() * 0, 0.0, 0
+        inside, pairs = mask[has], pairs[has].float()
         if self.cfg.architecture == "skipgram":
-            h = self.embed(centre[..., None].expand_as(neighbours)[mask])  # P x dim
-            target = neighbours[mask]
+            h = self.embed(centre[has])  # C x dim
+            true_score = (self.context(neighbours[has]) * h[:, None, :]).sum(-1)  # C x 2W
+            true_loss = (-F.logsigmoid(true_score) * inside).sum(-1)
+            true_right = ((true_score > 0) & inside).sum(-1).float()
+            per_word = pairs  # the noise term counts once per pair of the word
         else:
-            vectors = self.embed(neighbours) * mask[..., None]
-            words = mask.sum(-1)
-            has = words > 0
-            h = vectors.sum(2)[has] / words[has][:, None]
-            target = centre[has]
-        if len(target) == 0:
-            zero = self.embed.weight.sum() * 0
-            return zero, 0.0, 0
-        noise = self.noise_words(len(target) * self.cfg.negatives).view(len(target), -1)
-        true_score = (h * self.context(target)).sum(-1)
-        noise_score = (self.context(noise) * h[:, None, :]).sum(-1)  # P x negatives
-        loss = -F.logsigmoid(true_score) - F.logsigmoid(-noise_score).sum(-1)
-        right = ((true_score > 0).float() + (noise_score < 0).float().sum(-1)) / (1 + self.cfg.negatives)
-        mean = loss.mean()
+            h = (self.embed(neighbours[has]) * inside[..., None]).sum(1) / pairs[:, None]
+            true_score = (h * self.context(centre[has])).sum(-1)
+            true_loss, true_right, per_word = -F.logsigmoid(true_score), (true_score > 0).float(), torch.ones_like(pairs)
+        # the noise words are drawn per word and shared by its pairs (skip-gram): the same expectation as
+        # fresh ones per pair, at a fraction of the work
+        noise_score = (self.context(self.noise_words(len(h) * k).view(len(h), k)) * h[:, None, :]).sum(-1)  # C x k
+        loss = true_loss - F.logsigmoid(-noise_score).sum(-1) * per_word
+        right = (true_right + (noise_score < 0).float().sum(-1) * per_word) / (1 + k)
+        examples = int(per_word.sum())
+        total = loss.sum()
+        mean = total / examples
         if self.cfg.gradient == "sum":  # the value reported stays the mean; the step is every example's own
-            mean = mean + (loss.sum() - mean) - (loss.sum() - mean).detach()
-        return mean, float(right.sum()), len(target)
+            mean = mean + (total - mean) - (total - mean).detach()
+        return mean, float(right.sum()), examples
 
     def vectors(self) -> torch.Tensor:
         """Every token's vector by id (rows 0 and 1: <pad>, <unk>, never trained)."""
