@@ -178,6 +178,13 @@ def read_columns(uri: str, version: int, columns: list[str]) -> pa.Table:
     return _files_are_rows(uri, _open(uri, version)).to_pyarrow_table(columns=columns)
 
 
+def dataset(uri: str, version: int):
+    """One snapshot as a pyarrow dataset, for the driver to stream (`to_batches`) or peek at
+    (`head`) without a Spark job."""
+    uri = _norm(uri)
+    return _files_are_rows(uri, _open(uri, version)).to_pyarrow_dataset()
+
+
 def history(uri: str) -> list[dict[str, Any]]:
     """Commits, newest first: version, timestamp (ms since epoch), operation, metadata."""
     uri = _norm(uri)

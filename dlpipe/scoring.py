@@ -60,6 +60,11 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
 
         raise DlpipeError(f"{model_uri} is a recommender: it scores rating vectors, with `dlpipe recommend` "
                           "(top-k unrated items per user) or `dlpipe evaluate` (held-out ratings)")
+    if meta.get("task") == "embedding":
+        from dlpipe.errors import DlpipeError
+
+        raise DlpipeError(f"{model_uri} is a word2vec model: it maps words to vectors, with `dlpipe embed` (every "
+                          "word into <name>_embeddings), `dlpipe words` or its pyfunc (a `word` column)")
     column = meta.get("input_column", "pixels")
     if column in ("text", "history"):  # a recurrent model: raw text or a window in
         from dlpipe import scoring_sequence

@@ -142,6 +142,8 @@ CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
 def test_a_corpus_through_prepare_train_evaluate_words_and_embed(spark, tmp_path):
     import deltalake
 
+    from dlpipe.errors import DlpipeError
+    from dlpipe.scoring import predict
     from dlpipe.stages import words
 
     landing = tmp_path / "landing"
@@ -179,6 +181,8 @@ def test_a_corpus_through_prepare_train_evaluate_words_and_embed(spark, tmp_path
     table = deltalake.DeltaTable(written["uri"], version=written["version"]).to_pandas().set_index("word")
     assert sorted(table.index) == sorted(TOPICS[0] + TOPICS[1]) and (table["count"] > 0).all()
     assert table["count"].sum() == deltalake.DeltaTable(cfg.table_uri("vocab")).to_pandas()["count"].sum()
+    with pytest.raises(DlpipeError, match="is a word2vec model: it maps words to vectors"):
+        predict(spark, spark.range(1), evaluated["model_uri"])  # `dlpipe score` points to embed and words
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"MLFLOW_TRACKING_URI": cfg.mlflow.tracking_uri}
     consumer = subprocess.run([sys.executable, "-I", "-c", CONSUMER, "models:/topics_w2v/1"], capture_output=True,
                               text=True, timeout=300, cwd=tmp_path, env=env)

@@ -20,7 +20,6 @@ from dlpipe.config import DataConfig, MlflowConfig, ModelConfig, TrainConfig
 from dlpipe.errors import InputNotFound
 from dlpipe.launchers import LAUNCHERS, TrainTask, launch
 from dlpipe.refs import SPLITS, TableRef, resolve
-from dlpipe.scoring import confusion_and_metrics, predict
 from pipelines.records import is_timestamp
 
 PLOTTED_ROWS = 2000  # validation rows drawn in the plots of models trained without a target
@@ -149,7 +148,6 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             mlflow.set_tag("dlpipe.tune.pruned_at_epoch", result["pruned_at"])
             return _summary(active, None, tables, result, train, resume_from)
 
-        val = modeling.relabel(lake.read_table(spark, tables["val"].uri, tables["val"].version), label_ids)
         if sequence is not None:
             with tracking.TORCH_LOCK:
                 trained = build(net)
@@ -157,7 +155,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
                 info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], data, resolved_config)
             mlflow.set_tag("dlpipe.model_uri", info.model_uri)
             return _summary(active, info, tables, result, train, resume_from)
-        example = np.stack(val.select(column).limit(2).toPandas()[column].to_numpy())
+        example = np.stack(lake.dataset(*tables["val"]).head(2, columns=[column]).column(0).to_numpy(zero_copy_only=False))
         recommender = {}
         if column == "ratings":
             recommender["items"] = modeling.rating_index(tables["train"], "item")
@@ -174,15 +172,36 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
         if trial:  # judged by its epoch metrics; evaluate draws the figures of the one registered
             return _summary(active, info, tables, result, train, resume_from)
         if net.task == "classification":
-            matrix, _ = confusion_and_metrics(predict(spark, val, info.model_uri), len(classes))
+            matrix = _confusion(trained, lake.dataset(*tables["val"]), column, input_shape, label_ids, len(classes))
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Validation confusion matrix"),
                               "plots/confusion_matrix_val.png")
         elif net.task in tracking.TASK_FIGURES:
+            val = modeling.relabel(lake.read_table(spark, tables["val"].uri, tables["val"].version), label_ids)
             sample = val.select(column, "label").orderBy(F.rand(seed=0)).limit(PLOTTED_ROWS).toPandas()
             x = np.stack(sample[column].to_numpy()).astype(np.float32).reshape(-1, *input_shape)
             for path, figure in tracking.task_figures(trained, net.task, x, sample["label"].to_numpy(), classes).items():
                 mlflow.log_figure(figure, path)
     return _summary(active, info, tables, result, train, resume_from)
+
+
+def _confusion(trained, val, column: str, shape, label_ids: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """The trained net's confusion matrix over every val row (data.select_classes applied), streamed
+    from the snapshot on the driver: no Spark job, no second copy of the model in Python workers."""
+    import torch
+
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    renumber = {old: new for new, old in enumerate(label_ids)}
+    with torch.no_grad():
+        for batch in val.to_batches(columns=[column, "label"], batch_size=1024):
+            labels = batch.column("label").to_numpy(zero_copy_only=False)
+            keep = np.isin(labels, label_ids) if label_ids else np.ones(len(labels), bool)
+            if not keep.any():
+                continue
+            x = np.stack(batch.column(column).to_numpy(zero_copy_only=False)[keep]).astype(np.float32)
+            predicted = trained(torch.from_numpy(x.reshape(-1, *shape))).argmax(1).numpy()
+            truth = np.array([renumber[v] for v in labels[keep]]) if label_ids else labels[keep]
+            np.add.at(matrix, (truth.astype(np.int64), predicted), 1)
+    return matrix
 
 
 def _summary(active, info, tables, result, train, resume_from) -> dict:
