@@ -145,3 +145,33 @@ def test_gpu_requested_without_cuda_is_a_clear_error():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="train.use_gpu=true but this worker sees no CUDA device"):
             pick_device(True, 0)
+
+
+def test_the_validation_confusion_matrix_counts_every_val_row_as_the_net_predicts_it(tmp_path):
+    import deltalake
+
+    from dlpipe import lake
+    from dlpipe.stages.train import _confusion
+
+    x, _ = _blobs(2500, 3)  # more rows than one streamed batch
+    y = np.random.default_rng(0).integers(0, 3, len(x))
+    uri = str(tmp_path / "val")
+    for part in (slice(0, 1200), slice(1200, None)):  # two files
+        deltalake.write_deltalake(uri, pa.table({"label": pa.array(y[part], pa.int32()), "pixels": pa.array(
+            list(x[part].reshape(len(y[part]), -1)), pa.list_(pa.float32()))}), mode="append")
+    torch.manual_seed(0)
+    net = build(tiny_net(num_classes=3))
+    with torch.no_grad():
+        predicted = net.eval()(torch.from_numpy(x)).argmax(1).numpy()
+    matrix = _confusion(net.train(), lake.dataset(uri, 1), "pixels", (1, 12, 12), (), 3)
+    expected = np.zeros((3, 3), np.int64)
+    np.add.at(expected, (y, predicted), 1)
+    assert (matrix == expected).all() and matrix.sum() == 2500
+    two = build(tiny_net(num_classes=2)).eval()  # trained on data.select_classes: [2, 0], relabelled 0, 1
+    chosen = _confusion(two, lake.dataset(uri, 1), "pixels", (1, 12, 12), (2, 0), 2)
+    keep = np.isin(y, (2, 0))
+    with torch.no_grad():
+        predicted = two(torch.from_numpy(x[keep])).argmax(1).numpy()
+    expected = np.zeros((2, 2), np.int64)
+    np.add.at(expected, (np.where(y[keep] == 2, 0, 1), predicted), 1)
+    assert (chosen == expected).all() and chosen.sum(1).tolist() == [(y == 2).sum(), (y == 0).sum()]

@@ -189,6 +189,7 @@ def _confusion(trained, val, column: str, shape, label_ids: tuple[int, ...], num
     from the snapshot on the driver: no Spark job, no second copy of the model in Python workers."""
     import torch
 
+    trained.eval()  # dropout off, batch-norm running statistics: as served
     matrix = np.zeros((num_classes, num_classes), np.int64)
     renumber = {old: new for new, old in enumerate(label_ids)}
     with torch.no_grad():
