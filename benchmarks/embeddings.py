@@ -19,9 +19,10 @@ import torch
 from benchmarks.common import dlpipe_run, say
 from benchmarks.embeddings_baselines import analogy_accuracy, gensim_word2vec, mllib_word2vec, shared_vocab, similarity_spearman
 from dl.models import Net
-from dlpipe import lake
+from dlpipe import lake, modeling
 from dlpipe.config import Config, load_config
 from dlpipe.launchers import TrainTask
+from dlpipe.refs import TableRef
 
 
 def run(spark, cfg: Config, conf: str = "conf/gutenberg_word2vec.yaml", epochs: int = 0) -> dict:
@@ -42,17 +43,16 @@ def word2vec_case(spark, c: Config, t, threads: int) -> dict:
     if any(v is None for _, v in tables.values()) or lake.latest_version(vocab_uri) is None:
         return {"status": f"not wired: no {c.data.name} tables under {c.paths.lake} (run `dlpipe land` and "
                           f"`dlpipe prepare` with --conf conf/gutenberg_word2vec.yaml)"}
-    rows = lake.read_columns(vocab_uri, lake.latest_version(vocab_uri), ["kind", "token", "id", "count"]).to_pandas()
-    tokens = rows[rows["kind"] == "token"].sort_values("id")
-    vocab, counts = list(tokens["token"]), tuple(int(n) for n in tokens["count"])
+    setup = modeling.sequence_setup(spark, c.model, {s: TableRef(*ref) for s, ref in tables.items()}, c.data)
+    vocab = setup["text"]["vocab"]  # by id, with the counts in setup["params"] as training gets them
     ids = lake.read_columns(*tables["train"], ["ids"]).column("ids").to_pylist()
     sentences = [[vocab[i] for i in row if i >= 2] for row in ids]
     sentences = [s for s in sentences if s]
     p = c.model.word2vec
     say(f"word2vec: {len(sentences)} sentences, {sum(map(len, sentences))} words, vocabulary {len(vocab) - 2}")
 
-    net = Net(name="word2vec", params=dc.replace(p, vocab_size=len(vocab), counts=counts),
-              input_shape=(c.data.text.max_length,), num_outputs=1, task="embedding")
+    net = Net(name="word2vec", params=setup["params"], input_shape=(c.data.text.max_length,), num_outputs=1,
+              task="embedding")
     workers = 1 if t.backend == "local" else t.num_workers
     task = TrainTask(net=net, train=t, train_files=lake.table_files(*tables["train"]),
                      val_files=lake.table_files(*tables["val"]), threads=max(1, threads // workers))

@@ -32,12 +32,17 @@ class Vectors:
 
 
 def load(model_uri: str) -> Vectors:
-    """Every word's vector, from the model's pyfunc (one batch of all its words)."""
+    """Every word's vector, from the model's pyfunc (one batch of all its words); the model is
+    downloaded once, its vocabulary and counts read from the meta.json inside it."""
+    import json
+    from pathlib import Path
+
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        local = mlflow.artifacts.download_artifacts(model_uri)
+        model = mlflow.pyfunc.load_model(local)
     except Exception as exc:  # an unknown run, name, version or alias
         raise InputNotFound(f"--model {model_uri}: cannot load it ({type(exc).__name__}: {str(exc)[:200]})") from None
-    meta = tracking.logged_meta(model_uri)
+    meta = json.loads(Path(local, "artifacts", "meta.json").read_text())
     if meta.get("task") != "embedding":
         raise ConfigError(f"--model {model_uri}: a {meta.get('task')} model, not word vectors (model.task embedding)")
     words = list(meta["text"]["vocab"][2:])

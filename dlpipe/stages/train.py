@@ -155,7 +155,8 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
                 info = sequence_plots_and_model(spark, trained, net, tables, classes, sequence["text"], data, resolved_config)
             mlflow.set_tag("dlpipe.model_uri", info.model_uri)
             return _summary(active, info, tables, result, train, resume_from)
-        example = np.stack(lake.dataset(*tables["val"]).head(2, columns=[column]).column(0).to_numpy(zero_copy_only=False))
+        val_rows = lake.dataset(*tables["val"])  # read on the driver with delta-rs: no Spark job
+        example = np.stack(val_rows.head(2, columns=[column]).column(0).to_numpy(zero_copy_only=False))
         recommender = {}
         if column == "ratings":
             recommender["items"] = modeling.rating_index(tables["train"], "item")
@@ -172,7 +173,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
         if trial:  # judged by its epoch metrics; evaluate draws the figures of the one registered
             return _summary(active, info, tables, result, train, resume_from)
         if net.task == "classification":
-            matrix = _confusion(trained, lake.dataset(*tables["val"]), column, input_shape, label_ids, len(classes))
+            matrix = _confusion(trained, val_rows, column, input_shape, label_ids, len(classes))
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, "Validation confusion matrix"),
                               "plots/confusion_matrix_val.png")
         elif net.task in tracking.TASK_FIGURES:
