@@ -6,6 +6,7 @@ rows of the <name>_embeddings table. The commands are `dlpipe words similar|anal
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import mlflow
 import numpy as np
@@ -21,7 +22,9 @@ class Vectors:
     matrix: np.ndarray  # words x dim
     counts: list[int]  # training-corpus counts
 
+    @cached_property
     def unit(self) -> np.ndarray:
+        """The vectors scaled to length 1 (computed once per load)."""
         return self.matrix / np.maximum(np.linalg.norm(self.matrix, axis=1, keepdims=True), 1e-12)
 
     def index(self, word: str, flag: str) -> int:
@@ -71,7 +74,7 @@ def holdout(model_uri: str, uri: str, version: int, batch: int = 1024, seed: int
 
 
 def nearest(v: Vectors, query: np.ndarray, k: int, exclude: set[int]) -> list[dict]:
-    scores = v.unit() @ (query / max(float(np.linalg.norm(query)), 1e-12))
+    scores = v.unit @ (query / max(float(np.linalg.norm(query)), 1e-12))
     scores[list(exclude)] = -np.inf
     top = np.argsort(-scores)[:k]
     return [{"word": v.words[i], "similarity": float(scores[i])} for i in top]
@@ -79,13 +82,13 @@ def nearest(v: Vectors, query: np.ndarray, k: int, exclude: set[int]) -> list[di
 
 def similar(v: Vectors, word: str, k: int) -> list[dict]:
     i = v.index(word, "--word")
-    return nearest(v, v.unit()[i], k, {i})
+    return nearest(v, v.unit[i], k, {i})
 
 
 def analogy(v: Vectors, a: str, b: str, c: str, k: int) -> list[dict]:
     """a is to b as c is to ?: the words nearest b - a + c (of unit vectors), the three left out."""
     ia, ib, ic = (v.index(w, "analogy word") for w in (a, b, c))
-    u = v.unit()
+    u = v.unit
     return nearest(v, u[ib] - u[ia] + u[ic], k, {ia, ib, ic})
 
 
