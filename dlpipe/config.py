@@ -107,6 +107,18 @@ class TextDataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TreesDataConfig:
+    """data.kind: trees. Labelled bracketed trees (Penn / Stanford Sentiment Treebank format), one per line."""
+    encoding: str = "utf-8"
+    lowercase: bool = True  # the words at the leaves
+    min_count: int = 1  # vocabulary: leaves seen at least this often in the train split
+    max_vocab: int = 20000  # ... at most this many (plus <pad>=0 and <unk>=1)
+    max_leaves: int = 64  # longer trees are rejected; every row is padded to 2 * max_leaves - 1 nodes
+    classes: list[str] = field(default_factory=list)  # node labels in label order; [] = sorted labels seen
+    split: Literal["hash", "files"] = "hash"  # hash of the key | the file name: train*, dev* or val*, test*
+
+
+@dataclass(frozen=True, kw_only=True)
 class TimeSeriesDataConfig:
     """data.kind: timeseries. (time, value) observations -> (history, horizon) windows."""
     format: Literal["csv", "jsonl", "parquet"] = "csv"
@@ -122,7 +134,7 @@ class TimeSeriesDataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    kind: Literal["images", "table", "ratings", "text", "timeseries"] = "images"
+    kind: Literal["images", "table", "ratings", "text", "timeseries", "trees"] = "images"
     mode: Literal["overwrite", "append", "merge"] = "overwrite"  # append: only new source files; merge: upsert by key
     dataset: str = ""  # `dlpipe land`: the packaged dataset to land ("" = the image demo data)
     land_shards: int = 4  # `dlpipe land`: files to split a dataset into
@@ -139,6 +151,7 @@ class DataConfig:
     ratings: RatingsDataConfig = field(default_factory=RatingsDataConfig)
     text: TextDataConfig = field(default_factory=TextDataConfig)
     timeseries: TimeSeriesDataConfig = field(default_factory=TimeSeriesDataConfig)
+    trees: TreesDataConfig = field(default_factory=TreesDataConfig)
 
 
 # model.name picks one registered model (dl/models/<name>.py); its hyperparameters are validated
@@ -360,6 +373,12 @@ def _validate_sequence_model(cfg: Config) -> None:
             raise ConfigError(f"config key 'model.task': on data.kind={kind} expected one of {list(wanted)}, got {task!r}")
         if task == "classification" and not cfg.data.text.label:
             raise ConfigError("config key 'model.task': classification needs labelled text (data.text.label), got ''")
+    if ("trees" in REGISTRY[cfg.model.name].inputs) != (kind == "trees"):
+        readers = [n for n, spec in REGISTRY.items() if "trees" in spec.inputs]
+        raise ConfigError(f"config key 'data.kind': model {cfg.model.name} reads trees (data.kind: trees), got {kind!r}"
+                          if kind != "trees" else f"config key 'model.name': data.kind=trees is read by {readers}, got {cfg.model.name!r}")
+    if kind == "trees" and task != "classification":
+        raise ConfigError(f"config key 'model.task': on data.kind=trees expected classification, got {task!r}")
     if "ratings" in REGISTRY[cfg.model.name].inputs and kind != "ratings":
         raise ConfigError(f"config key 'data.kind': model {cfg.model.name} reads rating vectors (data.kind: ratings), got {kind!r}")
     if "ratings" in REGISTRY[cfg.model.name].inputs and cfg.data.ratings.min_rating <= 0:
@@ -391,17 +410,17 @@ def _validate_data_kind(data: DataConfig) -> None:
             raise ConfigError(f"config keys 'data.ratings.{{user,item,rating}}': expected three distinct column names, got {[r.user, r.item, r.rating]}")
         if r.min_rating >= r.max_rating:
             raise ConfigError(f"config key 'data.ratings.max_rating': expected more than min_rating={r.min_rating}, got {r.max_rating}")
-    elif data.kind == "text":
-        t = data.text
-        for key in ("min_count", "max_vocab", "max_length"):
+    elif data.kind in ("text", "trees"):
+        t, section = getattr(data, data.kind), f"data.{data.kind}"
+        for key in ("min_count", "max_vocab", "max_length" if data.kind == "text" else "max_leaves"):
             if getattr(t, key) <= 0:
-                raise ConfigError(f"config key 'data.text.{key}': expected a positive integer, got {getattr(t, key)}")
-        if t.format != "lines" and not t.text:
+                raise ConfigError(f"config key '{section}.{key}': expected a positive integer, got {getattr(t, key)}")
+        if data.kind == "text" and t.format != "lines" and not t.text:
             raise ConfigError("config key 'data.text.text': expected the name of the text column, got ''")
         try:
             "".encode(t.encoding)
         except LookupError:
-            raise ConfigError(f"config key 'data.text.encoding': expected a Python codec name, got {t.encoding!r}") from None
+            raise ConfigError(f"config key '{section}.encoding': expected a Python codec name, got {t.encoding!r}") from None
     elif data.kind == "timeseries":
         t = data.timeseries
         for key in ("history", "horizon", "stride"):

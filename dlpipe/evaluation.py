@@ -74,7 +74,7 @@ def good_enough(task: str, metrics: dict[str, float], min_accuracy: float) -> tu
 def label_view(data, task: str, model_uri: str) -> tuple[list[str], tuple[int, ...]]:
     """(class names, label ids) for `model_uri` on `data`: a recurrent model's classes come from the
     vocabulary table it was trained with, so from the model itself (its meta.json)."""
-    if data.kind in ("text", "timeseries"):
+    if data.kind in ("text", "timeseries", "trees"):
         from dlpipe.tracking import logged_meta
 
         return list(logged_meta(model_uri).get("classes") or []), ()

@@ -19,7 +19,7 @@ from dlpipe.refs import TableRef
 
 def class_names(data: DataConfig, task: str) -> list[str]:
     """Label names in label order: image class folders, or data.table.classes for tables."""
-    if data.kind in ("text", "timeseries", "ratings"):
+    if data.kind in ("text", "timeseries", "ratings", "trees"):
         return []  # a sequence model's classes come from the vocabulary table (sequence_setup); ratings have none
     if data.kind != "table":
         return list(data.classes)
@@ -49,23 +49,23 @@ def relabel(df: DataFrame, ids: tuple[int, ...]) -> DataFrame:
 
 
 INPUT_KINDS = {"pixels": "image", "features": "table", "ids": "text", "history": "series",
-               "ratings": "ratings"}  # column -> ModelSpec.inputs
+               "ratings": "ratings", "nodes": "trees"}  # column -> ModelSpec.inputs
 
 
 def input_of(spark: SparkSession, table: TableRef, data: DataConfig) -> tuple[str, tuple[int, ...]]:
     """(input column, shape of one example): images carry `pixels`, tables `features`, text tables
     `ids` (token ids padded to data.text.max_length), time-series windows `history`, rating vectors
-    `ratings` (one value per item)."""
+    `ratings` (one value per item), tree tables `nodes` (dl.bracketed.encode)."""
     frame = lake.read_table(spark, table.uri, table.version)
     if "pixels" in frame.columns:
         return "pixels", (data.channels, data.image_size, data.image_size)
-    for column in ("features", "ids", "history", "ratings"):
+    for column in ("features", "ids", "history", "ratings", "nodes"):
         if column in frame.columns:
             n = frame.select(F.size(column).alias("n")).first()
             if n is None:
                 raise ValueError(f"{table} is empty: cannot tell how many values a row's {column} holds")
             return column, (int(n["n"]),)
-    raise ValueError(f"{table} has none of the columns pixels, features, ids, history, ratings (columns: {frame.columns})")
+    raise ValueError(f"{table} has none of the columns pixels, features, ids, history, ratings, nodes (columns: {frame.columns})")
 
 
 def rating_index(train: TableRef, column: str = "item") -> list[str]:
@@ -103,8 +103,8 @@ def with_rating_range(model: ModelConfig, data: DataConfig) -> ModelConfig:
 
 
 def sequence_setup(spark: SparkSession, model: ModelConfig, tables: dict[str, TableRef], data: DataConfig) -> dict:
-    """What a recurrent net on a text or time-series table needs beyond its shape: for text the
-    vocabulary (<data.name>_vocab beside the train table, newest version: ids never change meaning)
+    """What a recurrent net on a text or time-series table (or an RNTN on a tree table) needs beyond
+    its shape: for text and trees the vocabulary (<data.name>_vocab beside the train table, newest version: ids never change meaning)
     with the tokenizer settings the served model carries, and the classes (word2vec: the token
     counts too); for windows the horizon.
     Returns {"params", "num_outputs", "classes", "text" (or None)}."""
@@ -127,12 +127,14 @@ def sequence_setup(spark: SparkSession, model: ModelConfig, tables: dict[str, Ta
         raise ValueError(f"{uri}: token ids are not 0..{len(vocab) - 1}")
     classes = list(rows[rows["kind"] == "label"].sort_values("id")["token"])
     if model.task == "classification" and len(classes) < 2:
-        raise ValueError(f"{uri} holds {len(classes)} classes: a classifier needs labelled text (data.text.label)")
+        raise ValueError(f"{uri} holds {len(classes)} classes: a classifier needs labelled text (data.text.label) or trees")
     params = dataclasses.replace(params, vocab_size=len(vocab))
     if model.task == "embedding":  # word2vec: subsampling and its noise words follow the corpus counts
         params = dataclasses.replace(params, counts=tuple(int(c) for c in tokens["count"]))
-    text = {"vocab": vocab, "unit": data.text.unit, "lowercase": data.text.lowercase, "pattern": TOKEN.pattern,
-            "vocab_table": uri}
+    text = ({"vocab": vocab, "lowercase": data.trees.lowercase, "format": "bracketed", "vocab_table": uri}
+            if data.kind == "trees" else
+            {"vocab": vocab, "unit": data.text.unit, "lowercase": data.text.lowercase, "pattern": TOKEN.pattern,
+             "vocab_table": uri})
     outputs = len(classes) if model.task == "classification" else 1 if model.task == "embedding" else len(vocab)
     return {"params": params, "num_outputs": outputs, "classes": classes if model.task == "classification" else [],
             "text": text}

@@ -10,6 +10,10 @@ Input, by what the model was trained on:
   no token is rejected.
 - word vectors (word2vec): a `word` column, one word of the vocabulary per row (lowercased as
   prepare did); an unknown word, or more than one word, is rejected.
+- trees (an RNTN): a `tree` column, one bracketed tree per row as prepare reads them, such as
+  `(3 (2 not) (3 good))` (the labels must be there, their values are not used), binarized as
+  prepare did by `bracketed.py`, which travels as this model's code; unknown words as <unk>. Any
+  number of leaves. A row that does not parse is rejected with the character where it fails.
 - a time series: a `history` column, one list of `history` finite floats per row.
 Rejected rows raise INVALID_PARAMETER_VALUE naming the rows, the reason and what was expected.
 
@@ -53,6 +57,8 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
             return "`text`: a string with at least one token"
         if self.column == "word":
             return f"`word`: one word of the model's vocabulary ({len(self.tokens) - 2} words)"
+        if self.column == "tree":
+            return "`tree`: a bracketed tree with a label on every node, such as (3 (2 not) (3 good))"
         return f"`history`: {self.width} finite floats per row"
 
     def _rows(self, model_input) -> list:
@@ -78,6 +84,8 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
                     else (None if np.isfinite(a).all() else "a NaN or infinite value") for a in arrays]
         if self.column == "word":
             return [self._word_problem(v) for v in rows]
+        if self.column == "tree":
+            return [self._tree(v)[1] for v in rows]
         return ["expected a string, got " + type(v).__name__ if not isinstance(v, str)
                 else None if self.tokenize(v.strip()) else "no token" for v in rows]
 
@@ -88,6 +96,27 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
         if len(words) != 1:
             return f"expected one word, got {len(words)} tokens in {value[:40]!r}"
         return None if self.ids.get(words[0], 1) > 1 else f"unknown word {words[0]!r}"
+
+    def _tree(self, value):
+        """(the parsed tree or None, why it cannot be taken or None)."""
+        import bracketed  # dl/bracketed.py, this model's code
+
+        if not isinstance(value, str):
+            return None, "expected a string, got " + type(value).__name__
+        try:
+            return bracketed.parse(value, self.lowercase), None
+        except ValueError as exc:
+            return None, f"not a bracketed tree: {exc}"
+
+    def _trees(self, rows: list) -> torch.Tensor:
+        """The rows laid out as the RNTN reads them, padded to the largest tree of the batch."""
+        import bracketed
+
+        self._check(self.row_problems(rows))
+        trees = [self._tree(v)[0] for v in rows]
+        size = max([len(t.nodes()) for t in trees] + [1])
+        rows = [bracketed.encode(t, lambda w: self.ids.get(w, 1), lambda label: -1, size) for t in trees]
+        return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, size * bracketed.WIDTH, dtype=torch.int32)
 
     def encode(self, rows: list, truncate: bool = True) -> list:
         """Token ids of each row (<unk> = 1); raises naming the rows that have none."""
@@ -113,9 +142,9 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
             with torch.no_grad():
                 vectors = self.module(ids).double().numpy() if rows else np.zeros((0, 0))
             return pd.DataFrame({"vector": list(vectors)})
-        sequences = self.encode(rows)
+        x = self._trees(rows) if self.column == "tree" else self.padded(self.encode(rows))
         with torch.no_grad():
-            logits = self.module(self.padded(sequences)) if rows else torch.zeros(0, len(self.classes))
+            logits = self.module(x) if rows else torch.zeros(0, len(self.classes))
         probs = torch.softmax(logits.float(), 1).numpy()
         predicted = probs.argmax(axis=1)
         return pd.DataFrame({"prediction": predicted.astype(np.int64), "label_name": [self.classes[i] for i in predicted],

@@ -66,7 +66,7 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
         raise DlpipeError(f"{model_uri} is a word2vec model: it maps words to vectors, with `dlpipe embed` (every "
                           "word into <name>_embeddings), `dlpipe words` or its pyfunc (a `word` column)")
     column = meta.get("input_column", "pixels")
-    if column in ("text", "history"):  # a recurrent model: raw text or a window in
+    if column in ("text", "history", "tree"):  # a recurrent model (raw text or a window in) or an RNTN (a tree)
         from dlpipe import scoring_sequence
 
         return scoring_sequence.predict(images, shipped, meta)

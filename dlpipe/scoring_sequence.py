@@ -1,5 +1,6 @@
 """Batch inference with a recurrent model's pyfunc (dlpipe/pyfunc_sequence.py) on a text table (its
-raw `text` column: the model tokenizes as prepare did) or a time-series windows table (`history`).
+raw `text` column: the model tokenizes as prepare did), a tree table (`tree`, an RNTN) or a
+time-series windows table (`history`).
 Rows the model cannot take keep their key, no prediction and the reason, as in dlpipe.scoring.
 
 Output by task: classification as every classifier (key, label, prediction, label_name,
@@ -34,7 +35,7 @@ def predict(rows: DataFrame, shipped: str, meta: dict) -> DataFrame:
     task, column = meta["task"], meta["input_column"]
     if column not in rows.columns:
         raise ValueError(f"the table has no column {column!r} (columns: {rows.columns}): this {task} model reads "
-                         f"{'raw text' if column == 'text' else 'history windows'}")
+                         f"{ {'text': 'raw text', 'tree': 'bracketed trees'}.get(column, 'history windows')}")
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = _load(shipped)
@@ -64,7 +65,7 @@ def predict(rows: DataFrame, shipped: str, meta: dict) -> DataFrame:
             columns["rejected_reason"] = pa.array(reasons, pa.string())
             yield pa.RecordBatch.from_pydict(columns)
 
-    return rows.select(*COLUMNS[task]).mapInArrow(run, SCHEMAS[task])
+    return rows.select(*[column if c == "text" else c for c in COLUMNS[task]]).mapInArrow(run, SCHEMAS[task])
 
 
 def forecast_pairs(predictions: DataFrame) -> DataFrame:

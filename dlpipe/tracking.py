@@ -21,6 +21,7 @@ from dlpipe.config import MlflowConfig
 # exports can end up in the exported program: tune's trials build and log models from driver threads
 TORCH_LOCK = threading.RLock()
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+BRACKETED_CODE = Path(__file__).parents[1] / "dl" / "bracketed.py"  # an RNTN's tree parser, shipped as code
 SEQUENCE_PYFUNC_CODE = Path(__file__).with_name("pyfunc_sequence.py")  # recurrent models: raw text or a window in
 # the pyfunc output follows from the model's task
 OUTPUT_SCHEMAS = {
@@ -138,12 +139,14 @@ SEQUENCE_OUTPUTS = {
 def log_sequence_model(model: torch.nn.Module, net, classes: list[str], text: dict | None, example: list, config: dict):
     """Log a recurrent net (or word vectors) as a pyfunc that takes what a consumer has: raw text
     (`text`: the vocabulary by id, unit, lowercase, token pattern travel in meta.json), a `word`
-    (word2vec) or a `history` window. The net is compiled with TorchScript (packed sequences do
+    (word2vec), a bracketed `tree` (an RNTN; dl/bracketed.py travels as the model's code) or a
+    `history` window. The net is compiled with TorchScript (packed sequences do
     not export with torch.export)."""
     from mlflow.types.schema import ParamSchema, ParamSpec
 
     model = model.eval()
-    column = "word" if net.task == "embedding" else "text" if text else "history"
+    trees = bool(text) and text.get("format") == "bracketed"  # an RNTN: its tree parser travels with it
+    column = "word" if net.task == "embedding" else "tree" if trees else "text" if text else "history"
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"program": Path(tmp, "model.ts"), "meta": Path(tmp, "meta.json"),
                  "state_dict": Path(tmp, "state_dict.pt"), "config": Path(tmp, "config.json")}
@@ -159,7 +162,7 @@ def log_sequence_model(model: torch.nn.Module, net, classes: list[str], text: di
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(SEQUENCE_PYFUNC_CODE), artifacts={k: str(v) for k, v in paths.items()},
             signature=ModelSignature(inputs=inputs, outputs=SEQUENCE_OUTPUTS[net.task], params=params),
-            input_example=pd.DataFrame({column: example}),
+            input_example=pd.DataFrame({column: example}), code_paths=[str(BRACKETED_CODE)] if trees else None,
             pip_requirements=[f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"],
         )
 

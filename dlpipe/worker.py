@@ -105,8 +105,8 @@ def pick_device(use_gpu: str | bool, local_rank: int) -> torch.device:
 def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, max_rows: int = 0, *,
                task: str = "classification", labels: tuple[int, ...] = (), fraction: float = 1.0):
     """This worker's rows of a pinned Delta snapshot, read with pyarrow into contiguous arrays:
-    the `pixels` column of an image table, `features` of a table, `ids` of a text table,
-    `history` of time-series windows or `given` (else `ratings`) of rating vectors, and `label` (int
+    the `pixels` column of an image table, `features` of a table, `ids` of a text table, `nodes`
+    of a tree table, `history` of time-series windows or `given` (else `ratings`) of rating vectors, and `label` (int
     for classification, double for regression), `target` (windows: the next values), `ratings`
     (rating vectors) or zeros (a language model predicts its own input; word vectors have no target).
 
@@ -115,7 +115,7 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
     `fraction` < 1 keeps that share of rows by a stable hash of `key`. The driver never touches the data."""
     parquet = {f: _open_parquet(f) for f in files}  # footers read once
     names = next(iter(parquet.values())).schema_arrow.names if parquet else ["pixels"]
-    column = next((c for c in ("pixels", "features", "ids", "history", "ratings") if c in names), "pixels")
+    column = next((c for c in ("pixels", "features", "ids", "history", "ratings", "nodes") if c in names), "pixels")
     # windows predict their `target` values; a language model predicts its own next tokens; a recommender
     # predicts `ratings` from the user's known ones (`given` in val and test, the ratings themselves in train)
     target = "target" if column == "history" else None if task in ("language_model", "embedding") else \

@@ -53,7 +53,7 @@ from pipelines.sources import list_files, stage_parsed
 REJECTED_SCHEMA = "key string, source string, row long, reason string, job_id string"
 REJECTED = "rejected"  # the staging split of rows with a reason
 KINDS = {"images": "pipelines.image_kind", "table": "pipelines.tables", "ratings": "pipelines.ratings",
-         "text": "pipelines.text", "timeseries": "pipelines.timeseries"}
+         "text": "pipelines.text", "timeseries": "pipelines.timeseries", "trees": "pipelines.trees"}
 
 
 class ReconciliationError(DlpipeError, RuntimeError):

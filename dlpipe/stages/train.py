@@ -103,7 +103,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
     column, input_shape = modeling.input_of(spark, tables["val"], data)
     if column == "ratings":
         model = modeling.with_rating_range(model, data)
-    sequence = modeling.sequence_setup(spark, model, tables, data) if column in ("ids", "history") else None
+    sequence = modeling.sequence_setup(spark, model, tables, data) if column in ("ids", "history", "nodes") else None
     if sequence is not None:
         classes = sequence["classes"]
     net = modeling.net_for(model, data.name, column, input_shape, len(classes), sequence)
@@ -217,8 +217,8 @@ def _summary(active, info, tables, result, train, resume_from) -> dict:
 
 
 def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, resolved_config):
-    """A recurrent net: log the pyfunc that takes raw text or a window, then what shows how it does on
-    the val table: the confusion matrix (scored by that pyfunc, raw text in) or the forecast against
+    """A recurrent net: log the pyfunc that takes raw text (an RNTN: a bracketed tree) or a window, then
+    what shows how it does on the val table: the confusion matrix (scored by that pyfunc, raw text in) or the forecast against
     the actual values of the val and test windows. Word vectors: the pyfunc that takes words and a
     2-D projection of the frequent words."""
     if net.task == "embedding":  # word vectors: served by word; their map of the frequent words
@@ -230,10 +230,11 @@ def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, r
         return info
     val = lake.read_table(spark, tables["val"].uri, tables["val"].version)
     if text is not None:
-        sample = val.select("text", "label").orderBy(F.rand(seed=0)).limit(PLOTTED_ROWS).toPandas()
-        info = tracking.log_sequence_model(trained, net, classes, text, list(sample["text"][:2]), resolved_config)
+        column = "tree" if text.get("format") == "bracketed" else "text"  # an RNTN reads trees
+        sample = val.select(column, "label").orderBy(F.rand(seed=0)).limit(PLOTTED_ROWS).toPandas()
+        info = tracking.log_sequence_model(trained, net, classes, text, list(sample[column][:2]), resolved_config)
         if net.task == "classification":
-            predicted = mlflow.pyfunc.load_model(info.model_uri).predict(sample[["text"]])["prediction"].to_numpy()
+            predicted = mlflow.pyfunc.load_model(info.model_uri).predict(sample[[column]])["prediction"].to_numpy()
             matrix = np.zeros((len(classes), len(classes)), np.int64)
             np.add.at(matrix, (sample["label"].to_numpy(np.int64), predicted), 1)
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, f"Validation confusion matrix ({len(sample)} rows)"),
