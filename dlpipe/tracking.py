@@ -221,6 +221,44 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
     return fig
 
 
+def trees_figure(model: torch.nn.Module, trees: list[str], vocab: list[str], classes: list[str], lowercase: bool = True):
+    """Bracketed trees drawn with every node coloured by the class the RNTN gives it (red: the first
+    class, blue: the last), its label in the node; leaves carry their words."""
+    from dl import bracketed
+
+    plt = _pyplot()
+    ids = {w: i for i, w in enumerate(vocab)}
+    fig, axes = plt.subplots(len(trees), 1, figsize=(11, 1.6 * len(trees)), squeeze=False)
+    cmap = plt.get_cmap("RdBu")
+    for ax, text in zip(axes[:, 0], trees):
+        tree = bracketed.parse(text, lowercase)
+        x = torch.from_numpy(bracketed.encode(tree, lambda w: ids.get(w, 1), lambda label: -1)[None])
+        with torch.no_grad():
+            h, _, _ = model.compose(x)
+            predicted = model.head(h).argmax(1).tolist()
+        place, leaf = {}, iter(range(len(tree.leaves())))
+        for i, node in enumerate(tree.nodes()):
+            if node.word is not None:
+                place[id(node)] = (next(leaf), 0)
+                ax.text(place[id(node)][0], -0.55, node.word, ha="center", va="top", fontsize=8)
+            else:
+                (xa, ya), (xb, yb) = place[id(node.children[0])], place[id(node.children[1])]
+                place[id(node)] = ((xa + xb) / 2, max(ya, yb) + 1)
+                for cx, cy in ((xa, ya), (xb, yb)):
+                    ax.plot([place[id(node)][0], cx], [place[id(node)][1], cy], color="0.6", lw=0.8, zorder=1)
+            px, py = place[id(node)]
+            ax.scatter([px], [py], s=170, color=cmap(predicted[i] / max(len(classes) - 1, 1)), edgecolor="0.3", zorder=2)
+            extreme = predicted[i] in (0, len(classes) - 1)
+            ax.text(px, py, classes[predicted[i]], ha="center", va="center", fontsize=7, zorder=3,
+                    color="white" if extreme else "black")
+        ax.set_xlim(-0.7, max(len(tree.leaves()), 4) - 0.3)
+        ax.set_ylim(-1.1, max(p[1] for p in place.values()) + 0.6)
+        ax.axis("off")
+    fig.suptitle("Every node's class as the model gives it (red: most negative, blue: most positive)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def load_net(model_uri: str):
     """(torch module in eval mode, meta) of a logged model, rebuilt with dl.models from the state
     dict and net description stored with it: for heatmaps, embeddings and fine-tuning."""

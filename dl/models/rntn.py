@@ -64,8 +64,10 @@ class RNTN(nn.Module):
             at = (height == level).nonzero().squeeze(1)
             c = torch.cat([h[base[at] + left[at]], h[base[at] + right[at]]], 1)
             z = self.layer(c)
-            if self.tensor.numel() > 0:
-                z = z + F.bilinear(c, c, self.tensor)
+            if self.tensor.numel() > 0:  # c^T V_k c for every slice k: one matrix product (F.bilinear is ~6x slower)
+                d = self.dim
+                cv = (c @ self.tensor.permute(1, 0, 2).reshape(2 * d, d * 2 * d)).view(-1, d, 2 * d)
+                z = z + (cv * c[:, None, :]).sum(-1)
             h = h.index_copy(0, at, torch.tanh(z))
         roots = torch.arange(b, device=x.device) * n + (rows[:, :, 4] >= 0).sum(1) - 1
         return h, flat, roots

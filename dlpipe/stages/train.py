@@ -239,6 +239,10 @@ def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, r
             np.add.at(matrix, (sample["label"].to_numpy(np.int64), predicted), 1)
             mlflow.log_figure(tracking.confusion_figure(matrix, classes, f"Validation confusion matrix ({len(sample)} rows)"),
                               "plots/confusion_matrix_val.png")
+        if column == "tree":  # six val trees, shortest-first among the drawn ones, every node's class
+            shown = sorted(sample["tree"][:40], key=len)[::6][:6]
+            mlflow.log_figure(tracking.trees_figure(trained, shown, text["vocab"], classes, text["lowercase"]),
+                              "plots/trees_val.png")
         return info
     windows = {s: lake.read_table(spark, tables[s].uri, tables[s].version).select("end", "history", "target").toPandas()
                .sort_values("end") for s in ("val", "test")}
