@@ -50,7 +50,7 @@ def test_mlp_shapes_for_tables_and_images(act):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.name=transformer", "config key 'model.name': expected one of ['autoencoder', 'autorec', 'cnn', 'dbn', 'mlp', 'rbm', 'rbm_cf', 'rnn', 'som', 'word2vec'], got 'transformer'"),
+    ("model.name=transformer", "config key 'model.name': expected one of ['autoencoder', 'autorec', 'cnn', 'dbn', 'mlp', 'rbm', 'rbm_cf', 'rnn', 'rntn', 'som', 'word2vec'], got 'transformer'"),
     ("model.task=ranking", "config key 'model.task': expected one of ['classification', 'regression', 'reconstruction'"),
     ("model.task=reconstruction", "config key 'model.task': model cnn supports ['classification', 'regression']"),
     ("model.autoencoder.kind=variational", "config key 'model.autoencoder.kind': expected one of ['deep', 'denoising'"),

@@ -124,7 +124,7 @@ def test_dataset_confs_load(conf):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.kind=graph", "config key 'data.kind': expected one of ['images', 'table', 'ratings', 'text', 'timeseries'], got 'graph'"),
+    ("data.kind=graph", "config key 'data.kind': expected one of ['images', 'table', 'ratings', 'text', 'timeseries', 'trees'], got 'graph'"),
     ("data.mode=upsert", "config key 'data.mode': expected one of ['overwrite', 'append', 'merge'], got 'upsert'"),
     ("data.table.label=''", "config key 'data.table.label': expected the name of the label column"),
     ("data.table.task=ranking", "config key 'data.table.task': expected one of ['classification', 'regression']"),
