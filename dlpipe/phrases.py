@@ -84,12 +84,16 @@ def generate(seed: int = 0, sizes: dict[str, int] = SIZES) -> dict[str, list[str
     return out
 
 
+def decisive(words: list[str]) -> list[str]:
+    """The words that decide a phrase's label: those after the last "but", or all."""
+    return words[len(words) - words[::-1].index("but"):] if "but" in words else words
+
+
 def negated(words: list[str]) -> bool:
-    """Whether the part of a phrase that decides its label (after the last "but") is negated."""
-    tail = words[len(words) - words[::-1].index("but"):] if "but" in words else words
-    return "not" in tail
+    return "not" in decisive(words)
 
 
 def held_out_composition(words: list[str]) -> bool:
-    tail = words[len(words) - words[::-1].index("but"):] if "but" in words else words
+    """A negated HELD_OUT adjective decides the phrase."""
+    tail = decisive(words)
     return "not" in tail and any(w in HELD_OUT for w in tail)

@@ -112,8 +112,9 @@ class SequenceModel(mlflow.pyfunc.PythonModel):
         """The rows laid out as the RNTN reads them, padded to the largest tree of the batch."""
         import bracketed
 
-        self._check(self.row_problems(rows))
-        trees = [self._tree(v)[0] for v in rows]
+        parsed = [self._tree(v) for v in rows]
+        self._check([problem for _, problem in parsed])
+        trees = [tree for tree, _ in parsed]
         size = max([len(t.nodes()) for t in trees] + [1])
         rows = [bracketed.encode(t, lambda w: self.ids.get(w, 1), lambda label: -1, size) for t in trees]
         return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, size * bracketed.WIDTH, dtype=torch.int32)
