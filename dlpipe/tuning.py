@@ -14,6 +14,7 @@ A space file maps config keys to distributions, one line each:
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -212,9 +213,17 @@ def storage_url(tune: TuneConfig, lake: str) -> str:
 def storage(url: str):
     import optuna
 
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
     # several processes (the driver's threads, trials in Spark tasks) write the same SQLite file
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (IntegrityError, OperationalError):  # other processes are creating the schema at the same moment
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,11 @@ def test_bench_training_reports_every_run_and_ratio(spark, prepared_small):
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1, batch_size=8))
     summary = training.run(spark, cfg)
     assert set(summary["runs"]) == {"a_bare_pytorch_1_process", "b_dlpipe_local", "c_horovod_2_workers",
-                                    "d_torch_distributor_2_workers", "e_horovod_average_k8_2_workers"}
+                                    "d_torch_distributor_2_workers", "e_horovod_average_k8_2_workers",
+                                    "f_no_communication_2_workers"}
     for name, run in summary["runs"].items():
         assert run["samples_per_sec"] > 0 and 0 <= run["test_accuracy"] <= 1, name
     assert summary["runs"]["c_horovod_2_workers"]["world_size"] == 2
     assert summary["ratios"]["local_over_bare"] > 0 and summary["ratios"]["horovod_2_over_2x_bare"] > 0
+    top = summary["runs"]["f_no_communication_2_workers"]["samples_per_sec"]
+    assert summary["ratios"]["comm_efficiency_horovod"] == summary["runs"]["c_horovod_2_workers"]["samples_per_sec"] / top

@@ -128,7 +128,7 @@ def test_grid_study_runs_every_point_once_in_parallel_and_registers_the_best(spa
     summary = _run(spark, cfg, overrides, SPACE, tmp_path)
 
     assert summary["trials"] == {"complete": 4, "pruned": 0, "failed": 0, "rerun_after_lost_driver": 0}
-    study = optuna.load_study(study_name="tuned_cnn-tune", storage=cfg.tune.storage)
+    study = optuna.load_study(study_name="tuned_cnn-tune", storage=tuning.storage(cfg.tune.storage))
     points = {(t.params["train.lr"], t.params["model.cnn.hidden"]) for t in study.trials}
     assert points == {(lr, h) for lr in (0.003, 0.01) for h in ("[16]", "[32]")}  # every grid point, once
     children = _children(cfg, summary["parent_run_id"])
@@ -167,7 +167,7 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(spark, prepared_small
     summary = _run(spark, cfg, overrides, "train.batch_size: {choice: [16, 4096]}", tmp_path)
 
     assert summary["trials"]["complete"] == 1 and summary["trials"]["failed"] == 1
-    study = optuna.load_study(study_name="tuned_cnn-tune", storage=cfg.tune.storage)
+    study = optuna.load_study(study_name="tuned_cnn-tune", storage=tuning.storage(cfg.tune.storage))
     (failed,) = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert failed.params["train.batch_size"] == 4096 and "fewer than one batch of 4096" in failed.user_attrs["error"]
     run = MlflowClient().get_run(failed.user_attrs["run_id"])
@@ -190,7 +190,7 @@ def test_the_median_pruner_stops_trials_worse_than_the_finished_ones(spark, prep
     summary = _run(spark, cfg, overrides, space, tmp_path)
     assert summary["trials"]["pruned"] == 2 and summary["best"]["run_id"] is None  # the hand-added trial
     assert summary["registered"] is None  # ... which has no model to register
-    study = optuna.load_study(study_name="tuned_cnn-tune", storage=cfg.tune.storage)
+    study = optuna.load_study(study_name="tuned_cnn-tune", storage=tuning.storage(cfg.tune.storage))
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(pruned) == 2
     for t in pruned:
@@ -277,6 +277,23 @@ def test_recovery_fails_a_lost_trials_run_even_when_the_driver_died_before_recor
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "WAITING"]  # queued to run again
 
 
+def _open_storage(url):
+    tuning.storage(url)
+
+
+def test_processes_opening_a_new_study_file_at_the_same_moment_all_succeed(tmp_path):
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")  # started together, every round on a file no one created yet
+    for round_ in range(4):
+        procs = [fork.Process(target=_open_storage, args=(f"sqlite:///{tmp_path}/{round_}.db",)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("name", ["fashion_cnn", "adult_mlp", "fashion_autoencoder", "fashion_som", "sunspots"])
 def test_the_example_spaces_fit_their_confs(name):
     conf = f"conf/{name}.yaml"
@@ -300,7 +317,7 @@ def test_a_trial_whose_task_is_lost_runs_once_more(spark, prepared_small, tmp_pa
     deadline = time.monotonic() + 240
     while True:  # the trial's worker has reported an epoch: kill every Python worker of Spark (the task is lost)
         try:
-            (trial,) = optuna.load_study(study_name="tuned_cnn-tune", storage=cfg.tune.storage).trials or [None]
+            (trial,) = optuna.load_study(study_name="tuned_cnn-tune", storage=tuning.storage(cfg.tune.storage)).trials or [None]
         except KeyError:
             trial = None
         if trial is not None and trial.intermediate_values:
@@ -318,5 +335,5 @@ def test_a_trial_whose_task_is_lost_runs_once_more(spark, prepared_small, tmp_pa
     study.join(timeout=300)
     assert workers and outcome["summary"]["trials"]["complete"] == 1
     assert "a training task was lost (" in capsys.readouterr().out  # ... and run once more
-    (trial,) = optuna.load_study(study_name="tuned_cnn-tune", storage=cfg.tune.storage).trials
+    (trial,) = optuna.load_study(study_name="tuned_cnn-tune", storage=tuning.storage(cfg.tune.storage)).trials
     assert trial.state.name == "COMPLETE" and MlflowClient().get_run(trial.user_attrs["run_id"]).info.status == "FINISHED"
