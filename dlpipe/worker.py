@@ -102,6 +102,9 @@ def pick_device(use_gpu: str | bool, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+ROW_GROUPS_PER_WORKER = 8  # fewer row groups per worker than this: stride over rows, not row groups
+
+
 def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, max_rows: int = 0, *,
                task: str = "classification", labels: tuple[int, ...] = (), fraction: float = 1.0):
     """This worker's rows of a pinned Delta snapshot, read with pyarrow into contiguous arrays:
@@ -110,8 +113,10 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
     for classification, double for regression), `target` (windows: the next values), `ratings`
     (rating vectors) or zeros (a language model predicts its own input; word vectors have no target).
 
-    Row groups are dealt out round-robin by rank; with fewer row groups than workers every
-    worker strides over the rows instead. `labels` keeps those classes (relabelled 0..k-1);
+    With at least ROW_GROUPS_PER_WORKER row groups per worker they are dealt out round-robin by
+    rank; with fewer, every worker strides over the rows of all of them (row i to rank i % size),
+    because one row group may hold one class (a prepare of class folders writes them so) and a few
+    dealt out would give each worker other classes. `labels` keeps those classes (relabelled 0..k-1);
     `fraction` < 1 keeps that share of rows by a stable hash of `key`. The driver never touches the data."""
     parquet = {f: _open_parquet(f) for f in files}  # footers read once
     names = next(iter(parquet.values())).schema_arrow.names if parquet else ["pixels"]
@@ -125,14 +130,16 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
     columns = list(dict.fromkeys(([target] if target else []) + [column] + (["key"] if fraction < 1 else [])))
     pieces = [(f, g) for f, handle in parquet.items() for g in range(handle.num_row_groups)]
     tables = []
-    if len(pieces) >= size:
+    if len(pieces) >= ROW_GROUPS_PER_WORKER * size:
         for i, (f, g) in enumerate(pieces):
             if i % size == rank:
                 tables.append((parquet[f].read_row_group(g, columns=columns), f"{f} row group {g}"))
     else:
-        for f, handle in parquet.items():
-            table = handle.read(columns=columns)
-            tables.append((table.take(np.arange(rank, table.num_rows, size)), f))
+        start = 0  # of this row group, in all the rows
+        for f, g in pieces:
+            table = parquet[f].read_row_group(g, columns=columns)
+            tables.append((table.take(np.arange((rank - start) % size, table.num_rows, size)), f"{f} row group {g}"))
+            start += table.num_rows
     tables = [(_select(t, labels, fraction), where) for t, where in tables]
     rows = sum(t.num_rows for t, _ in tables)
     x = np.empty((rows, *shape), dtype=np.float32)

@@ -176,17 +176,17 @@ def test_parameter_averaging_every_8_steps_converges_on_real_images(spark, prepa
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_uneven_shards_finish_and_a_failing_worker_is_named(spark, tmp_path, backend):
-    # 3 row groups over 2 workers: rank 0 gets two, rank 1 one; everyone takes the same steps
+    # 601 rows in 3 row groups over 2 workers: rank 0 strides over 301, rank 1 over 300; everyone takes the same steps
     x, y = _blobs(601, 3)
     uneven = _task(tmp_path, TrainConfig(epochs=1, batch_size=16, lr=0.05), train_files=_files(tmp_path, "uneven", x, y, 3))
     assert launch(spark, uneven, backend, 2)["train_rows"] == 601
-    # rank 1's row group holds 3 values per image instead of 144: it fails while loading its shard
-    good = _files(tmp_path, "good", *_blobs(64, 4))
-    bad = pa.table({"label": pa.array([0, 1], pa.int32()), "pixels": pa.array([[0.0] * 3] * 2, pa.list_(pa.float32()))})
+    # row 63, rank 1's, holds 3 values per image instead of 144: rank 1 fails while loading its shard
+    good = _files(tmp_path, "good", *_blobs(63, 4))
+    bad = pa.table({"label": pa.array([1], pa.int32()), "pixels": pa.array([[0.0] * 3], pa.list_(pa.float32()))})
     pq.write_table(bad, tmp_path / "bad.parquet")
     broken = _task(tmp_path, TrainConfig(epochs=1, batch_size=16, lr=0.05), train_files=good + [str(tmp_path / "bad.parquet")])
     started = time.monotonic()
-    with pytest.raises(WorkerError, match=r"rank 1: ValueError: .*bad.parquet row group 0: pixels hold 6 values for 2 rows"):
+    with pytest.raises(WorkerError, match=r"rank 1: ValueError: .*bad.parquet row group 0: pixels hold 3 values for 1 rows"):
         launch(spark, broken, backend, 2)
     assert time.monotonic() - started < 180  # reported, not hung until some timeout
 

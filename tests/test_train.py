@@ -52,7 +52,7 @@ def test_fit_rejects_a_shard_smaller_than_a_batch():
         fit(model, _blobs(8, 1), _blobs(8, 2), TrainConfig(epochs=1, batch_size=32, lr=0.01))
 
 
-@pytest.mark.parametrize("row_group_size", [7, 1000])  # many row groups, or fewer than workers
+@pytest.mark.parametrize("row_group_size", [2, 7, 1000])  # row groups dealt out (50 of them), or rows strided
 def test_shards_are_disjoint_and_complete(tmp_path, row_group_size):
     files = []
     for f in range(2):
@@ -67,6 +67,20 @@ def test_shards_are_disjoint_and_complete(tmp_path, row_group_size):
     assert sorted(labels.tolist()) == list(range(100))
     for x, y in shards:
         assert x.flags["C_CONTIGUOUS"] and np.array_equal(x[:, 0, 0, 0], y.astype(np.float32))
+
+
+def test_few_row_groups_written_class_by_class_give_every_worker_every_class(tmp_path):
+    # a prepare of class folders can write one class per row group: dealing 3 of them to 2 workers
+    # gave one worker no rows of some classes at all
+    files = []
+    for c in range(3):
+        table = pa.table({"label": pa.array([c] * 40, pa.int32()),
+                          "pixels": pa.array([np.full(4, c, dtype=np.float32)] * 40, pa.list_(pa.float32()))})
+        pq.write_table(table, tmp_path / f"class-{c}.parquet")
+        files.append(str(tmp_path / f"class-{c}.parquet"))
+    for rank in range(2):
+        _, y = load_shard(files, (1, 2, 2), rank, 2)
+        assert np.bincount(y, minlength=3).tolist() == [20, 20, 20], rank
 
 
 def test_cosine_schedule_anneals_to_zero():
