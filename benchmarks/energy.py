@@ -2,9 +2,9 @@
 well-known baselines, in one run on the same Delta tables.
 
 - cf: test RMSE on the MovieLens 100k split prepare wrote (<name>_vectors_*, the same held-out
-  ratings for all; the item-based AutoRec reads them by item, <name>_item_vectors_*): dlpipe's
-  ratings RBM and item-based AutoRec (their confs' hyperparameters and epochs), the user-based
-  AutoRec as a peer point, against Spark MLlib ALS tuned over a grid of rank x regParam on the validation split. ALS cannot
+  ratings for all; the item-based models read them by item, <name>_item_vectors_*): dlpipe's
+  item-based ratings RBM and AutoRec (their confs' hyperparameters and epochs), the user-based
+  RBM (the 2007 paper's model) and AutoRec as peer points, against Spark MLlib ALS tuned over a grid of rank x regParam on the validation split. ALS cannot
   score a user or item it never saw: those test ratings get the mean train rating (the RBM and
   AutoRec score every test rating too).
 - dbn: 10% of Fashion-MNIST's training labels. The DBN is pretrained layer by layer on every
@@ -36,6 +36,8 @@ LABEL_FRACTION = 0.1
 # the user-based AutoRec, a peer point beside the item-based one of conf/movielens_autorec.yaml: the
 # settings that did best for it on the val split (lr 0.001, batch 16 per worker, weight decay 0.003)
 U_AUTOREC = ["model.autorec.based=user", "train.lr=0.001", "train.batch_size=16", "train.weight_decay=0.003"]
+# the paper's user-based ratings RBM, a peer point beside the item-based one of conf/movielens_rbm.yaml (same settings)
+U_RBM = ["model.rbm_cf.based=user"]
 
 
 def run(spark, cfg: Config, rbm_conf: str = "conf/movielens_rbm.yaml", autorec_conf: str = "conf/movielens_autorec.yaml",
@@ -74,10 +76,11 @@ def _labelled(train_files: list[str], shape) -> tuple[np.ndarray, np.ndarray]:
 def cf_case(spark, cfg: Config, rbm_conf: str, autorec_conf: str, backend: str, workers: int, threads: int,
             epochs: int = 0) -> dict:
     out: dict = {}
-    for key, conf, overrides in (("rbm", rbm_conf, []), ("autorec", autorec_conf, []), ("u_autorec", autorec_conf, U_AUTOREC)):
+    for key, conf, overrides in (("rbm", rbm_conf, []), ("u_rbm", rbm_conf, U_RBM), ("autorec", autorec_conf, []),
+                                 ("u_autorec", autorec_conf, U_AUTOREC)):
         c = load_config(conf, [f"paths.lake={cfg.paths.lake}", *overrides])
         tables = {s: (uri, lake.latest_version(uri)) for s, uri in c.model_tables().items()}
-        if tables["train"][0].endswith("item_vectors_train"):  # item-based AutoRec: the test split by item too
+        if tables["train"][0].endswith("item_vectors_train"):  # an item-based model: the test split by item too
             uri = c.table_uri("item_vectors_test")
             tables["test"] = (uri, lake.latest_version(uri))
         if any(v is None for _, v in tables.values()):

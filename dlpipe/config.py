@@ -218,11 +218,11 @@ class Config:
 
     def model_table_suffixes(self) -> dict[str, str]:
         """split -> the suffix of the table a model reads by default: <split>; for a recommender the
-        per-user rating vectors vectors_<split>; for the item-based AutoRec the per-item vectors
+        per-user rating vectors vectors_<split>; for an item-based one (AutoRec, RBM) the per-item vectors
         item_vectors_train/_val to train on, and vectors_test (per user, as it is served) to evaluate on."""
         if self.model.task != "recommendation":
             return {split: split for split in ("train", "val", "test")}
-        if self.model.name == "autorec" and self.model.autorec.based == "item":
+        if getattr(getattr(self.model, self.model.name, None), "based", "user") == "item":
             return {"train": "item_vectors_train", "val": "item_vectors_val", "test": "vectors_test"}
         return {split: "vectors_" + split for split in ("train", "val", "test")}
 

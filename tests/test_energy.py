@@ -216,12 +216,16 @@ def test_fit_reports_the_root_mean_squared_error_over_rated_entries():
     assert history[-1]["val_rmse"] == pytest.approx(np.sqrt(((predicted - val_held)[rated] ** 2).mean()), rel=1e-5)
 
 
-def test_the_item_based_autorec_is_served_to_users_through_its_training_matrix():
+@pytest.mark.parametrize("name", ["autorec", "rbm_cf"])
+def test_an_item_based_recommender_is_served_to_users_through_its_training_matrix(name):
     r = _ratings(users=6)  # users x items: the training matrix
-    net = build(Net(name="autorec", params=AutoRecConfig(hidden=4, based="item"), input_shape=(6,), num_outputs=1,
-                    task="recommendation")).eval()
+    params = AutoRecConfig(hidden=4, based="item") if name == "autorec" else RBMCFConfig(hidden=4, based="item")
+    net = build(Net(name=name, params=params, input_shape=(6,), num_outputs=1, task="recommendation")).eval()
     with torch.no_grad():
-        net.decoder.bias.fill_(3.0)  # predictions inside the rating scale, not clipped
+        if name == "autorec":
+            net.decoder.bias.fill_(3.0)  # predictions inside the rating scale, not clipped
+        else:
+            net.weight.normal_(0, 1.0)  # hidden units that tell users apart
     served = FoldIn(net, torch.from_numpy(r))
     with torch.no_grad():
         by_item = net(torch.from_numpy(r.T.copy())).T  # every item's ratings by every user through the net
@@ -267,13 +271,14 @@ def test_recommender_configs_need_rating_data():
     for conf, name in (("conf/movielens_rbm.yaml", "rbm_cf"), ("conf/movielens_autorec.yaml", "autorec")):
         cfg = load_config(conf)
         assert (cfg.model.name, cfg.model.task, cfg.data.kind) == (name, "recommendation", "ratings")
-    tables = load_config("conf/movielens_rbm.yaml").model_tables()
+    tables = load_config("conf/movielens_rbm.yaml", ["model.rbm_cf.based=user"]).model_tables()
     assert [tables[s].rsplit("/", 1)[1] for s in ("train", "val", "test")] == \
         ["movielens_vectors_train", "movielens_vectors_val", "movielens_vectors_test"]
-    # the item-based AutoRec trains by item and is evaluated per user, as it is served
-    tables = load_config("conf/movielens_autorec.yaml").model_tables()
-    assert [tables[s].rsplit("/", 1)[1] for s in ("train", "val", "test")] == \
-        ["movielens_item_vectors_train", "movielens_item_vectors_val", "movielens_vectors_test"]
+    # an item-based recommender trains by item and is evaluated per user, as it is served
+    for conf, key in (("conf/movielens_autorec.yaml", "autorec"), ("conf/movielens_rbm.yaml", "rbm_cf")):
+        tables = load_config(conf, [f"model.{key}.based=item"]).model_tables()
+        assert [tables[s].rsplit("/", 1)[1] for s in ("train", "val", "test")] == \
+            ["movielens_item_vectors_train", "movielens_item_vectors_val", "movielens_vectors_test"]
     assert load_config("conf/movielens_autorec.yaml", ["model.autorec.based=user"]).model_tables()["val"] \
         .endswith("/movielens_vectors_val")
     with pytest.raises(ConfigError, match="model.autorec.based"):
@@ -370,8 +375,11 @@ def movielens(spark, tmp_path_factory):
 
 def _recommender(root, landing, name, **train):
     conf = {"rbm_cf": "conf/movielens_rbm.yaml", "autorec": "conf/movielens_autorec.yaml"}[name]
+    # one of each serving path: the paper's user-based RBM (any user, from their ratings) and the
+    # item-based AutoRec (through its training matrix; the item-based RBM is served the same way)
+    based = "model.rbm_cf.based=user" if name == "rbm_cf" else "model.autorec.based=item"
     return make_config(root, f"paths.landing={landing}", "train.epochs=2", "train.checkpoint_every=0",
-                       f"train.run_name=small_{name}", f"registry.model_name=small_{name}",
+                       f"train.run_name=small_{name}", f"registry.model_name=small_{name}", based,
                        *[f"train.{k}={v}" for k, v in train.items()], conf=conf)
 
 

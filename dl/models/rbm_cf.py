@@ -13,11 +13,17 @@ Prediction (`forward`): from the user's known ratings, p(h | v), then for every 
 softmax over levels of b_ik + sum_j p_j W_ikj, and the expected rating sum_k level_k p_ik.
 Input: a vector over items of ratings, 0 = unrated; min_rating .. max_rating in steps of 1 (the
 train stage sets them from data.ratings). `objective` while training: the user's own ratings;
-while evaluating: x the user's known (train) ratings, y the held-out ones to predict."""
+while evaluating: x the user's known (train) ratings, y the held-out ones to predict.
+
+`based: item` (I-RBM, as compared in the AutoRec paper, Sedhain et al. 2015) transposes the
+matrix: one RBM per item whose visible units are the users who rated it, each a softmax over
+levels, the weights shared by every item. It trains on the per-item vectors and is served to users
+through dl.models.autorec.FoldIn, exactly as the item-based AutoRec."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,6 +36,7 @@ from dl.models.base import ModelSpec, ParamError, check_positive
 class RBMCFConfig:
     hidden: int = 100
     k: int = 1  # Gibbs steps of CD-k
+    based: Literal["user", "item"] = "user"  # one RBM per user over the items, or per item over the users
     min_rating: float = 1.0  # set from data.ratings by the train stage
     max_rating: float = 5.0
 
