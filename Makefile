@@ -53,8 +53,11 @@ demo-data:
 demo: setup
 	$(VENV)/bin/dlpipe demo --conf $(CONF) --summary demo-summary.json
 
+# 2 test processes (pytest-xdist), each test file on one of them: most of the suite waits on
+# processes it started (JVMs, Horovod workers, servers); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -m "slow or not slow" -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest

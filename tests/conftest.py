@@ -15,10 +15,13 @@ SHORT_JVM = {}  # the PYSPARK_SUBMIT_ARGS set for the `dlpipe` processes the tes
 
 
 def pytest_sessionstart(session):
-    if "PYSPARK_SUBMIT_ARGS" not in os.environ:
+    inherited = os.environ.get("DLPIPE_TESTS_SHORT_JVM")  # a pytest-xdist worker: its controller chose them
+    if inherited:
+        SHORT_JVM["args"] = inherited
+    elif "PYSPARK_SUBMIT_ARGS" not in os.environ:
         from tests import jvm
 
-        SHORT_JVM["args"] = os.environ["PYSPARK_SUBMIT_ARGS"] = jvm.submit_args()
+        SHORT_JVM["args"] = os.environ["PYSPARK_SUBMIT_ARGS"] = os.environ["DLPIPE_TESTS_SHORT_JVM"] = jvm.submit_args()
 
 
 @pytest.fixture(scope="session")
