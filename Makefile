@@ -53,8 +53,8 @@ demo-data:
 demo: setup
 	$(VENV)/bin/dlpipe demo --conf $(CONF) --summary demo-summary.json
 
-# 2 test processes (pytest-xdist), each test file on one of them: most of the suite waits on
-# processes it started (JVMs, Horovod workers, servers); TEST_WORKERS=0 runs it in this process
+# 2 test processes (pytest-xdist), each test file whole in one of them: 36.5 min for .ci/run on
+# 2 cores against 43 in one process (docs/testing.md); TEST_WORKERS=0 runs them in one process
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -m "slow or not slow" -n $(TEST_WORKERS) --dist loadfile
