@@ -465,7 +465,6 @@ def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, mov
     assert table["rejected_reason"].isna().all()
 
 
-
 @pytest.mark.slow
 def test_bench_energy_cf_case_scores_every_recommender_and_als_on_the_same_test_ratings(spark, movielens):
     """`dlpipe bench models --family energy`, its CF case at 1 epoch in one process: the item- and
