@@ -74,7 +74,8 @@ def _labelled(train_files: list[str], shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cf_case(spark, cfg: Config, rbm_conf: str, autorec_conf: str, backend: str, workers: int, threads: int,
-            epochs: int = 0) -> dict:
+            epochs: int = 0, als_grid: dict | None = None) -> dict:
+    """epochs: 0 = each conf's train.epochs; als_grid: als()'s ranks / regs / iterations (None: its grid)."""
     out: dict = {}
     for key, conf, overrides in (("rbm", rbm_conf, []), ("u_rbm", rbm_conf, U_RBM), ("autorec", autorec_conf, []),
                                  ("u_autorec", autorec_conf, U_AUTOREC)):
@@ -99,7 +100,7 @@ def cf_case(spark, cfg: Config, rbm_conf: str, autorec_conf: str, backend: str, 
                                "optimizer": fit.optimizer, "lr": fit.lr, "weight_decay": fit.weight_decay}
         say(f"cf: {key} test RMSE {r['test_accuracy']:.4f} in {r['train_wall_s']:.0f} s")
         ratings = {s: c.table_uri(s) for s in ("train", "val", "test")}
-    out |= als(spark, ratings)
+    out |= als(spark, ratings, **(als_grid or {}))
     best = min(out["rbm_rmse"], out["autorec_rmse"])
     out["goal"] = "rbm_rmse and autorec_rmse < als_rmse; the better <= 0.91"
     out["goal_met"] = bool(out["rbm_rmse"] < out["als_rmse"] and out["autorec_rmse"] < out["als_rmse"] and best <= 0.91)

@@ -468,16 +468,18 @@ def test_recommenders_train_evaluate_and_recommend_only_unrated_items(spark, mov
 @pytest.mark.slow
 def test_bench_energy_cf_case_scores_every_recommender_and_als_on_the_same_test_ratings(spark, movielens):
     """`dlpipe bench models --family energy`, its CF case at 1 epoch in one process: the item- and
-    user-based RBM and AutoRec and the ALS grid, each a test RMSE; the goal judged from them."""
+    user-based RBM and AutoRec and a 2-point ALS grid, each a test RMSE; the goal judged from them."""
     from benchmarks import energy
 
     root, landing, _ = movielens
     cfg = make_config(root, f"paths.landing={landing}", conf="conf/movielens.yaml")
-    out = energy.cf_case(spark, cfg, "conf/movielens_rbm.yaml", "conf/movielens_autorec.yaml", "local", 1, 1, epochs=1)
+    out = energy.cf_case(spark, cfg, "conf/movielens_rbm.yaml", "conf/movielens_autorec.yaml", "local", 1, 1, epochs=1,
+                         als_grid={"ranks": (10,), "regs": (0.05, 0.1), "iterations": 5})
     for key in ("rbm", "u_rbm", "autorec", "u_autorec", "als"):
         assert 0 < out[f"{key}_rmse"] < 4, key
     assert [out[f"{k}_setup"]["model"]["based"] for k in ("rbm", "u_rbm", "autorec", "u_autorec")] == ["item", "user", "item", "user"]
-    assert out["rbm_setup"]["epochs"] == 1 and len(out["als_grid"]) == 9
+    assert out["rbm_setup"]["epochs"] == 1 and [g["regParam"] for g in out["als_grid"]] == [0.05, 0.1]
+    assert out["als_best"]["regParam"] == min(out["als_grid"], key=lambda g: g["val_rmse"])["regParam"]
     assert out["goal_met"] == (max(out["rbm_rmse"], out["autorec_rmse"]) < out["als_rmse"]
                                and min(out["rbm_rmse"], out["autorec_rmse"]) <= 0.91)
 
