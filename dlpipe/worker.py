@@ -19,7 +19,7 @@ import torch
 
 from dl.models import Net, build
 from dl.train import SingleProcess, TrainConfig, fit
-from dlpipe import checkpoints
+from dlpipe import checkpoints, outbox
 from dlpipe.storage import filesystem
 
 
@@ -220,14 +220,16 @@ def train_worker(task: TrainTask, backend: str):
             from dlpipe.tuning import Reporter
 
             reporter = Reporter(task.trial)
+        sender = outbox.Sender(task.tracking_uri, task.run_id) if main and task.run_id else None
         history = fit(
             model, train, val, task.train, dist, task=kind, device=device,
             resume=checkpoints.load(task.resume_from) if task.resume_from else None,
-            on_epoch=_mlflow_logger(task, model, val[0]) if main and task.run_id else None,
+            on_epoch=_mlflow_logger(task, model, val[0], sender) if sender else None,
             save_checkpoint=(lambda state: checkpoints.save(task.checkpoint_dir, state)) if main and task.checkpoint_dir else None,
             stop=(reporter or (lambda metrics: False)) if task.trial is not None else None,
             log=lambda line: print(line, flush=True),
         )
+        unsent = sender.close() if sender else []  # the driver sends them, or keeps them in the outbox
         mine = history[-1]["worker_samples_per_sec"] if history else 0.0
         per_worker = dist.sum([mine if i == dist.rank else 0.0 for i in range(dist.size)])
         rows = dist.sum([len(train[0])])[0]  # a collective: every rank takes part
@@ -235,7 +237,8 @@ def train_worker(task: TrainTask, backend: str):
             return None
         return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
                 "train_rows": int(rows), "world_size": dist.size, "device": str(device),
-                "worker_samples_per_sec": per_worker, "pruned_at": reporter.pruned_at if reporter else None}
+                "worker_samples_per_sec": per_worker, "pruned_at": reporter.pruned_at if reporter else None,
+                "unsent": unsent}
     except BaseException as exc:  # noqa: BLE001 - reported to the driver with the rank, then re-raised
         print(f"dlpipe: worker rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         _report_failure(task.error_dir, rank, exc)
@@ -266,17 +269,12 @@ def _report_failure(error_dir: str, rank, exc: BaseException) -> None:
 SAMPLE_PROMPT, SAMPLE_LENGTH = 20, 200  # tokens of the first validation row, tokens generated
 
 
-def _mlflow_logger(task: TrainTask, model: torch.nn.Module, val_x: np.ndarray):
+def _mlflow_logger(task: TrainTask, model: torch.nn.Module, val_x: np.ndarray, sender: outbox.Sender):
+    """Each epoch's metrics (and a language model's sample) to the run, through `sender`'s thread."""
+
     def log(metrics: dict) -> None:
-        import time
-
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
-        now = int(time.time() * 1000)
         step = metrics["epoch"]
-        client = MlflowClient(task.tracking_uri)
-        client.log_batch(task.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"])
+        sender.put([outbox.metric(k, v, step) for k, v in metrics.items() if k != "epoch"])
         if task.vocab and len(val_x):
             prompt = [int(i) for i in val_x[0][:SAMPLE_PROMPT] if i != 0]
             was_training = model.training
@@ -284,7 +282,7 @@ def _mlflow_logger(task: TrainTask, model: torch.nn.Module, val_x: np.ndarray):
             drawn = model.generate(prompt, SAMPLE_LENGTH, temperature=0.8, seed=step)
             model.train(was_training)
             words = lambda ids: task.joiner.join(task.vocab[i] for i in ids)  # noqa: E731
-            client.log_text(task.run_id, f"prompt: {words(prompt)}\nsample (temperature 0.8): {words(drawn)}\n",
-                            f"samples/epoch_{step:03d}.txt")
+            sender.put([outbox.text(f"prompt: {words(prompt)}\nsample (temperature 0.8): {words(drawn)}\n",
+                                    f"samples/epoch_{step:03d}.txt")])
 
     return log

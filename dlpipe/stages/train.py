@@ -15,11 +15,12 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from dl.models import build
-from dlpipe import checkpoints, lake, modeling, tracking
+from dlpipe import checkpoints, lake, modeling, outbox, tracking
 from dlpipe.config import DataConfig, MlflowConfig, ModelConfig, TrainConfig
 from dlpipe.errors import InputNotFound
 from dlpipe.launchers import LAUNCHERS, TrainTask, launch
 from dlpipe.refs import SPLITS, TableRef, resolve
+from dlpipe.storage import join
 from pipelines.records import is_timestamp
 
 PLOTTED_ROWS = 2000  # validation rows drawn in the plots of models trained without a target
@@ -88,6 +89,8 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
     `resolved_config` is logged with the run and saved with the model, nothing else reads it."""
     tracking.setup(mlflow_cfg)
     client = MlflowClient()
+    outbox_uri = join(train.checkpoint_uri, "outbox")  # what an earlier run still owes this store: sent first
+    outbox.deliver(outbox_uri, mlflow_cfg.tracking_uri, log=print)
     resumable = None
     if train.resume == "auto" and train.checkpoint_every and trial is None:
         resumable = checkpoints.find_resumable(train.checkpoint_uri, train.run_name,
@@ -112,8 +115,10 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
     init_from = modeling.resolve(train.init_from) if train.init_from else ""
     init_state = modeling.pretrained_state(init_from, net) if init_from and not resumable else None
     run_id = trial.run_id if trial else run_id
+    pending = []  # epoch records rank 0 could not deliver (the tracking server away), sent before anything else
     # a trial's run is a child of its study's run, which may be active in this thread
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{train.run_name}-train", nested=bool(trial)) as active:
+    with outbox.run_or_defer(outbox_uri, mlflow_cfg.tracking_uri, pending, run_id=run_id,
+                             run_name=None if run_id else f"{train.run_name}-train", nested=bool(trial)) as active:
         if not resumable:
             mlflow.set_tags({"dlpipe.step": "tune-trial" if trial else "train", "dlpipe.model_name": model_name,
                              "dlpipe.run_name": train.run_name})
@@ -140,6 +145,8 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
         )
         say(f"training {model.name} with backend={backend}, {workers} worker(s), sync={train.sync}, {train.epochs} epochs")
         result = launch(spark, task, backend, train.num_workers)
+        pending.extend(result["unsent"])
+        outbox.flush(client, active.info.run_id, pending)
         if not resumable:
             mlflow.log_params({"train.world_size": result["world_size"], "train.rows": result["train_rows"]})
         mlflow.log_metrics({f"worker_{i}_samples_per_sec": v for i, v in enumerate(result["worker_samples_per_sec"])})
