@@ -42,13 +42,25 @@ def latest(directory: str) -> str | None:
     return join(directory, names[-1]) if names else None
 
 
-def find_resumable(root: str, run_name: str, finished: Callable[[str], bool]) -> tuple[str, str] | None:
+def start(directory: str) -> None:
+    """Mark a run of this run name as started (its folder, empty until the first checkpoint): a
+    driver killed before that checkpoint leaves a run the next train continues from the start."""
+    filesys, path = filesystem(directory)
+    filesys.create_dir(path, recursive=True)
+
+
+def find_resumable(root: str, run_name: str, finished: Callable[[str], bool],
+                   running: Callable[[str], bool] = lambda run_id: False) -> tuple[str, str] | None:
     """(run id, checkpoint URI) of the newest run of `run_name` that has a checkpoint and did not
-    finish (crashed, killed, or still marked running), or None."""
+    finish (crashed, killed, or still marked running), or (run id, "") of one started without a
+    checkpoint yet and still marked `running` (its driver was killed: it starts again in the same
+    run); None when there is none. A run that failed before its first checkpoint is not resumed."""
     filesys, path = filesystem(join(root, run_name))
     runs = [i for i in filesys.get_file_info(fs.FileSelector(path, allow_not_found=True)) if i.type == fs.FileType.Directory]
     for info in sorted(runs, key=lambda i: i.mtime_ns or 0, reverse=True):
         checkpoint = latest(join(root, run_name, info.base_name))
         if checkpoint is not None and not finished(info.base_name):
             return info.base_name, checkpoint
+        if checkpoint is None and running(info.base_name):
+            return info.base_name, ""
     return None

@@ -174,17 +174,46 @@ def _release(client: MlflowClient, lock: str, owner: str) -> None:
                 raise
 
 
+def _process() -> str:
+    """This process, told apart from any other on any machine: host, pid namespace, pid, start time
+    ("" where /proc does not say)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+        started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+    return f"{socket.gethostname()}|{namespace}|{os.getpid()}|{started}"
+
+
+def _gone(process: str) -> bool:
+    """True only when `process` (a _process() string) ran where this one runs and has ended; a
+    holder elsewhere, or one /proc cannot judge, is waited for until its lock expires."""
+    parts = process.split("|")
+    here = _process().split("|")
+    if len(parts) != 4 or len(here) != 4 or parts[:2] != here[:2]:
+        return False
+    try:
+        stat = Path(f"/proc/{parts[2]}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[19] != parts[3]  # the pid now belongs to another process
+
+
 @contextlib.contextmanager
 def lock(client: MlflowClient, name: str, ttl_s: int, wait_s: int):
     """Hold `<name>.lock` for the body. Waits up to wait_s for a live holder; breaks a lock past
-    its expiry (the holder crashed). Yields the owner id."""
+    its expiry, or at once one whose holder ran on this machine and has ended (killed, crashed).
+    Yields the owner id."""
     lock_name = f"{name}.lock"
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     deadline = time.time() + wait_s
     while True:
         expires = time.time() + ttl_s
         try:
-            client.create_registered_model(lock_name, tags={"owner": owner, "expires_at": f"{expires:.3f}"},
+            client.create_registered_model(lock_name, tags={"owner": owner, "expires_at": f"{expires:.3f}",
+                                                            "process": _process()},
                                            description=f"dlpipe promotion lock for {name}; held by {owner}")
             break
         except MlflowException as exc:
@@ -193,8 +222,9 @@ def lock(client: MlflowClient, name: str, ttl_s: int, wait_s: int):
         held = _lock_tags(client, lock_name)
         if held is None:
             continue  # released between our two calls
-        if float(held.get("expires_at", 0)) < time.time():
-            say(f"breaking stale lock {lock_name} held by {held.get('owner')} (expired)")
+        if float(held.get("expires_at", 0)) < time.time() or _gone(held.get("process", "")):
+            why = "expired" if float(held.get("expires_at", 0)) < time.time() else "its process has ended"
+            say(f"breaking stale lock {lock_name} held by {held.get('owner')} ({why})")
             _release(client, lock_name, held.get("owner", ""))
             continue
         if time.time() > deadline:

@@ -66,6 +66,28 @@ def test_stale_lock_of_a_crashed_job_is_broken(client):
         assert client.get_registered_model("m.lock").tags["owner"] == owner != "crashed:1:x"
 
 
+def test_the_lock_of_a_killed_process_on_this_machine_is_broken_at_once(client):
+    """Its holder killed (SIGKILL) inside the lock: taken at once, not after lock_ttl_s; a live holder is waited for."""
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mlflow.tracking import MlflowClient; "
+                               "from dlpipe import registry; "
+                               "ctx = registry.lock(MlflowClient(sys.argv[1]), 'm', ttl_s=3600, wait_s=1); ctx.__enter__(); "
+                               "print('held', flush=True); time.sleep(600)", client.tracking_uri],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(TimeoutError, match="m.lock is held by"):  # alive: waited for
+        with registry.lock(client, "m", ttl_s=60, wait_s=1):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with registry.lock(client, "m", ttl_s=60, wait_s=30) as owner:  # its lock would hold for an hour
+        assert client.get_registered_model("m.lock").tags["owner"] == owner
+    assert not registry._gone("otherhost|pid:[1]|1|1") and not registry._gone("")  # elsewhere, unknown: waited for
+
+
 def test_promote_and_rollback_move_aliases(client, tmp_path):
     v1, v2, v3 = make_versions(client, tmp_path, "m", 3)
     assert registry.promote(client, "m", v1) is None

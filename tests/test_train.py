@@ -149,6 +149,11 @@ def test_find_resumable_skips_finished_runs(tmp_path):
     assert found == ("crashed", f"{tmp_path}/nightly/crashed/epoch-0001.pt")
     assert checkpoints.find_resumable(str(tmp_path), "nightly", finished=lambda run_id: True) is None
     assert checkpoints.find_resumable(str(tmp_path), "other", finished=lambda run_id: False) is None
+    # the newest: started, no checkpoint yet; resumed from the start only while still marked running (a killed driver)
+    checkpoints.start(checkpoints.run_dir(str(tmp_path), "nightly", "killed-in-epoch-1"))
+    done = lambda run_id: run_id == "done"  # noqa: E731
+    assert checkpoints.find_resumable(str(tmp_path), "nightly", done, running=lambda run_id: True) == ("killed-in-epoch-1", "")
+    assert checkpoints.find_resumable(str(tmp_path), "nightly", done, running=lambda run_id: False) == found
 
 
 def test_gpu_requested_without_cuda_is_a_clear_error():

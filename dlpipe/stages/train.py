@@ -94,11 +94,12 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
     resumable = None
     if train.resume == "auto" and train.checkpoint_every and trial is None:
         resumable = checkpoints.find_resumable(train.checkpoint_uri, train.run_name,
-                                               finished=lambda run_id: _run_finished(client, run_id))
+                                               finished=lambda run_id: _run_status(client, run_id) == "FINISHED",
+                                               running=lambda run_id: _run_status(client, run_id) == "RUNNING")
     if resumable:
         run_id, resume_from = resumable
         tables = run_tables(client.get_run(run_id).data.params)
-        say(f"resuming MLflow run {run_id} from {resume_from}")
+        say(f"resuming MLflow run {run_id} from " + (resume_from or "the start: it stopped before its first checkpoint"))
     else:
         run_id, resume_from, tables = None, "", input_tables(train.tables, table_uris)  # resolved once for the run
     say("training on " + ", ".join(f"{split} {ref}" for split, ref in tables.items()))
@@ -128,6 +129,8 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             mlflow.log_params({f"table.{split}": str(ref) for split, ref in tables.items()})
             if init_from:
                 mlflow.log_param("train.init_from_resolved", init_from)
+            if train.checkpoint_every and not trial:  # from now on, a killed driver's run is resumed, never left RUNNING
+                checkpoints.start(checkpoints.run_dir(train.checkpoint_uri, train.run_name, active.info.run_id))
         backend = trial.launcher if trial else train.backend
         workers = train.num_workers if LAUNCHERS[backend].distributed else 1
         cores = int(spark.conf.get("spark.task.cpus", "1")) if backend == "spark_task" else (os.cpu_count() or 1) // workers
@@ -260,11 +263,11 @@ def sequence_plots_and_model(spark, trained, net, tables, classes, text, data, r
     return info
 
 
-def _run_finished(client: MlflowClient, run_id: str) -> bool:
+def _run_status(client: MlflowClient, run_id: str) -> str:
     try:
-        return client.get_run(run_id).info.status == "FINISHED"
+        return client.get_run(run_id).info.status
     except Exception:  # a checkpoint whose run this tracking store does not know: not ours to resume
-        return True
+        return "FINISHED"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
