@@ -5,12 +5,14 @@ all in one run with one torch thread per worker and the same constant learning r
 The no-communication ceiling is the same 2 Horovod workers, each training on its own shard with
 nothing exchanged during the epoch (parameter averaging once, at its end: `sync: average` with
 `average_every` beyond the epoch's steps); communication efficiency is a launcher's allreduce
-samples/s over that ceiling's."""
+samples/s over that ceiling's. The peer, in the same run when Ray is installed: Ray Train's
+TorchTrainer on the same net, shards, batch, schedule and threads (benchmarks.ray_peer)."""
 
 from __future__ import annotations
 
 import dataclasses
 
+from benchmarks import ray_peer
 from benchmarks.common import arrays, dlpipe_run, latest_tables, say
 from benchmarks.plain_loop import plain_fit
 from dl.train import TrainConfig
@@ -57,6 +59,17 @@ def run(spark, cfg: Config) -> dict:
         runs[name] = {"samples_per_sec": r["samples_per_sec"], "test_accuracy": r["test_accuracy"],
                       "time_to_target_s": _reached(r["history"], "val_accuracy", start=r["startup_s"]),
                       "wall_s": r["train_wall_s"], "startup_s": r["startup_s"], "world_size": r["world_size"]}
+    peer = None
+    if ray_peer.available():
+        r = ray_peer.ray_fit(net, train_files, test_files, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
+                             say=say)
+        runs["g_ray_torch_trainer_2_workers"] = {
+            "samples_per_sec": r["samples_per_sec"], "test_accuracy": r["test_accuracy"],
+            "time_to_target_s": _reached(r["history"], "test_accuracy", start=r["startup_s"]), "wall_s": r["train_wall_s"],
+            "startup_s": r["startup_s"], "world_size": r["world_size"], "ray_version": r["ray_version"]}
+        peer = r["samples_per_sec"]
+    else:
+        say(f"the Ray peer did not run: Ray Train is not installed ({ray_peer.PEER_INSTALL})")
     base = runs["a_bare_pytorch_1_process"]["samples_per_sec"]
     top = runs["f_no_communication_2_workers"]["samples_per_sec"]
     summary = {
@@ -69,7 +82,12 @@ def run(spark, cfg: Config) -> dict:
                    "comm_efficiency_torch_distributor": runs["d_torch_distributor_2_workers"]["samples_per_sec"] / top},
         "goals": {"local_over_bare": ">= 0.95", "horovod_2_over_2x_bare": ">= 0.85", "comm_efficiency_horovod": ">= 0.95",
                   "comm_efficiency_torch_distributor": ">= 0.95"},
+        "peer_ray_samples_per_s": peer,  # None: Ray Train not installed, the peer did not run
     }
+    if peer:
+        summary["ratios"] |= {"horovod_over_ray": runs["c_horovod_2_workers"]["samples_per_sec"] / peer,
+                              "torch_distributor_over_ray": runs["d_torch_distributor_2_workers"]["samples_per_sec"] / peer}
+        summary["goals"] |= {"horovod_over_ray": ">= 1.0", "torch_distributor_over_ray": ">= 1.0"}
     for name, r in runs.items():
         reached = "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f} s"
         say(f"{name}: {r['samples_per_sec']:.0f} samples/s, test accuracy {r['test_accuracy']:.4f}, "
