@@ -9,6 +9,7 @@ samples of an epoch over rank 0's training seconds of that epoch, averaged over 
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -34,14 +35,14 @@ def ray_fit(net, train_files: list[str], test_files: list[str], *, epochs: int, 
     ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=256 * 2**20, configure_logging=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})  # benchmarks, dl, dlpipe
     try:
-        config = {"net": net, "train_files": train_files, "test_files": test_files, "epochs": epochs,
-                  "batch_size": batch_size, "lr": lr, "seed": seed}
         with tempfile.TemporaryDirectory() as storage:
-            result = TorchTrainer(_loop, train_loop_config=config,
-                                  scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
-                                                               resources_per_worker={"CPU": 1}),
-                                  run_config=RunConfig(name="dlpipe-bench-peer", storage_path=storage)).fit()
-        metrics = dict(result.metrics)
+            # Ray Train 2.x keeps only the metrics reported with a checkpoint: rank 0 leaves them in a file
+            config = {"net": net, "train_files": train_files, "test_files": test_files, "epochs": epochs,
+                      "batch_size": batch_size, "lr": lr, "seed": seed, "out": f"{storage}/metrics.json"}
+            TorchTrainer(_loop, train_loop_config=config,
+                         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+                         run_config=RunConfig(name="dlpipe-bench-peer", storage_path=storage)).fit()
+            metrics = json.loads(Path(config["out"]).read_text())
     finally:
         ray.shutdown()
     wall = time.perf_counter() - started
@@ -98,5 +99,7 @@ def _loop(config: dict) -> None:
     td.broadcast(shared, 0)
     for h, value in zip(history, shared.tolist()):
         h["test_accuracy"] = value
-    ray.train.report({"samples_per_sec": float(np.mean([h["samples_per_sec"] for h in history])),
-                      "test_accuracy": history[-1]["test_accuracy"], "history": history, "world_size": size})
+    if rank == 0:
+        Path(config["out"]).write_text(json.dumps({"samples_per_sec": float(np.mean([h["samples_per_sec"] for h in history])),
+                                                   "test_accuracy": history[-1]["test_accuracy"], "history": history,
+                                                   "world_size": size}))
