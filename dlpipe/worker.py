@@ -46,18 +46,24 @@ class TrainTask:
 
 
 class HorovodDist:
+    """Every collective under a name that repeats from step to step (per kind and size): Horovod's
+    response cache then answers a repeated collective without negotiating it again. An unnamed one
+    gets a new name each call, which filled the cache (1024 entries), evicted on every step and
+    cost a full negotiation per step."""
+
     def __init__(self, hvd):
         self.hvd = hvd
         self.rank, self.size = hvd.rank(), hvd.size()
 
     def sum(self, values):
-        return self.hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=self.hvd.Sum).tolist()
+        return self.hvd.allreduce(torch.tensor(values, dtype=torch.float64), op=self.hvd.Sum,
+                                  name=f"dlpipe.sum.{len(values)}").tolist()
 
     def min(self, value):
-        return int(self.hvd.allreduce(torch.tensor([value]), op=self.hvd.Min).item())
+        return int(self.hvd.allreduce(torch.tensor([value]), op=self.hvd.Min, name="dlpipe.min").item())
 
     def average_(self, tensor):
-        self.hvd.allreduce_(tensor, op=self.hvd.Average)
+        self.hvd.allreduce_(tensor, op=self.hvd.Average, name=f"dlpipe.average.{tensor.dtype}.{tensor.numel()}")
 
     def broadcast_(self, tensor, root=0):
         self.hvd.broadcast_(tensor, root_rank=root)
