@@ -152,45 +152,55 @@ def prepared_small(spark, small_landing):
     return cfg, stage("prepare", spark, cfg)
 
 
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend store, artifacts served by the server
+    from a local directory) on a free port that stays its own: start it, kill it (SIGKILL, its
+    whole process group) and start it again on the same port and store."""
+
+    def __init__(self, root: Path):
+        self.root, self.store = root, mlflow_store(root)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
+
+    def start(self) -> None:
+        import urllib.request
+
+        log = open(self.root / "server.log", "a")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", self.store, "--artifacts-destination", str(self.root / "artifacts"),
+             "--serve-artifacts", "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.kill()
+                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn worker
+            self.proc.wait()
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 (SQLite backend store, artifacts served by the server
-    from a local directory): yields its http:// URI."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-    from pathlib import Path
-
-    root = tmp_path_factory.mktemp("mlflow_server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", mlflow_store(root), "--artifacts-destination", str(root / "artifacts"),
-         "--serve-artifacts", "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    """A real `mlflow server` for the whole test run: yields its http:// URI."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    server.start()
+    yield server.uri
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -5,68 +5,26 @@ ends FINISHED or FAILED, never RUNNING."""
 
 import dataclasses
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from dlpipe import outbox
-from tests.conftest import mlflow_store, stage
-
-
-class Server:
-    """`mlflow server` on a fixed port and SQLite store, to kill and start again."""
-
-    def __init__(self, root: Path):
-        self.root, self.store = root, mlflow_store(root)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri, self.proc = f"http://127.0.0.1:{self.port}", None
-
-    def start(self) -> None:
-        log = open(self.root / "server.log", "a")
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", self.store, "--artifacts-destination", str(self.root / "artifacts"),
-             "--serve-artifacts", "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() > deadline:
-                self.kill()
-                raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.3)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and its uvicorn worker
-            self.proc.wait()
+from tests.conftest import MlflowServer, mlflow_store, stage
 
 
 @pytest.fixture
 def server(tmp_path):
     (tmp_path / "server").mkdir()
-    running = Server(tmp_path / "server")
+    running = MlflowServer(tmp_path / "server")
     running.start()
     yield running
     running.kill()
 
 
-def outage(server: Server, checkpoints: Path, back_after_s: float | None) -> threading.Thread:
+def outage(server: MlflowServer, checkpoints: Path, back_after_s: float | None) -> threading.Thread:
     """Kill the server as the first checkpoint appears; start it again `back_after_s` later (None: not)."""
 
     def watch():
