@@ -76,7 +76,8 @@ def kill_during(step: str, cfg, rng: random.Random, log: Path, *extra: str) -> s
     return point
 
 
-def check_invariants(cfg, point: str, after_rerun: bool) -> None:
+def check_invariants(cfg, point: str, after_rerun: bool) -> bool:
+    """Raises on a broken invariant; returns whether `champion` was there (and loaded)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -85,19 +86,21 @@ def check_invariants(cfg, point: str, after_rerun: bool) -> None:
         # a table's first write killed before its commit leaves a _delta_log without one: no table, as before
         if deltalake.DeltaTable.is_deltatable(str(table)):
             deltalake.DeltaTable(str(table)).to_pyarrow_table()  # every file of the latest version is there
-    if all((lake / f"{cfg.data.name}_{s}" / "_delta_log").exists() for s in SPLITS):
+    if all(deltalake.DeltaTable.is_deltatable(cfg.table_uri(s)) for s in SPLITS):  # a _delta_log without a commit is none
         _, job = pinned_set({s: cfg.table_uri(s) for s in SPLITS})
         assert job, f"{point}: the train/val/test tables are not a complete set of one prepare job"
     client = MlflowClient(cfg.mlflow.tracking_uri)
     name = cfg.registry.model_name
-    versions = client.search_model_versions(f"name = '{name}'") if client.search_registered_models(f"name = '{name}'") else []
+    registered = client.search_registered_models(f"name = '{name}'")  # with its aliases (a version search has none)
+    versions = client.search_model_versions(f"name = '{name}'") if registered else []
     for v in versions:
         missing = [t for t in ("dlpipe.run_id", "dlpipe.config_sha256", *(f"dlpipe.table.{s}" for s in SPLITS))
                    if not v.tags.get(t)]
         assert not missing, f"{point}: {name} version {v.version} has no {missing}"
     run_ids = [v.run_id for v in versions]
     assert len(run_ids) == len(set(run_ids)), f"{point}: a training run registered twice: {run_ids}"
-    if any("champion" in v.aliases for v in client.search_model_versions(f"name = '{name}'")) if versions else False:
+    champion = bool(registered) and "champion" in registered[0].aliases
+    if champion:
         mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
         mlflow.pyfunc.load_model(f"models:/{name}@champion")
     if after_rerun:
@@ -105,6 +108,7 @@ def check_invariants(cfg, point: str, after_rerun: bool) -> None:
         running = [r.info.run_id for r in client.search_runs([experiment.experiment_id])
                    if r.info.status == "RUNNING"] if experiment else []
         assert not running, f"{point}, then the rerun: runs left RUNNING: {running}"
+    return champion
 
 
 def test_kill_every_step_at_a_random_point_then_rerun(spark, small_landing, prepared_small, tmp_path):
@@ -136,7 +140,7 @@ def test_kill_every_step_at_a_random_point_then_rerun(spark, small_landing, prep
     point = kill_during("evaluate", evaluated_cfg, rng, tmp_path / "evaluate.log", "--set", f"evaluate.run_id={trained['run_id']}")
     check_invariants(cfg, point, after_rerun=False)
     evaluated = stage("evaluate", spark, evaluated_cfg)
-    check_invariants(cfg, point, after_rerun=True)
+    assert check_invariants(cfg, point, after_rerun=True), "no champion to load after evaluate"
     assert evaluated["champion"], evaluated
 
     point = kill_during("score", cfg, rng, tmp_path / "score.log", "--set", "score.run_date=2026-12-01")
@@ -151,7 +155,7 @@ def test_kill_every_step_at_a_random_point_then_rerun(spark, small_landing, prep
     point = kill_during("retrain", cfg, rng, tmp_path / "retrain.log")
     check_invariants(cfg, point, after_rerun=False)
     stage("retrain", spark, cfg)
-    check_invariants(cfg, point, after_rerun=True)
+    assert check_invariants(cfg, point, after_rerun=True), "no champion to load after retrain"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cfg.mlflow.tracking_uri)
