@@ -88,12 +88,12 @@ def _loop(config: dict) -> None:
             optimizer.zero_grad()
             loss_fn(model(x[idx]), y[idx]).backward()
             optimizer.step()
-        seconds = torch.tensor([time.perf_counter() - t0, float(int(steps) * batch)], dtype=torch.float64)
-        seen = seconds[1:].clone()
-        td.all_reduce(seen)
-        td.broadcast(seconds, 0)  # rank 0's seconds, as dlpipe's epoch line
+        seconds = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+        seen = torch.tensor([float(int(steps) * batch)], dtype=torch.float64)
+        td.all_reduce(seen)  # every worker's samples
+        td.broadcast(seconds, 0)  # over rank 0's seconds, as dlpipe's epoch line
         tested = accuracy(model.module if hasattr(model, "module") else model, test) if rank == 0 else 0.0
-        history.append({"epoch": epoch, "samples_per_sec": float(seen[0] / seconds[0]), "epoch_seconds": float(seconds[0]),
+        history.append({"epoch": epoch, "samples_per_sec": float(seen / seconds), "epoch_seconds": float(seconds),
                         "test_accuracy": tested})
     shared = torch.tensor([h["test_accuracy"] for h in history], dtype=torch.float64)
     td.broadcast(shared, 0)

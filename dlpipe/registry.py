@@ -174,12 +174,17 @@ def _release(client: MlflowClient, lock: str, owner: str) -> None:
                 raise
 
 
+def _started(pid) -> str:
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22; the command
+    name before it, in parentheses, may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
 def _process() -> str:
     """This process, told apart from any other on any machine: host, pid namespace, pid, start time
     ("" where /proc does not say)."""
     try:
-        namespace = os.readlink("/proc/self/ns/pid")
-        started = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        namespace, started = os.readlink("/proc/self/ns/pid"), _started(os.getpid())
     except (OSError, IndexError):
         return ""
     return f"{socket.gethostname()}|{namespace}|{os.getpid()}|{started}"
@@ -193,12 +198,11 @@ def _gone(process: str) -> bool:
     if len(parts) != 4 or len(here) != 4 or parts[:2] != here[:2]:
         return False
     try:
-        stat = Path(f"/proc/{parts[2]}/stat").read_text()
+        return _started(parts[2]) != parts[3]  # the pid now belongs to another process
     except FileNotFoundError:
         return True
-    except OSError:
+    except (OSError, IndexError):
         return False
-    return stat.rsplit(")", 1)[1].split()[19] != parts[3]  # the pid now belongs to another process
 
 
 @contextlib.contextmanager
@@ -222,9 +226,10 @@ def lock(client: MlflowClient, name: str, ttl_s: int, wait_s: int):
         held = _lock_tags(client, lock_name)
         if held is None:
             continue  # released between our two calls
-        if float(held.get("expires_at", 0)) < time.time() or _gone(held.get("process", "")):
-            why = "expired" if float(held.get("expires_at", 0)) < time.time() else "its process has ended"
-            say(f"breaking stale lock {lock_name} held by {held.get('owner')} ({why})")
+        expired = float(held.get("expires_at", 0)) < time.time()
+        if expired or _gone(held.get("process", "")):
+            say(f"breaking stale lock {lock_name} held by {held.get('owner')} "
+                f"({'expired' if expired else 'its process has ended'})")
             _release(client, lock_name, held.get("owner", ""))
             continue
         if time.time() > deadline:
