@@ -11,6 +11,7 @@ from a checkpoint replays exactly what the uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -62,6 +63,13 @@ class TrainConfig:
 
     backend: Literal["horovod", "torch_distributor", "local"] = "horovod"  # the launcher (dlpipe.launchers)
     num_workers: int = 2  # Spark tasks, one worker each (horovod, torch_distributor)
+    # elastic (horovod): a lost worker is dropped and the rest go on from the last commit; one that
+    # comes back is taken in at the next commit. min/max_workers 0 = num_workers
+    elastic: bool = False
+    min_workers: int = 0  # fewer left than this: the run fails after elastic_timeout_s (then resume: auto)
+    max_workers: int = 0
+    commit_every: int = 100  # elastic: steps between in-memory commits (and every epoch's end)
+    elastic_timeout_s: int = 120  # elastic: how long to wait for min_workers after a loss
     use_gpu: Literal["auto", True, False] = "auto"  # auto: CUDA when the worker has one
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 adds a gradient scaler
     sync: Literal["allreduce", "average"] = "allreduce"  # average gradients every step | parameter averaging
@@ -119,6 +127,7 @@ def fit(
     save_checkpoint: Callable[[dict], None] | None = None,
     stop: Callable[[dict], bool] | None = None,
     log: Callable[[str], None] = print,
+    commit: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train on this worker's shard; returns per-epoch metrics (the same on every worker).
 
@@ -140,6 +149,13 @@ def fit(
     summing statistics over workers); everything else here is the same for every model. With
     `train.pretrain: greedy` a model with `pretrain_layers` is told which layer each of the first
     pretrain_layers * pretrain_epochs epochs pretrains (`set_pretraining`), then None.
+
+    Elastic training passes `commit`: then `train` holds every training row on every worker, each
+    epoch is one permutation of all rows dealt out in global batches of batch_size * dist.size, and
+    every cfg.commit_every steps and at each epoch's end (on every rank) the loop calls
+    commit(snapshot), a copy of everything needed to go on from there. Called again after the world
+    changed, with resume=snapshot, fit goes on from that point with the new world size: every row is
+    still trained once per epoch, and the lr schedule counts samples, not steps.
     """
     model.to(device)
     pretrained = getattr(model, "pretrain_layers", 0) * cfg.pretrain_epochs if cfg.pretrain == "greedy" else 0
@@ -147,15 +163,21 @@ def fit(
         raise ValueError(f"train.pretrain=greedy: {type(model).__name__} has no layers to pretrain")
     cfg = dataclasses.replace(cfg, epochs=cfg.epochs + pretrained)  # the schedule, checkpoints and logs count all
     x_train, y_train = torch.from_numpy(train[0]), _targets(train[1], task)
-    steps = dist.min(len(x_train) // cfg.batch_size)
+    elastic = commit is not None
+    # elastic: steps of the schedule (global batches at num_workers), whatever the world size is
+    steps = len(x_train) // (cfg.batch_size * cfg.num_workers) if elastic else dist.min(len(x_train) // cfg.batch_size)
     if steps == 0:
         raise ValueError(f"a worker's shard holds {len(x_train)} rows, fewer than one batch of {cfg.batch_size}")
     learner = _OwnEpochs(model, cfg, dist) if hasattr(model, "train_epoch") else _Gradient(model, cfg, dist, device, steps, task)
-    start_epoch = 1
+    if elastic and isinstance(learner, _OwnEpochs):
+        raise ValueError(f"train.elastic: {type(model).__name__} trains whole epochs itself; elastic training needs "
+                         "a model trained by gradient steps")
+    start_epoch, within = 1, None
     if resume is not None:
         model.load_state_dict(resume["model"])
         learner.load(resume)
         start_epoch = int(resume["epoch"]) + 1
+        within = resume.get("within")  # an elastic commit inside that epoch: where it stood
     for tensor in model.state_dict().values():  # every worker starts from rank 0's state
         dist.broadcast_(tensor, 0)
     history: list[dict] = list(resume.get("history", [])) if resume else []
@@ -167,11 +189,18 @@ def fit(
         t0 = time.perf_counter()
         if pretrained:
             model.set_pretraining((epoch - 1) // cfg.pretrain_epochs if epoch <= pretrained else None)
-        loss_sum, figure_sum, counted, seen = learner.epoch(x_train, y_train, epoch)
-        train_seconds = time.perf_counter() - t0
+        if elastic:
+            snapshot = lambda at, done=epoch - 1: _snapshot(model, learner, done, done * steps, history, at)  # noqa: E731
+            loss_sum, figure_sum, counted, seen, train_seconds = learner.elastic_epoch(
+                x_train, y_train, epoch, within, lambda at: commit(snapshot(at)))
+            within = None
+        else:
+            loss_sum, figure_sum, counted, seen = learner.epoch(x_train, y_train, epoch)
+            train_seconds = time.perf_counter() - t0
+        t_val = time.perf_counter()
         val_loss, val_figure, val_n = _evaluate(model, val, cfg.batch_size * 4, _loss(task), device, task)
         extra = _epoch_metrics(model, val[0], cfg.batch_size * 4, device)
-        seconds = time.perf_counter() - t0
+        seconds = train_seconds + time.perf_counter() - t_val
         totals = dist.sum([loss_sum, figure_sum, counted, seen, val_loss, val_figure, val_n, len(val[0]), *extra.values()])
         finish = FINISH.get(name, lambda v: v)
         metrics = {
@@ -185,6 +214,7 @@ def fit(
             "samples_per_sec": totals[3] / train_seconds,  # all workers, training only
             "worker_samples_per_sec": seen / train_seconds,  # this rank's training throughput
             "epoch_seconds": seconds,
+            **({"samples": totals[3]} if elastic else {}),  # rows trained this epoch, over every world size it saw
         }
         history.append(metrics)
         if dist.rank == 0:
@@ -202,9 +232,17 @@ def fit(
                                  "step": epoch * steps, "history": history})
             if on_epoch is not None:
                 on_epoch(metrics)
+        if elastic:  # after rank 0 logged the epoch: a worker that comes back now is taken in from here
+            commit(_snapshot(model, learner, epoch, epoch * steps, history, None))
         if stop is not None and dist.sum([float(dist.rank == 0 and stop(metrics))])[0] > 0:
             break
     return history
+
+
+def _snapshot(model: nn.Module, learner, epoch: int, step: int, history: list[dict], within: dict | None) -> dict:
+    """A copy of the training state after `epoch` whole epochs (and, `within` the next, up to its position)."""
+    return copy.deepcopy({"model": model.state_dict(), **learner.state(), "epoch": epoch, "step": step,
+                          "history": history, "within": within})
 
 
 class _Gradient:
@@ -260,6 +298,52 @@ class _Gradient:
         elif dist.size > 1:  # allreduce kept the weights equal; batch-norm statistics are per worker until now
             _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
         return loss_sum, correct, counted, self.steps * cfg.batch_size
+
+    def elastic_epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int, within: dict | None,
+                      commit: Callable[[dict], None]) -> tuple[float, float, float, float, float]:
+        """An epoch over every row once: one permutation of all rows (from seed and epoch), dealt out
+        in global batches of batch_size * world size from `within`'s position (a commit inside this
+        epoch) on. Each rank's share of the epoch figures comes back (rank 0's includes what was
+        committed before), and the epoch's training seconds."""
+        model, cfg, dist, device = self.model, self.cfg, self.dist, self.device
+        model.train()
+        if cfg.freeze == "features":
+            model.features.eval()
+        at = within or {"position": 0, "sums": [0.0, 0.0, 0.0, 0.0], "seconds": 0.0}
+        position = at["position"]
+        torch.manual_seed(_seed(cfg.seed, epoch, dist.rank) + position)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(x_train)) if cfg.shuffle else np.arange(len(x_train))
+        order = torch.from_numpy(order)
+        width, sums, taken, t0 = cfg.batch_size * dist.size, [0.0, 0.0, 0.0, 0.0], 0, time.perf_counter()
+        while position + width <= len(x_train):
+            idx = order[position + dist.rank * cfg.batch_size : position + (dist.rank + 1) * cfg.batch_size]
+            xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
+            self.optimizer.zero_grad()
+            with _autocast(device, cfg.precision):
+                loss, figure, n = _counted(self.objective(xb, yb), len(yb))
+            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg)
+            position += width
+            # the schedule's step: samples so far over the global batch at num_workers
+            self.schedule.last_epoch = (epoch - 1) * self.steps + position // (cfg.batch_size * cfg.num_workers) - 1
+            self.schedule.step()
+            taken += 1
+            if cfg.sync == "average" and dist.size > 1 and taken % cfg.average_every == 0:
+                _average_state(model, self.optimizer, dist)
+            sums = [sums[0] + loss.item() * n, sums[1] + float(figure), sums[2] + n, sums[3] + len(yb)]
+            if taken % cfg.commit_every == 0 and position + width <= len(x_train):
+                if cfg.sync == "average" and dist.size > 1:
+                    _average_state(model, self.optimizer, dist)  # one model to commit
+                at = {"position": position, "sums": [a + b for a, b in zip(at["sums"], dist.sum(sums))],
+                      "seconds": at["seconds"] + time.perf_counter() - t0}
+                sums, t0 = [0.0, 0.0, 0.0, 0.0], time.perf_counter()
+                commit(at)
+        if cfg.sync == "average" and dist.size > 1:
+            _average_state(model, self.optimizer, dist)
+        elif dist.size > 1:
+            _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
+        if dist.rank == 0:  # what was committed before counts once, on rank 0
+            sums = [a + b for a, b in zip(at["sums"], sums)]
+        return (*sums, at["seconds"] + time.perf_counter() - t0)
 
 
 class _OwnEpochs:

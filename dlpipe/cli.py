@@ -202,14 +202,14 @@ COMMANDS: dict[str, Command] = {
                          _anomalies),
     "recommend": Command("top-k unrated items per user from a recommender: --user U, or every user into "
                          "<name>_recommendations", _recommend),
-    "bench": Command("benchmarks (from a checkout): training | prepare | score | models", _bench, trains=True),
+    "bench": Command("benchmarks (from a checkout): training | prepare | score | models | tune | elastic", _bench, trains=True),
     "lake": Command("Delta table maintenance: vacuum | history", _lake, spark=False, tracking=False),
     "models": Command("registry: describe | rollback", _models, spark=False),
     "config": Command("print the resolved config (defaults <- --conf <- --set) as JSON", _config, spark=False,
                       tracking=False),
 }
 STEPS = tuple(COMMANDS)
-BENCHMARKS = ("training", "prepare", "score", "models", "tune")
+BENCHMARKS = ("training", "prepare", "score", "models", "tune", "elastic")
 FAMILIES = ("feedforward", "autoencoders", "recurrent", "energy", "embeddings")
 
 

@@ -274,6 +274,21 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _validate_elastic(train) -> None:
+    if not train.elastic:
+        return
+    if train.backend != "horovod":
+        raise ConfigError(f"config key 'train.elastic': elastic training needs train.backend=horovod, got "
+                          f"{train.backend} (TorchDistributor fails fast and `train.resume: auto` continues the run)")
+    low, high = train.min_workers or train.num_workers, train.max_workers or train.num_workers
+    if not 1 <= low <= train.num_workers <= high:
+        raise ConfigError(f"config key 'train.min_workers': expected 1 <= min_workers <= num_workers <= max_workers, "
+                          f"got {low} <= {train.num_workers} <= {high}")
+    for key in ("commit_every", "elastic_timeout_s"):
+        if getattr(train, key) <= 0:
+            raise ConfigError(f"config key 'train.{key}': expected a positive integer, got {getattr(train, key)}")
+
+
 def _validate(cfg: Config) -> None:
     fractions = cfg.data.split_fractions
     if sorted(fractions) != ["test", "train", "val"]:
@@ -300,6 +315,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}': expected a non-negative integer, got {value}")
     if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs:
         raise ConfigError(f"config key 'train.warmup_epochs': expected fewer than train.epochs={cfg.train.epochs}, got {cfg.train.warmup_epochs}")
+    _validate_elastic(cfg.train)
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
     if cfg.train.clip_grad_norm < 0:

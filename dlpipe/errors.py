@@ -43,6 +43,10 @@ class TrackingUnreachable(DlpipeError, RuntimeError):
     exit_code = EXIT_TRACKING
 
 
+class WorkersLost(DlpipeError, RuntimeError):
+    """Elastic training had fewer than train.min_workers left and no way to get them back."""
+
+
 class ConflictError(DlpipeError, RuntimeError):
     """Another job committed to a Delta table after this job read it (e.g. two overlapping
     prepare runs): this job's commit to it was refused. A rerun takes only what is left."""

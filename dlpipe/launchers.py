@@ -13,14 +13,17 @@ quieter run with fewer workers."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import re
 import tempfile
+import threading
+import time
 import uuid
 from typing import Protocol
 
 from pyarrow import fs
 
-from dlpipe.errors import ConfigError
+from dlpipe.errors import ConfigError, WorkersLost
 from dlpipe.storage import filesystem, join
 from dlpipe.worker import TrainTask, load_shard, train_worker
 
@@ -67,7 +70,68 @@ class HorovodOnSpark:
     def run(self, spark, task: TrainTask, num_workers: int) -> list:
         import horovod.spark
 
-        return horovod.spark.run(train_worker, args=(task, self.name), num_proc=num_workers, use_gloo=True, use_mpi=False)
+        if not task.train.elastic:
+            return horovod.spark.run(train_worker, args=(task, self.name), num_proc=num_workers, use_gloo=True, use_mpi=False)
+        sc, train = spark.sparkContext, task.train
+        if task_attempts(sc) < 2:
+            raise ConfigError(f"config key 'train.elastic': Spark gives a lost task no second attempt under --master "
+                              f"{sc.master}, so a lost worker would end the job; use local[N,F] with F >= 2 (e.g. "
+                              "local[2,4]) or, on a cluster, spark.task.maxFailures >= 2")
+        least = train.min_workers or num_workers
+        with _Watchdog(sc, grace_s=30) as watchdog:
+            try:
+                return horovod.spark.run_elastic(
+                    train_worker, args=(task, self.name), num_proc=num_workers, min_num_proc=least,
+                    max_num_proc=train.max_workers or num_workers, elastic_timeout=train.elastic_timeout_s, verbose=0)
+            except Exception as exc:
+                if not watchdog.fired:
+                    raise
+                raise WorkersLost(f"elastic training stopped: fewer than train.min_workers={least} workers were left "
+                                  "and Spark ran out of attempts for the lost ones (spark.task.maxFailures); rerun to "
+                                  "continue from the last checkpoint (train.resume: auto)") from exc
+
+
+def task_attempts(sc) -> int:
+    """How many times Spark runs a task before it fails the job: local[N,F] says F (local[N] means 1);
+    elsewhere spark.task.maxFailures (default 4)."""
+    local = re.fullmatch(r"local(?:\[[^,\]]+(?:,(\d+))?\])?", sc.master)
+    if local:
+        return int(local.group(1) or 1)
+    return int(sc.getConf().get("spark.task.maxFailures", "4"))
+
+
+class _Watchdog:
+    """Turns Horovod 0.28's hang into a failure. When fewer than min_workers are left after Spark
+    failed the job (a task out of attempts), Horovod's elastic driver stops, but the thread that
+    recorded the last worker's exit waits forever at a barrier of the stopped driver, and
+    run_elastic with it. Once no Spark job has run for `grace_s` while run_elastic still waits,
+    those barriers are broken: run_elastic then raises and the run fails (resume: auto continues it
+    from its last checkpoint)."""
+
+    def __init__(self, sc, grace_s: float):
+        self.sc, self.grace_s, self.done, self.fired = sc, grace_s, threading.Event(), False
+
+    def __enter__(self):
+        threading.Thread(target=self._watch, daemon=True, name="dlpipe-elastic-watchdog").start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+
+    def _watch(self) -> None:
+        seen = idle_since = None
+        while not self.done.wait(2.0):
+            active = bool(self.sc.statusTracker().getActiveJobsIds())
+            seen = seen or active
+            idle_since = None if active else idle_since or time.monotonic()
+            if seen and idle_since and time.monotonic() - idle_since > self.grace_s:
+                from horovod.runner.elastic.registration import WorkerStateRegistry
+
+                for registry in (o for o in gc.get_objects() if isinstance(o, WorkerStateRegistry)):
+                    if registry._driver.finished():
+                        self.fired = True
+                        registry._barrier.abort()
+                idle_since = time.monotonic()
 
 
 class TorchDistributorOnSpark:

@@ -207,6 +207,8 @@ def train_worker(task: TrainTask, backend: str):
     rank = os.environ.get("RANK", os.environ.get("HOROVOD_RANK", "?"))
     try:
         torch.set_num_threads(task.threads)
+        if backend == "horovod" and task.train.elastic:
+            return _train_elastic(task)
         dist, local_rank = _connect(backend)
         device = pick_device(task.train.use_gpu, local_rank)
         dist = dist or TorchDist(device)
@@ -252,6 +254,85 @@ def train_worker(task: TrainTask, backend: str):
     finally:
         if backend == "torch_distributor" and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _train_elastic(task: TrainTask):
+    """Horovod elastic: every worker holds every training row (fit deals them out by the world size
+    of the moment) and the state of the last commit. A worker lost raises HorovodInternalError in
+    the others' next collective; a worker that comes back is announced at the next commit. Either
+    way hvd.elastic.run re-forms the world and calls `attempt` again, which goes on from the last
+    commit (rank 0's, broadcast to a newcomer). Rank 0 logs the world size at every (re)start."""
+    import horovod.torch as hvd
+    from horovod.common.elastic import State
+
+    class Committed(State):
+        """The last commit, a snapshot from fit (already a copy)."""
+
+        def __init__(self, saved):
+            super().__init__(bcast_object=hvd.broadcast_object, get_rank=hvd.rank)
+            self.saved, self.pending = saved, None
+
+        def put(self, snapshot):
+            self.pending = snapshot
+            self.commit()  # saves, then raises HostsUpdatedInterrupt when a worker is waiting to join
+
+        def save(self):
+            self.saved = self.pending
+
+        def restore(self):
+            pass  # `saved` changes only by a commit
+
+        def sync(self):  # named: unnamed, a newcomer's None and rank 0's dict would be two collectives
+            self.saved = hvd.broadcast_object(self.saved, root_rank=0, name="dlpipe.elastic.saved")
+
+    hvd.init()
+    shape, kind, rows = tuple(task.net.input_shape), task.net.task, task.train.max_rows
+    train = load_shard(task.train_files, shape, 0, 1, rows, task=kind, labels=task.labels, fraction=task.label_fraction)
+    val_all = load_shard(task.val_files, shape, 0, 1, rows, task=kind, labels=task.labels)
+    state = Committed(checkpoints.load(task.resume_from) if task.resume_from else None)
+    device = pick_device(task.train.use_gpu, hvd.local_rank())
+    sender, logged = None, set()  # rank 0's, kept while this process stays rank 0; epochs already logged
+
+    @hvd.elastic.run
+    def attempt(state):
+        nonlocal sender
+        dist = HorovodDist(hvd)
+        main = dist.rank == 0
+        val = (val_all[0][dist.rank :: dist.size], val_all[1][dist.rank :: dist.size])
+        torch.manual_seed(task.train.seed)
+        model = build(task.net)
+        if task.init_state:
+            load_features(model, task.init_state)
+        resume = state.saved
+        if main:
+            sender = sender or (outbox.Sender(task.tracking_uri, task.run_id) if task.run_id else None)
+            within = (resume or {}).get("within")
+            where = f"epoch {resume['epoch'] + 1}" + (f" at row {within['position']}" if within else "") if resume else "the start"
+            print(f"dlpipe: elastic: {dist.size} workers, from {where}", flush=True)
+            if sender:
+                sender.put([outbox.metric("workers", dist.size, (resume["epoch"] if resume else 0) + 1)])
+        log_epoch = _mlflow_logger(task, model, val[0], sender) if main and sender else None
+
+        def on_epoch(metrics):  # an epoch redone after a loss during its closing commit is logged once
+            if metrics["epoch"] not in logged:
+                logged.add(metrics["epoch"])
+                log_epoch(metrics)
+
+        history = fit(model, train, val, task.train, dist, task=kind, device=device, resume=resume, commit=state.put,
+                      on_epoch=on_epoch if log_epoch else None,
+                      save_checkpoint=(lambda s: checkpoints.save(task.checkpoint_dir, s)) if main and task.checkpoint_dir else None,
+                      log=lambda line: print(line, flush=True))
+        return model, history, dist
+
+    model, history, dist = attempt(state)
+    unsent = sender.close() if sender else []
+    mine = history[-1]["worker_samples_per_sec"] if history else 0.0
+    per_worker = dist.sum([mine if i == dist.rank else 0.0 for i in range(dist.size)])
+    if dist.rank != 0:
+        return None
+    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
+            "train_rows": len(train[0]), "world_size": dist.size, "device": str(device),
+            "worker_samples_per_sec": per_worker, "pruned_at": None, "unsent": unsent}
 
 
 def load_features(model: torch.nn.Module, state: dict) -> None:
