@@ -78,17 +78,18 @@ class HorovodOnSpark:
                               f"{sc.master}, so a lost worker would end the job; use local[N,F] with F >= 2 (e.g. "
                               "local[2,4]) or, on a cluster, spark.task.maxFailures >= 2")
         least = train.min_workers or num_workers
-        with _Watchdog(sc, grace_s=30) as watchdog:
+        with _Watchdog(sc, grace_s=30):
             try:
                 return horovod.spark.run_elastic(
                     train_worker, args=(task, self.name), num_proc=num_workers, min_num_proc=least,
                     max_num_proc=train.max_workers or num_workers, elastic_timeout=train.elastic_timeout_s, verbose=0)
             except Exception as exc:
-                if not watchdog.fired:
-                    raise
-                raise WorkersLost(f"elastic training stopped: fewer than train.min_workers={least} workers were left "
-                                  "and Spark ran out of attempts for the lost ones (spark.task.maxFailures); rerun to "
-                                  "continue from the last checkpoint (train.resume: auto)") from exc
+                if _failure_cause(task.error_dir) is not None:
+                    raise  # a worker's own error: launch names its rank
+                raise WorkersLost(f"elastic training stopped: workers were lost and fewer than train.min_workers={least} "
+                                  f"came back (Spark's attempts for a task, spark.task.maxFailures, used up, or none "
+                                  f"within train.elastic_timeout_s={train.elastic_timeout_s}); rerun to continue from the "
+                                  "last checkpoint (train.resume: auto)") from exc
 
 
 def task_attempts(sc) -> int:
@@ -109,7 +110,7 @@ class _Watchdog:
     from its last checkpoint)."""
 
     def __init__(self, sc, grace_s: float):
-        self.sc, self.grace_s, self.done, self.fired = sc, grace_s, threading.Event(), False
+        self.sc, self.grace_s, self.done = sc, grace_s, threading.Event()
 
     def __enter__(self):
         threading.Thread(target=self._watch, daemon=True, name="dlpipe-elastic-watchdog").start()
@@ -129,7 +130,6 @@ class _Watchdog:
 
                 for registry in (o for o in gc.get_objects() if isinstance(o, WorkerStateRegistry)):
                     if registry._driver.finished():
-                        self.fired = True
                         registry._barrier.abort()
                 idle_since = time.monotonic()
 

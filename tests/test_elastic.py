@@ -192,11 +192,8 @@ def test_below_min_workers_and_out_of_attempts_fails_in_one_line_then_resumes(pr
     seen = []
     try:
         read_until(child, "epoch 2/", seen)
-        first = kill_worker(1)
-        deadline = time.monotonic() + 120
-        while horovod_workers().get(1) in (None, first):  # Spark's second attempt of the task
-            assert time.monotonic() < deadline, "the lost task was not run again"
-            time.sleep(0.05)
+        kill_worker(1)
+        read_until(child, "elastic: 2 workers, from epoch", seen)  # Spark's second attempt, taken back
         kill_worker(1)
         started = time.monotonic()
         out, _ = child.communicate(timeout=300)
@@ -205,6 +202,7 @@ def test_below_min_workers_and_out_of_attempts_fails_in_one_line_then_resumes(pr
         if child.poll() is None:
             os.killpg(child.pid, 9)
     errors = [line for line in out.splitlines() if line.startswith("dlpipe: error:")]
+    print(f"failed {waited:.0f} s after the second kill" + (" (the watchdog broke Horovod's wait)" if "BrokenBarrierError" in out else ""))
     assert child.returncode == 1 and len(errors) == 1 and "train.min_workers=2" in errors[0], out[-3000:]
     assert waited < 120  # the elastic timeout (10 s) and the watchdog's grace (30 s), not forever
     run_id = next(p.name for p in (tmp_path / "checkpoints" / "elastic_short").iterdir())
