@@ -316,6 +316,9 @@ def _validate(cfg: Config) -> None:
     if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs:
         raise ConfigError(f"config key 'train.warmup_epochs': expected fewer than train.epochs={cfg.train.epochs}, got {cfg.train.warmup_epochs}")
     _validate_elastic(cfg.train)
+    if cfg.train.elastic and hasattr(REGISTRY[cfg.model.name].build, "train_epoch"):
+        raise ConfigError(f"config key 'train.elastic': model {cfg.model.name} trains whole epochs itself; elastic "
+                          "training needs a model trained by gradient steps")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
     if cfg.train.clip_grad_norm < 0:

@@ -112,6 +112,7 @@ def test_a_commit_inside_an_epoch_resumes_bit_for_bit():
     (["train.min_workers=3"], "train.min_workers"),
     (["train.max_workers=1"], "train.min_workers"),
     (["train.commit_every=0"], "train.commit_every"),
+    (["model.name=som", "model.task=clustering", "data.kind=table"], "train.elastic"),
 ])
 def test_elastic_config_is_checked_before_spark_starts(override, key):
     with pytest.raises(ConfigError, match=key):
