@@ -92,7 +92,8 @@ def run(spark, cfg: Config) -> dict:
         "step": "bench elastic", "epochs": t.epochs, "batch_size_per_worker": t.batch_size, "commit_every": t.commit_every,
         "tables": {s: {"uri": u, "version": v} for s, (u, v) in tables.items()},
         "uninterrupted": {k: whole[k] for k in ("train_wall_s", "test_accuracy", "samples_per_sec", "world_size")},
-        "interrupted": {k: lossy[k] for k in ("train_wall_s", "test_accuracy", "samples_per_sec", "world_size")},
+        "interrupted": {k: lossy[k] for k in ("train_wall_s", "test_accuracy", "samples_per_sec", "world_size")}
+        | {"epoch_samples": [h["samples"] for h in lossy["history"]], "train_rows": lossy["train_rows"]},
         "time_lost_s": lossy["train_wall_s"] - whole["train_wall_s"], "epoch_s": epoch_s,
         "accuracy_delta": lossy["test_accuracy"] - whole["test_accuracy"], "goals": GOALS,
     }

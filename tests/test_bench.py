@@ -25,3 +25,31 @@ def test_bench_training_reports_every_run_and_ratio(spark, prepared_small):
     assert summary["ratios"]["local_over_bare"] > 0 and summary["ratios"]["horovod_2_over_2x_bare"] > 0
     top = summary["runs"]["f_no_communication_2_workers"]["samples_per_sec"]
     assert summary["ratios"]["comm_efficiency_horovod"] == summary["runs"]["c_horovod_2_workers"]["samples_per_sec"] / top
+
+
+def test_bench_elastic_kills_a_worker_and_reports_what_it_cost(prepared_small, tmp_path):
+    """`dlpipe bench elastic` as a user runs it (its own Spark, local[2,4]), 40 short epochs of the slice."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import read_table
+    from tests.test_drills import cli_args
+
+    cfg, prepared = prepared_small
+    out = tmp_path / "bench-elastic.json"
+    done = subprocess.run([sys.executable, "-m", "dlpipe.cli", "bench", "elastic", *cli_args(cfg), "--set", "spark.master=local[2,4]",
+                           "--set", "train.epochs=40", "--set", "train.batch_size=4", "--set", "train.commit_every=5",
+                           "--summary", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "killed worker rank 1" in done.stdout
+    summary = json.loads(out.read_text())
+    assert summary["time_lost_s"] == summary["interrupted"]["train_wall_s"] - summary["uninterrupted"]["train_wall_s"]
+    assert summary["accuracy_delta"] == summary["interrupted"]["test_accuracy"] - summary["uninterrupted"]["test_accuracy"]
+    assert summary["epoch_s"] > 0 and summary["cores"] and summary["load_average_before"] is not None
+    rows = len(read_table(prepared, "train"))
+    assert summary["interrupted"]["train_rows"] == rows
+    assert len(summary["interrupted"]["epoch_samples"]) == 40
+    assert all(rows - 2 * 4 < s <= rows for s in summary["interrupted"]["epoch_samples"])
