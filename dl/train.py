@@ -74,6 +74,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 adds a gradient scaler
     sync: Literal["allreduce", "average"] = "allreduce"  # average gradients every step | parameter averaging
     average_every: int = 8  # sync: average -> local steps between averages of parameters and optimizer state
+    overlap: bool = False  # allreduce: start averaging each gradient as backward produces it (Horovod; slower on 2 cores)
     epochs: int = 6
     batch_size: int = 64  # per worker; the global batch is batch_size * workers
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -236,6 +237,8 @@ def fit(
             commit(_snapshot(model, learner, epoch, epoch * steps, history, None))
         if stop is not None and dist.sum([float(dist.rank == 0 and stop(metrics))])[0] > 0:
             break
+    if getattr(learner, "overlap", None) is not None:
+        learner.overlap.remove()
     return history
 
 
@@ -257,6 +260,9 @@ class _Gradient:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_factor(cfg, steps, dist.size))
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
         self.objective = _objective(model, _loss(task), task == "classification")
+        # a model's own objective may set gradients itself or run backward twice: averaged after backward
+        self.overlap = _Overlap(model, dist) if (cfg.overlap and cfg.sync == "allreduce" and dist.size > 1 and
+                                                 hasattr(dist, "start_average_") and not hasattr(model, "objective")) else None
 
     def load(self, resume: dict) -> None:
         self.optimizer.load_state_dict(resume["optimizer"])
@@ -286,7 +292,7 @@ class _Gradient:
             self.optimizer.zero_grad()
             with _autocast(device, cfg.precision):
                 loss, figure, n = _counted(self.objective(xb, yb), len(yb))
-            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg)
+            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg, self.overlap)
             self.schedule.step()
             if cfg.sync == "average" and dist.size > 1 and (step + 1) % cfg.average_every == 0:
                 _average_state(model, self.optimizer, dist)
@@ -321,7 +327,7 @@ class _Gradient:
             self.optimizer.zero_grad()
             with _autocast(device, cfg.precision):
                 loss, figure, n = _counted(self.objective(xb, yb), len(yb))
-            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg)
+            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg, self.overlap)
             position += width
             # the schedule's step: samples so far over the global batch at num_workers
             self.schedule.last_epoch = (epoch - 1) * self.steps + position // (cfg.batch_size * cfg.num_workers) - 1
@@ -451,14 +457,43 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _backward_and_step(loss, model, optimizer, scaler, dist: Dist, cfg: TrainConfig) -> None:
-    if scaler is None:
-        loss.backward()
-    else:
-        scaler.scale(loss).backward()
+class _Overlap:
+    """Averaging that overlaps backward: a hook on each parameter starts its gradient's average the
+    moment autograd has accumulated it (a Dist's start_average_, e.g. Horovod's allreduce_async_,
+    whose tensor fusion batches those that arrive together), so communication runs while backward
+    computes the layers below; `finish` waits for them after backward."""
+
+    def __init__(self, model: nn.Module, dist: Dist):
+        self.dist, self.started = dist, {}
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.hooks = [p.register_post_accumulate_grad_hook(lambda p, i=i: self._ready(i, p)) for i, p in enumerate(self.params)]
+
+    def _ready(self, i: int, p: torch.Tensor) -> None:
+        if i not in self.started:
+            self.started[i] = self.dist.start_average_(p.grad, f"grad.{i}")
+
+    def finish(self) -> None:
+        """Every gradient averaged: those started during backward waited for, any other (a gradient
+        that autograd did not produce) averaged now, in one collective."""
+        for handle in self.started.values():
+            self.dist.finish_(handle)
+        _average_tensors([p.grad for i, p in enumerate(self.params) if p.grad is not None and i not in self.started],
+                         self.dist)
+        self.started = {}
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _backward_and_step(loss, model, optimizer, scaler, dist: Dist, cfg: TrainConfig, overlap: _Overlap | None = None) -> None:
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if overlap is not None:
+        overlap.finish()  # averaged while scaled: the same as unscaling first
+    if scaler is not None:
         scaler.unscale_(optimizer)
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if cfg.sync == "allreduce" and dist.size > 1:
+    if cfg.sync == "allreduce" and dist.size > 1 and overlap is None:
         _average_tensors(grads, dist)
     if cfg.clip_grad_norm > 0:  # the same averaged gradients on every worker: the same clipped step
         nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.clip_grad_norm)

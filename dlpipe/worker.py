@@ -68,6 +68,12 @@ class HorovodDist:
     def broadcast_(self, tensor, root=0):
         self.hvd.broadcast_(tensor, root_rank=root)
 
+    def start_average_(self, tensor, key):
+        return self.hvd.allreduce_async_(tensor, op=self.hvd.Average, name=f"dlpipe.{key}")
+
+    def finish_(self, handle):
+        self.hvd.synchronize(handle)
+
 
 class TorchDist:
     """torch.distributed: NCCL on GPU workers, Gloo on CPU workers."""

@@ -64,12 +64,13 @@ def _close(a: dict, b: dict, atol=1e-5):
     return all(torch.allclose(a[k], b[k], atol=atol) for k in a)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_two_workers_match_one_worker_with_the_global_batch(spark, tmp_path, backend):
-    """Gradient allreduce: 2 workers x batch 16 == 1 worker x batch 32 (no shuffle, plain SGD)."""
+@pytest.mark.parametrize("backend, overlap", [("horovod", False), ("horovod", True), ("torch_distributor", False)])
+def test_two_workers_match_one_worker_with_the_global_batch(spark, tmp_path, backend, overlap):
+    """Gradient allreduce: 2 workers x batch 16 == 1 worker x batch 32 (no shuffle, plain SGD), with
+    the gradients averaged after backward or, overlap, each as backward produces it."""
     sgd = dict(epochs=2, lr=0.1, optimizer="sgd", shuffle=False, sync="allreduce")
     single = launch(spark, _task(tmp_path, TrainConfig(batch_size=32, **sgd)), "local", 1)
-    double = launch(spark, _task(tmp_path, TrainConfig(batch_size=16, **sgd)), backend, 2)
+    double = launch(spark, _task(tmp_path, TrainConfig(batch_size=16, overlap=overlap, **sgd)), backend, 2)
     assert double["world_size"] == 2 and double["backend"] == backend
     assert _close(single["state_dict"], double["state_dict"])
     assert double["history"][-1]["loss"] < double["history"][0]["loss"]

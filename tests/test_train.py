@@ -194,3 +194,41 @@ def test_the_validation_confusion_matrix_counts_every_val_row_as_the_net_predict
     expected = np.zeros((2, 2), np.int64)
     np.add.at(expected, (np.where(y[keep] == 2, 0, 1), predicted), 1)
     assert (chosen == expected).all() and chosen.sum(1).tolist() == [(y == 2).sum(), (y == 0).sum()]
+
+
+def test_overlap_starts_each_gradients_average_during_backward_and_leaves_no_hook():
+    class Recording:
+        """2 workers as seen by one: averages are identities; records what started when."""
+
+        rank, size = 0, 2
+
+        def __init__(self):
+            self.started, self.finished = [], 0
+
+        def sum(self, values):
+            return list(values)
+
+        def min(self, value):
+            return value
+
+        def average_(self, tensor):
+            pass
+
+        def broadcast_(self, tensor, root=0):
+            pass
+
+        def start_average_(self, tensor, key):
+            self.started.append(key)
+            return key
+
+        def finish_(self, handle):
+            self.finished += 1
+
+    model = build(tiny_net(hidden=16, dropout=0.0))
+    dist = Recording()
+    cfg = TrainConfig(epochs=1, batch_size=32, overlap=True)
+    fit(model, _blobs(64, 1), _blobs(32, 2), cfg, dist, log=lambda line: None)
+    params = len(list(model.parameters()))
+    assert len(dist.started) == dist.finished == 2 * params  # 2 steps, every parameter once per step
+    assert dist.started[0] == f"grad.{params - 1}"  # the head's gradient first: backward runs from the top
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
