@@ -180,6 +180,49 @@ def test_a_worker_killed_mid_run_is_dropped_and_taken_back(prepared_small, tmp_p
     assert not horovod_workers()
 
 
+def executor_of(pid: int) -> int:
+    """The Spark executor JVM a process runs under (its nearest CoarseGrainedExecutorBackend ancestor)."""
+    import psutil
+
+    for parent in psutil.Process(pid).parents():
+        if "CoarseGrainedExecutorBackend" in " ".join(parent.cmdline()):
+            return parent.pid
+    raise AssertionError(f"process {pid} runs under no Spark executor")
+
+
+@pytest.mark.slow
+def test_an_executor_lost_on_a_local_cluster_is_dropped_and_its_task_taken_back(prepared_small, tmp_path):
+    """local-cluster: 2 executors of 1 core, one worker each. The executor JVM of worker rank 1 is
+    killed (SIGKILL): its worker goes with it, the survivor goes on, and Spark runs the lost task on
+    the executor the cluster starts in its place (about 10 s to a running worker), where Horovod
+    takes it back; 120 short epochs leave it the time."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, _ = prepared_small
+    child = train_process(cfg, tmp_path, "elastic_executor", "local-cluster[2,1,1024]", "--set", "train.epochs=120",
+                          "--set", "train.min_workers=1")
+    seen = []
+    try:  # an executor's worker prints to the executor's log, not here: its first checkpoint tells
+        deadline = time.monotonic() + 300
+        while not any((tmp_path / "checkpoints").rglob("epoch-0001.pt")):
+            assert time.monotonic() < deadline and child.poll() is None, "no first checkpoint"
+            time.sleep(0.05)
+        worker = horovod_workers()[1]
+        os.kill(executor_of(worker), 9)
+        out, _ = child.communicate(timeout=600)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, 9)
+    seen.append(out)
+    assert child.returncode == 0, "".join(seen)[-3000:]
+    summary = json.loads((tmp_path / "elastic_executor.json").read_text())
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert client.get_run(summary["run_id"]).info.status == "FINISHED"
+    sizes = [int(m.value) for m in sorted(client.get_metric_history(summary["run_id"], "workers"), key=lambda m: m.timestamp)]
+    assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2, sizes  # the new executor's worker: an epoch's time
+    assert sorted(m.step for m in client.get_metric_history(summary["run_id"], "val_loss")) == list(range(1, 121))
+
+
 @pytest.mark.slow
 def test_below_min_workers_and_out_of_attempts_fails_in_one_line_then_resumes(prepared_small, tmp_path):
     """min_workers=2 and local[2,2]: rank 1 killed, its task's second attempt killed too; Spark fails
