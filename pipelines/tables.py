@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -143,38 +144,41 @@ def state_from_rows(pdf: pd.DataFrame) -> dict:
 
 
 def to_base(accepted: DataFrame, data, state: dict) -> DataFrame:
+    """Standardized numbers and one-hot categories as one `features` vector per row, in Arrow
+    batches: whole columns at a time (a row's categories are looked up per column with
+    `index_in`, never row by row in Python)."""
     classification = data.table.task == "classification"
     mean = np.array([m for _, m, _ in state["numeric"]], dtype=np.float64)
     std = np.array([s if s and s > 0 else 1.0 for _, _, s in state["numeric"]], dtype=np.float64)
-    vocabularies = [{v: i for i, v in enumerate(values)} for _, values in state["categorical"]]
+    vocabularies = [pa.array(values, pa.string()) for _, values in state["categorical"]]
     width = len(mean) + sum(len(v) for v in vocabularies)
-    label_of = {name: i for i, name in enumerate(state["classes"])}
+    classes = pa.array(state["classes"], pa.string())
 
     def transform(batches):
         for batch in batches:
-            n = len(batch)
+            n, k = batch.num_rows, len(vocabularies)
             x = np.zeros((n, width), dtype=np.float32)
             if len(mean):
-                x[:, : len(mean)] = (np.stack(batch["num"].to_numpy()) - mean) / std
-            offset = len(mean)
-            for j, vocab in enumerate(vocabularies):
-                for i, values in enumerate(batch["cat"]):
-                    hit = vocab.get(values[j])
-                    if hit is not None:
-                        x[i, offset + hit] = 1.0
+                num = pc.list_flatten(batch.column("num")).to_numpy(zero_copy_only=False).reshape(n, len(mean))
+                x[:, : len(mean)] = (num - mean) / std
+            cats, offset, rows = pc.list_flatten(batch.column("cat")), len(mean), np.arange(n)
+            for j, vocab in enumerate(vocabularies):  # column j of every row: values j, j + k, ...
+                hit = pc.fill_null(pc.index_in(cats.take(pa.array(np.arange(j, n * k, k))), value_set=vocab), -1)
+                hit = hit.to_numpy(zero_copy_only=False)
+                x[rows[hit >= 0], offset + hit[hit >= 0]] = 1.0  # a value train never had: all zeros
                 offset += len(vocab)
-            out = pd.DataFrame({"key": batch["key"], "source": batch["source"], "split": batch["split"]})
+            out = {"key": batch.column("key"), "source": batch.column("source"), "split": batch.column("split")}
             if classification:
-                out["label"] = batch["label_name"].map(label_of).astype("int32")
-                out["label_name"] = batch["label_name"]
+                out |= {"label": pc.index_in(batch.column("label_name"), value_set=classes).cast(pa.int32()),
+                        "label_name": batch.column("label_name")}
             else:
-                out["label"] = batch["target"].astype("float64")
-            out["features"] = list(x)
-            yield out
+                out["label"] = batch.column("target").cast(pa.float64())
+            out["features"] = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * width), pa.array(x.ravel()))
+            yield pa.RecordBatch.from_pydict(out)
 
     schema = ("key string, source string, split string, label int, label_name string, features array<float>"
               if classification else "key string, source string, split string, label double, features array<float>")
-    return accepted.mapInPandas(transform, schema)
+    return accepted.mapInArrow(transform, schema)
 
 
 def derive(tables: dict, data, state) -> dict:

@@ -171,3 +171,25 @@ def test_regression_label_is_a_double(spark, tmp_path):
     assert rows["label"].dtype == np.float64 and len(rows) == 178
     assert (rows["label"].sort_index() == wine.set_index(wine["id"].astype(str))["proline"].sort_index()).all()
     assert summary["features"] == 2 + 3  # two standardized columns, three cultivars one-hot
+
+
+def test_features_are_standardized_numbers_then_one_hot_categories(spark):
+    """to_base on a few rows, against the same vector built by hand: a value train never saw (and a
+    null) is all zeros in its column's block."""
+    from types import SimpleNamespace
+
+    from pipelines.tables import to_base
+
+    state = {"numeric": [("age", 40.0, 10.0), ("hours", 35.0, 0.0)],
+             "categorical": [("color", ["blue", "red"]), ("size", ["L", "M", "S"])], "classes": ["no", "yes"]}
+    rows = [("k1", "f", "train", [50.0, 40.0], ["red", "S"], "yes"), ("k2", "f", "val", [30.0, 35.0], ["green", "L"], "no"),
+            ("k3", "f", "test", [40.0, 30.0], ["blue", None], "yes")]
+    accepted = spark.createDataFrame(rows, "key string, source string, split string, num array<double>, "
+                                           "cat array<string>, label_name string")
+    data = SimpleNamespace(table=SimpleNamespace(task="classification"))
+    got = {r["key"]: r for r in to_base(accepted, data, state).collect()}
+    expected = {"k1": [1.0, 5.0, 0, 1, 0, 0, 1], "k2": [-1.0, 0.0, 0, 0, 1, 0, 0], "k3": [0.0, -5.0, 1, 0, 0, 0, 0]}
+    for key, vector in expected.items():
+        np.testing.assert_allclose(got[key]["features"], vector)
+    assert [got[k]["label"] for k in ("k1", "k2", "k3")] == [1, 0, 1]
+    assert got["k2"]["split"] == "val" and got["k3"]["label_name"] == "yes"
