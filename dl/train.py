@@ -278,7 +278,7 @@ class _Gradient:
         return self.optimizer.param_groups[0]["lr"]
 
     def epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int) -> tuple[float, float, int]:
-        model, cfg, dist, device = self.model, self.cfg, self.dist, self.device
+        model, cfg, dist = self.model, self.cfg, self.dist
         model.train()
         if cfg.freeze == "features":
             model.features.eval()  # frozen batch-norm statistics do not move either
@@ -287,12 +287,7 @@ class _Gradient:
         order = torch.from_numpy(order)
         loss_sum = correct = counted = 0.0
         for step in range(self.steps):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
-            self.optimizer.zero_grad()
-            with _autocast(device, cfg.precision):
-                loss, figure, n = _counted(self.objective(xb, yb), len(yb))
-            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg, self.overlap)
+            loss, figure, n = self._step(x_train, y_train, order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             self.schedule.step()
             if cfg.sync == "average" and dist.size > 1 and (step + 1) % cfg.average_every == 0:
                 _average_state(model, self.optimizer, dist)
@@ -305,13 +300,22 @@ class _Gradient:
             _average_tensors([b for b in model.buffers() if b.is_floating_point()], dist)
         return loss_sum, correct, counted, self.steps * cfg.batch_size
 
+    def _step(self, x_train: torch.Tensor, y_train: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """One optimizer step on rows `idx` (gradients averaged as cfg.sync says): (loss, figure sum, count)."""
+        xb, yb = x_train[idx].to(self.device, non_blocking=True), y_train[idx].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad()
+        with _autocast(self.device, self.cfg.precision):
+            loss, figure, n = _counted(self.objective(xb, yb), len(yb))
+        _backward_and_step(loss, self.model, self.optimizer, self.scaler, self.dist, self.cfg, self.overlap)
+        return loss, figure, n
+
     def elastic_epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int, within: dict | None,
                       commit: Callable[[dict], None]) -> tuple[float, float, float, float, float]:
         """An epoch over every row once: one permutation of all rows (from seed and epoch), dealt out
         in global batches of batch_size * world size from `within`'s position (a commit inside this
         epoch) on. Each rank's share of the epoch figures comes back (rank 0's includes what was
         committed before), and the epoch's training seconds."""
-        model, cfg, dist, device = self.model, self.cfg, self.dist, self.device
+        model, cfg, dist = self.model, self.cfg, self.dist
         model.train()
         if cfg.freeze == "features":
             model.features.eval()
@@ -322,12 +326,8 @@ class _Gradient:
         order = torch.from_numpy(order)
         width, sums, taken, t0 = cfg.batch_size * dist.size, [0.0, 0.0, 0.0, 0.0], 0, time.perf_counter()
         while position + width <= len(x_train):
-            idx = order[position + dist.rank * cfg.batch_size : position + (dist.rank + 1) * cfg.batch_size]
-            xb, yb = x_train[idx].to(device, non_blocking=True), y_train[idx].to(device, non_blocking=True)
-            self.optimizer.zero_grad()
-            with _autocast(device, cfg.precision):
-                loss, figure, n = _counted(self.objective(xb, yb), len(yb))
-            _backward_and_step(loss, model, self.optimizer, self.scaler, dist, cfg, self.overlap)
+            loss, figure, n = self._step(
+                x_train, y_train, order[position + dist.rank * cfg.batch_size : position + (dist.rank + 1) * cfg.batch_size])
             position += width
             # the schedule's step: samples so far over the global batch at num_workers
             self.schedule.last_epoch = (epoch - 1) * self.steps + position // (cfg.batch_size * cfg.num_workers) - 1
@@ -335,7 +335,7 @@ class _Gradient:
             taken += 1
             if cfg.sync == "average" and dist.size > 1 and taken % cfg.average_every == 0:
                 _average_state(model, self.optimizer, dist)
-            sums = [sums[0] + loss.item() * n, sums[1] + float(figure), sums[2] + n, sums[3] + len(yb)]
+            sums = [sums[0] + loss.item() * n, sums[1] + float(figure), sums[2] + n, sums[3] + cfg.batch_size]
             if taken % cfg.commit_every == 0 and position + width <= len(x_train):
                 if cfg.sync == "average" and dist.size > 1:
                     _average_state(model, self.optimizer, dist)  # one model to commit

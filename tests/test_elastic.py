@@ -17,7 +17,7 @@ from torch import nn
 
 from benchmarks.elastic import horovod_workers, kill_worker
 from dl.models import build
-from dl.train import TrainConfig, fit
+from dl.train import SingleProcess, TrainConfig, fit
 from dlpipe.config import load_config
 from dlpipe.errors import ConfigError
 from dlpipe.launchers import task_attempts
@@ -26,23 +26,11 @@ from tests.test_drills import cli_args
 from tests.test_train import _blobs, tiny_net
 
 
-class Alone:
+class Alone(SingleProcess):
     """Rank `rank` of `size`, with no peers here: each collective sees this rank's values only."""
 
     def __init__(self, rank, size):
         self.rank, self.size = rank, size
-
-    def sum(self, values):
-        return list(values)
-
-    def min(self, value):
-        return value
-
-    def average_(self, tensor):
-        pass
-
-    def broadcast_(self, tensor, root=0):
-        pass
 
 
 class Recorder(nn.Module):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dl.models import CNNConfig, ConvBlock, Net, build
-from dl.train import TrainConfig, fit
+from dl.train import SingleProcess, TrainConfig, fit
 from dlpipe.launchers import load_shard
 
 
@@ -197,25 +197,13 @@ def test_the_validation_confusion_matrix_counts_every_val_row_as_the_net_predict
 
 
 def test_overlap_starts_each_gradients_average_during_backward_and_leaves_no_hook():
-    class Recording:
+    class Recording(SingleProcess):
         """2 workers as seen by one: averages are identities; records what started when."""
 
         rank, size = 0, 2
 
         def __init__(self):
             self.started, self.finished = [], 0
-
-        def sum(self, values):
-            return list(values)
-
-        def min(self, value):
-            return value
-
-        def average_(self, tensor):
-            pass
-
-        def broadcast_(self, tensor, root=0):
-            pass
 
         def start_average_(self, tensor, key):
             self.started.append(key)
