@@ -6,11 +6,14 @@ out of Spark attempts, a one-line failure (never a hang) that the next train res
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pyspark
 import pytest
 import torch
 from torch import nn
@@ -204,6 +207,8 @@ def test_an_executor_lost_on_a_local_cluster_is_dropped_and_its_task_taken_back(
     seen.append(out)
     assert child.returncode == 0, "".join(seen)[-3000:]
     summary = json.loads((tmp_path / "elastic_executor.json").read_text())
+    # the cluster's executors copied every jar (about 2 GB) into <SPARK_HOME>/work/<app id>: not kept
+    shutil.rmtree(Path(pyspark.__file__).parent / "work" / summary["spark_app_id"])
     client = MlflowClient(cfg.mlflow.tracking_uri)
     assert client.get_run(summary["run_id"]).info.status == "FINISHED"
     sizes = [int(m.value) for m in sorted(client.get_metric_history(summary["run_id"], "workers"), key=lambda m: m.timestamp)]
