@@ -191,9 +191,9 @@ def fit(
         if pretrained:
             model.set_pretraining((epoch - 1) // cfg.pretrain_epochs if epoch <= pretrained else None)
         if elastic:
-            snapshot = lambda at, done=epoch - 1: _snapshot(model, learner, done, done * steps, history, at)  # noqa: E731
             loss_sum, figure_sum, counted, seen, train_seconds = learner.elastic_epoch(
-                x_train, y_train, epoch, within, lambda at: commit(snapshot(at)))
+                x_train, y_train, epoch, within,
+                lambda at, done=epoch - 1: commit(_snapshot(model, learner, done, done * steps, history, at)))
             within = None
         else:
             loss_sum, figure_sum, counted, seen = learner.epoch(x_train, y_train, epoch)

@@ -243,16 +243,8 @@ def train_worker(task: TrainTask, backend: str):
             stop=(reporter or (lambda metrics: False)) if task.trial is not None else None,
             log=lambda line: print(line, flush=True),
         )
-        unsent = sender.close() if sender else []  # the driver sends them, or keeps them in the outbox
-        mine = history[-1]["worker_samples_per_sec"] if history else 0.0
-        per_worker = dist.sum([mine if i == dist.rank else 0.0 for i in range(dist.size)])
         rows = dist.sum([len(train[0])])[0]  # a collective: every rank takes part
-        if not main:
-            return None
-        return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
-                "train_rows": int(rows), "world_size": dist.size, "device": str(device),
-                "worker_samples_per_sec": per_worker, "pruned_at": reporter.pruned_at if reporter else None,
-                "unsent": unsent}
+        return _result(dist, model, history, sender, int(rows), device, reporter.pruned_at if reporter else None)
     except BaseException as exc:  # noqa: BLE001 - reported to the driver with the rank, then re-raised
         print(f"dlpipe: worker rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         _report_failure(task.error_dir, rank, exc)
@@ -331,14 +323,21 @@ def _train_elastic(task: TrainTask):
         return model, history, dist
 
     model, history, dist = attempt(state)
+    return _result(dist, model, history, sender, len(train[0]), device, None)  # every worker held every row
+
+
+def _result(dist, model: torch.nn.Module, history: list[dict], sender, rows: int, device, pruned_at):
+    """Rank 0's result for the driver (None on the others, after the collective they take part in):
+    the weights, history, throughput per worker and the epoch records the sender could not deliver
+    (the driver sends them, or keeps them in the outbox)."""
     unsent = sender.close() if sender else []
     mine = history[-1]["worker_samples_per_sec"] if history else 0.0
     per_worker = dist.sum([mine if i == dist.rank else 0.0 for i in range(dist.size)])
     if dist.rank != 0:
         return None
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history,
-            "train_rows": len(train[0]), "world_size": dist.size, "device": str(device),
-            "worker_samples_per_sec": per_worker, "pruned_at": None, "unsent": unsent}
+            "train_rows": rows, "world_size": dist.size, "device": str(device),
+            "worker_samples_per_sec": per_worker, "pruned_at": pruned_at, "unsent": unsent}
 
 
 def load_features(model: torch.nn.Module, state: dict) -> None:
