@@ -27,26 +27,29 @@ from dlpipe.launchers import TrainTask
 GOALS = {"accuracy_delta": ">= -0.005", "time_lost_s": "< epoch_s"}
 
 
-def horovod_workers() -> dict[int, int]:
-    """{rank at start: pid} of this machine's Horovod-on-Spark worker processes (the processes Spark's
-    task services start; each keeps the HOROVOD_RANK it was started with)."""
+def horovod_workers(under: int | None = None) -> dict[int, int]:
+    """{rank at start: pid} of the Horovod-on-Spark worker processes (the processes Spark's task
+    services start; each keeps the HOROVOD_RANK it was started with) that descend from process
+    `under` (default: this one), so another job's workers on the same machine are never touched."""
+    import psutil
+
     found = {}
-    for proc in Path("/proc").iterdir():
+    for proc in psutil.Process(under or os.getpid()).children(recursive=True):
         try:
-            if b"horovod.spark.task.gloo_exec_fn" not in (proc / "cmdline").read_bytes():
+            if "horovod.spark.task.gloo_exec_fn" not in " ".join(proc.cmdline()):
                 continue
-            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
-        except OSError:  # ended meanwhile, or not ours
+            rank = proc.environ().get("HOROVOD_RANK")
+        except psutil.Error:  # ended meanwhile
             continue
-        if b"HOROVOD_RANK" in env:
-            found[int(env[b"HOROVOD_RANK"])] = int(proc.name)
+        if rank is not None:
+            found[int(rank)] = proc.pid
     return found
 
 
-def kill_worker(rank: int, timeout_s: float = 60.0) -> int:
-    """SIGKILL the worker process started as `rank`; its pid."""
+def kill_worker(rank: int, timeout_s: float = 60.0, under: int | None = None) -> int:
+    """SIGKILL the worker process started as `rank` below process `under` (default: this one); its pid."""
     deadline = time.monotonic() + timeout_s
-    while (pid := horovod_workers().get(rank)) is None:
+    while (pid := horovod_workers(under).get(rank)) is None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no Horovod worker of rank {rank} appeared in {timeout_s:.0f} s")
         time.sleep(0.05)

@@ -128,7 +128,23 @@ def train_process(cfg, tmp_path, name, master, *sets):
             "--set", "train.commit_every=5", "--set", f"train.checkpoint_uri={tmp_path / 'checkpoints'}", *sets]
     return subprocess.Popen([sys.executable, "-m", "dlpipe.cli", "train", *args, "--summary", str(tmp_path / f"{name}.json")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            env={**os.environ, "PYTHONPATH": os.getcwd(), "DLPIPE_TEST_RUN": str(tmp_path)})
+
+
+def workers_left(tmp_path) -> list[int]:
+    """Horovod worker processes of the train started by `train_process` in `tmp_path` still alive
+    anywhere on the machine (an orphan is no longer below the train; the environment still tells)."""
+    import psutil
+
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if ("horovod.spark.task.gloo_exec_fn" in " ".join(proc.cmdline())
+                    and proc.environ().get("DLPIPE_TEST_RUN") == str(tmp_path)):
+                left.append(proc.pid)
+        except psutil.Error:
+            continue
+    return left
 
 
 def read_until(child, text: str, seen: list) -> None:
@@ -150,7 +166,8 @@ def test_a_worker_killed_mid_run_is_dropped_and_taken_back(prepared_small, tmp_p
     seen = []
     try:
         read_until(child, "epoch 2/", seen)
-        kill_worker(1)
+        assert workers_left(tmp_path), "the workers do not carry the test's environment"
+        kill_worker(1, under=child.pid)
         out, _ = child.communicate(timeout=600)
     finally:
         if child.poll() is None:
@@ -168,7 +185,7 @@ def test_a_worker_killed_mid_run_is_dropped_and_taken_back(prepared_small, tmp_p
     rows = len(read_table(prepared, "train"))
     samples = [m.value for m in client.get_metric_history(run.info.run_id, "samples")]
     assert all(rows - 2 * 4 < s <= rows for s in samples), (rows, samples)  # every row but a tail, never twice
-    assert not horovod_workers()
+    assert not workers_left(tmp_path)
 
 
 def executor_of(pid: int) -> int:
@@ -198,7 +215,7 @@ def test_an_executor_lost_on_a_local_cluster_is_dropped_and_its_task_taken_back(
         while not any((tmp_path / "checkpoints").rglob("epoch-0001.pt")):
             assert time.monotonic() < deadline and child.poll() is None, "no first checkpoint"
             time.sleep(0.05)
-        worker = horovod_workers()[1]
+        worker = horovod_workers(child.pid)[1]
         os.kill(executor_of(worker), 9)
         out, _ = child.communicate(timeout=600)
     finally:
@@ -229,9 +246,9 @@ def test_below_min_workers_and_out_of_attempts_fails_in_one_line_then_resumes(pr
     seen = []
     try:
         read_until(child, "epoch 2/", seen)
-        kill_worker(1)
+        kill_worker(1, under=child.pid)
         read_until(child, "elastic: 2 workers, from epoch", seen)  # Spark's second attempt, taken back
-        kill_worker(1)
+        kill_worker(1, under=child.pid)
         started = time.monotonic()
         out, _ = child.communicate(timeout=300)
         waited = time.monotonic() - started
