@@ -134,3 +134,22 @@ def test_append_after_a_job_died_half_way_stores_the_rest_once(spark, tmp_path, 
     assert rerun["accepted"] + rerun["already_stored"] == 20 and rerun["rejected"] == 0
     keys = [k for s in SPLITS for k in deltalake.DeltaTable(cfg.table_uri(s)).to_pandas()["key"]]
     assert len(keys) == len(set(keys)) == first["accepted"] + 20
+
+
+@pytest.mark.parametrize("given", [None, "3"])
+def test_the_table_writes_scan_the_staged_rows_in_four_tasks_per_core_and_a_given_value_wins(spark, tmp_path,
+                                                                                              monkeypatch, given):
+    """While prepare writes, Spark cuts the staged files into 4 scan tasks per core (3 tasks on 2
+    cores left one core idle for a third of each write); the session is left as it was, and a
+    value the user set (spark-submit --conf) is kept."""
+    key, seen, write = "spark.sql.files.minPartitionNum", [], lake.write_table
+    monkeypatch.setattr(lake, "write_table", lambda df, uri, **kw: seen.append(spark.conf.get(key, None)) or write(df, uri, **kw))
+    _landing(tmp_path)
+    if given:
+        spark.conf.set(key, given)
+    try:
+        stage("prepare", spark, _config(tmp_path, "data.max_rejected_fraction=0.2"))
+        assert seen and set(seen) == {given or str(4 * spark.sparkContext.defaultParallelism)}
+        assert spark.conf.get(key, None) == given
+    finally:
+        spark.conf.unset(key)

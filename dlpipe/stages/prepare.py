@@ -34,6 +34,7 @@ dlpipe.lake.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -108,7 +109,9 @@ def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
     try:
         staged, per_file = _stage(spark, stage_parsed(spark, files, parser, staging), parser.schema, kind, data)
         say(f"read and parsed every file once, rows staged in {staging}")
-        summary.update(_write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table, uris, read))
+        with _even_scans(spark):
+            summary.update(_write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table,
+                                  uris, read))
     finally:
         _remove(staging)
     return summary | {"seconds": round(time.perf_counter() - started, 3)}
@@ -126,6 +129,26 @@ def _stage(spark: SparkSession, written: dict[str, list[str]], schema: str, kind
     return staged, read(written["sources"], "source string, rows long")
 
 
+SCAN_TASKS_PER_CORE = 4
+
+
+@contextlib.contextmanager
+def _even_scans(spark: SparkSession):
+    """Split the staged files into SCAN_TASKS_PER_CORE scan tasks per core while this job runs.
+    Spark's default (as many splits as cores, files packed whole) gave the table writes 3 tasks
+    on 2 cores: the third ran alone, a third of a write's time (docs/performance.md). The staged
+    files have small row groups, so Spark can cut them evenly. A value set with spark-submit wins."""
+    key = "spark.sql.files.minPartitionNum"
+    if spark.conf.get(key, None) is not None:
+        yield
+        return
+    spark.conf.set(key, str(SCAN_TASKS_PER_CORE * spark.sparkContext.defaultParallelism))
+    try:
+        yield
+    finally:
+        spark.conf.unset(key)
+
+
 def _remove(uri: str) -> None:
     try:
         filesystem, path = storage.filesystem(uri)
@@ -137,8 +160,9 @@ def _remove(uri: str) -> None:
 def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table, uris, read) -> dict:
     base = list(kind.BASE)
     keys = staged.where(F.col("split") != REJECTED).select("key", "source", "row", "split")
-    losers = _losers(spark, keys, uris, read, base, data.mode, getattr(kind, "UNIQUE_KEYS", False))
     counts = {r["split"]: r["count"] for r in staged.groupBy("split").count().collect()}
+    losers = _losers(spark, keys, sum(n for s, n in counts.items() if s != REJECTED), uris, read, base, data.mode,
+                     getattr(kind, "UNIQUE_KEYS", False))
     if per_file.count() != len(files):  # the parser gives every file at least one row, readable or not
         seen = {r["source"] for r in per_file.select("source").collect()}
         lost = sorted({path for path, _ in files} - seen)
@@ -233,17 +257,22 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
     return out
 
 
-def _losers(spark, keys: DataFrame, uris, read, base, mode: str, unique: bool) -> DataFrame | None:
+def _losers(spark, keys: DataFrame, rows: int, uris, read, base, mode: str, unique: bool) -> DataFrame | None:
     """Rows that must not be stored: (key, source, row, split, reason). Every repeat of a key
     after its first (by source file and row) gets a reason; in append mode so does a key already
     in the tables from another file, while a key already stored from the same file gets reason
     null (stored before, not again). Reads only the key columns; None when there is none.
-    `unique`: the kind's keys cannot repeat within a job (one row per file), no window needed."""
+    `rows`: how many `keys` holds. `unique`: the kind's keys cannot repeat within a job (one row
+    per file), no check needed."""
     window = Window.partitionBy("key").orderBy("source", "row")
     first = F.first(F.struct("source", "row")).over(window)
     where = F.concat(first["source"], F.when(first["row"].isNotNull(), F.concat(F.lit(" line "), first["row"])).otherwise(F.lit("")))
-    frames = [] if unique else [keys.withColumn("reason", F.when(F.row_number().over(window) > 1, F.concat(
-        F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")")))).where(F.col("reason").isNotNull())]
+    # a repeat is rare: counting the distinct keys (one key-only aggregate) rules it out, and only
+    # then are the rows ranked per key (a shuffle and sort of every key with its source)
+    repeats = not unique and keys.select("key").distinct().count() < rows
+    frames = [keys.withColumn("reason", F.when(F.row_number().over(window) > 1, F.concat(
+        F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")")))).where(
+        F.col("reason").isNotNull())] if repeats else []
     if mode == "append":
         stored = [lake.read_table(spark, uris[s], read[s]).select("key", F.col("source").alias("_from"), F.lit(uris[s]).alias("_in"))
                   for s in base if read[s] is not None]
