@@ -1,4 +1,4 @@
-"""The one plain PyTorch training loop every benchmark baseline uses: a single process, Adam,
+"""The one plain PyTorch training loop every benchmark baseline uses: a single process, Adam (fused, as dlpipe's),
 cross-entropy, the net built the way dlpipe builds it, no dlpipe code on the hot path. Its
 learning-rate schedule and thread budget are parameters, so a baseline runs with the same ones as
 the dlpipe run it is compared with (and its summary says which it used)."""
@@ -34,7 +34,7 @@ def plain_fit(net: Net, train: tuple[np.ndarray, np.ndarray], test: tuple[np.nda
     started = time.perf_counter()
     x, y = torch.from_numpy(np.ascontiguousarray(train[0], np.float32)), torch.from_numpy(np.asarray(train[1])).long()
     model = build(net)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)  # the same update as dlpipe's (dl.train)
     steps = len(x) // batch_size
     if steps == 0:
         raise ValueError(f"{len(x)} training rows are fewer than one batch of {batch_size}")

@@ -75,7 +75,7 @@ def _loop(config: dict) -> None:
     td.all_reduce(steps, op=td.ReduceOp.MIN)  # every worker the same number of steps, as dlpipe does
     torch.manual_seed(config["seed"])
     model = ray.train.torch.prepare_model(build(config["net"]))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=True)  # as dlpipe's (dl.train)
     loss_fn = torch.nn.CrossEntropyLoss()
     test = load_shard(config["test_files"], shape, 0, 1) if rank == 0 else None
     history = []

@@ -429,7 +429,10 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel over all parameters (on the CPU 4x faster than the default for-each update:
+        # 3.5 ms against 14 ms for word2vec's two 14,194 x 100 tables, docs/performance.md)
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r} (expected adam or sgd)")
 
 
