@@ -108,14 +108,11 @@ def fit(accepted: DataFrame, data) -> dict:
     """Mean/std of each numeric column and the values of each categorical column, on train rows."""
     t = data.table
     train = accepted.where(F.col("split") == "train")
-    # one aggregate over the train rows: each numeric position's mean and std, each categorical
-    # position's set of values (no explode: the rows are not multiplied by the columns)
-    row = train.agg(*[F.mean(F.col("num")[i]).alias(f"m{i}") for i in range(len(t.numeric))],
-                    *[F.stddev_pop(F.col("num")[i]).alias(f"s{i}") for i in range(len(t.numeric))],
-                    *[F.collect_set(F.col("cat")[j]).alias(f"c{j}") for j in range(len(t.categorical))],
-                    F.count(F.lit(1)).alias("rows")).first()  # rows: an aggregate even with no columns
-    moments = {i: (row[f"m{i}"], row[f"s{i}"]) for i in range(len(t.numeric)) if row[f"m{i}"] is not None}
-    values = {j: row[f"c{j}"] for j in range(len(t.categorical))}
+    moments = {r["pos"]: (r["mean"], r["std"]) for r in train.select(F.posexplode("num")).groupBy("pos").agg(
+        F.mean("col").alias("mean"), F.stddev_pop("col").alias("std")).collect()}
+    values: dict[int, list[str]] = {}
+    for r in train.select(F.posexplode("cat")).distinct().collect():
+        values.setdefault(r["pos"], []).append(r["col"])
     classes = list(t.classes)
     if t.task == "classification" and not classes:
         classes = sorted(r["label_name"] for r in accepted.select("label_name").distinct().collect())
