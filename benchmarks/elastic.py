@@ -27,23 +27,29 @@ from dlpipe.launchers import TrainTask
 GOALS = {"accuracy_delta": ">= -0.005", "time_lost_s": "< epoch_s"}
 
 
-def horovod_workers(under: int | None = None) -> dict[int, int]:
-    """{rank at start: pid} of the Horovod-on-Spark worker processes (the processes Spark's task
-    services start; each keeps the HOROVOD_RANK it was started with) that descend from process
-    `under` (default: this one), so another job's workers on the same machine are never touched."""
+def horovod_processes(procs) -> list[tuple[int, dict[str, str]]]:
+    """(pid, environment) of the Horovod-on-Spark worker processes (the processes Spark's task
+    services start) among psutil processes `procs`; one that ended meanwhile is left out."""
     import psutil
 
-    found = {}
-    for proc in psutil.Process(under or os.getpid()).children(recursive=True):
+    found = []
+    for proc in procs:
         try:
-            if "horovod.spark.task.gloo_exec_fn" not in " ".join(proc.cmdline()):
-                continue
-            rank = proc.environ().get("HOROVOD_RANK")
+            if "horovod.spark.task.gloo_exec_fn" in " ".join(proc.cmdline()):
+                found.append((proc.pid, proc.environ()))
         except psutil.Error:  # ended meanwhile
             continue
-        if rank is not None:
-            found[int(rank)] = proc.pid
     return found
+
+
+def horovod_workers(under: int | None = None) -> dict[int, int]:
+    """{rank at start: pid} of the Horovod-on-Spark worker processes (each keeps the HOROVOD_RANK it
+    was started with) that descend from process `under` (default: this one), so another job's
+    workers on the same machine are never touched."""
+    import psutil
+
+    children = psutil.Process(under or os.getpid()).children(recursive=True)
+    return {int(env["HOROVOD_RANK"]): pid for pid, env in horovod_processes(children) if "HOROVOD_RANK" in env}
 
 
 def kill_worker(rank: int, timeout_s: float = 60.0, under: int | None = None) -> int:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.elastic import horovod_workers, kill_worker
+from benchmarks.elastic import horovod_processes, horovod_workers, kill_worker
 from dl.models import build
 from dl.train import SingleProcess, TrainConfig, fit
 from dlpipe.config import load_config
@@ -136,15 +136,7 @@ def workers_left(tmp_path) -> list[int]:
     anywhere on the machine (an orphan is no longer below the train; the environment still tells)."""
     import psutil
 
-    left = []
-    for proc in psutil.process_iter():
-        try:
-            if ("horovod.spark.task.gloo_exec_fn" in " ".join(proc.cmdline())
-                    and proc.environ().get("DLPIPE_TEST_RUN") == str(tmp_path)):
-                left.append(proc.pid)
-        except psutil.Error:
-            continue
-    return left
+    return [pid for pid, env in horovod_processes(psutil.process_iter()) if env.get("DLPIPE_TEST_RUN") == str(tmp_path)]
 
 
 def read_until(child, text: str, seen: list) -> None:
