@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dlpipe import storage
+from dlpipe import storage, tensors
 from dlpipe.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +54,8 @@ def _write_splits(out: str, keys: list[str], columns: dict[str, pa.Array]) -> No
 
 
 def _images_baseline(cfg: Config, files: list[tuple[str, int]], out: str) -> int:
-    """PIL + numpy + pyarrow, single process: decode, resize, scale to [0, 1], channels-first,
-    split by a hash of the key, one Parquet file per split."""
+    """PIL + numpy + pyarrow, single process: decode, resize, channels-first bytes (stored as
+    dlpipe stores them, dlpipe.tensors), split by a hash of the key, one Parquet file per split."""
     from PIL import Image
 
     size, channels, label_of = cfg.data.image_size, cfg.data.channels, {c: i for i, c in enumerate(cfg.data.classes)}
@@ -68,13 +68,12 @@ def _images_baseline(cfg: Config, files: list[tuple[str, int]], out: str) -> int
         if folder not in label_of:
             continue
         with open(storage.path_of(path), "rb") as f, Image.open(io.BytesIO(f.read())) as image:
-            array = np.asarray(image.convert(mode).resize((size, size)), dtype=np.float32) / 255.0
+            array = np.asarray(image.convert(mode).resize((size, size)), dtype=np.uint8)
         keys.append(key)
         labels.append(label_of[folder])
         pixels.append(array.reshape(size, size, channels).transpose(2, 0, 1).ravel())
-    flat = pa.array(np.concatenate(pixels)) if pixels else pa.array([], pa.float32())
-    offsets = pa.array(np.arange(0, len(pixels) + 1, dtype=np.int32) * (size * size * channels))
-    _write_splits(out, keys, {"label": pa.array(labels, pa.int32()), "pixels": pa.ListArray.from_arrays(offsets, flat)})
+    flat = np.stack(pixels) if pixels else np.zeros((0, size * size * channels), np.uint8)
+    _write_splits(out, keys, {"label": pa.array(labels, pa.int32()), "pixels": tensors.pack("pixels", flat)})
     return len(keys)
 
 
@@ -124,9 +123,8 @@ def _tables_baseline(cfg: Config, files: list[tuple[str, int]], out: str) -> int
         columns.append(onehot)
     x = np.ascontiguousarray(np.hstack(columns), np.float32)
     classes = list(t.classes) or sorted(labels.unique())
-    offsets = pa.array(np.arange(0, len(x) + 1, dtype=np.int32) * x.shape[1])
     _write_splits(out, keys, {"label": pa.array(labels.map({n: i for i, n in enumerate(classes)}).to_numpy(np.int32)),
-                              "features": pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))})
+                              "features": tensors.pack("features", x)})  # float32 bytes, as dlpipe stores them
     return len(x)
 
 
@@ -230,7 +228,9 @@ def _loader(cfg: Config, train: dict, repeats: int) -> dict:
 
     def raw():
         table = pq.read_table([storage.path_of(f) for f in files], columns=["label", "pixels"])
-        x = pa.compute.list_flatten(table.column("pixels")).to_numpy().reshape(table.num_rows, *shape).astype(np.float32)
+        pixels = table.column("pixels").combine_chunks()  # one byte per value, rows back to back
+        x = np.frombuffer(pixels.buffers()[2], np.uint8)[: table.num_rows * int(np.prod(shape))]
+        x = (x.astype(np.float32) / np.float32(255)).reshape(table.num_rows, *shape)
         return x, table.column("label").to_numpy().astype(np.int64)
 
     raw_s, (x, _) = _best(repeats, raw)

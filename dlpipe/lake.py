@@ -30,7 +30,7 @@ from py4j.java_gateway import JavaClass
 from py4j.protocol import Py4JJavaError
 from pyspark.sql.types import StructType
 
-from dlpipe import storage
+from dlpipe import storage, tensors
 from dlpipe.errors import ConflictError
 from dlpipe.lake_files import ParquetFilesDataSource
 from dlpipe.lake_files import write_files as _write_files
@@ -130,13 +130,16 @@ def _conflict(uri: str, expect: int | None, now: int | None) -> ConflictError:
                          "Rerun the job: it takes only what is left")
 
 
-def read_table(spark: SparkSession, uri: str, version: int | None = None) -> DataFrame:
-    """The table at `version` (default: the latest, pinned now) as a DataFrame."""
+def read_table(spark: SparkSession, uri: str, version: int | None = None, *, stored: bool = False) -> DataFrame:
+    """The table at `version` (default: the latest, pinned now) as a DataFrame, its tensor columns
+    (pixels, features) as array<float>; `stored=True`: as stored (bytes, dlpipe.tensors)."""
     uri = _norm(uri)
     table = _open(uri, version)
     if native_delta_available(spark):
-        return spark.read.format("delta").option("versionAsOf", table.version()).load(uri)
-    return read_parquet(spark, table.file_uris(), _spark_schema(_files_are_rows(uri, table)))
+        df = spark.read.format("delta").option("versionAsOf", table.version()).load(uri)
+    else:
+        df = read_parquet(spark, table.file_uris(), _spark_schema(_files_are_rows(uri, table)))
+    return df if stored else tensors.spark_arrays(df)
 
 
 def read_parquet(spark: SparkSession, files: list[str], schema: StructType) -> DataFrame:
@@ -170,6 +173,12 @@ def table_rows(uri: str, version: int) -> int:
     uri = _norm(uri)
     actions = pa.table(_files_are_rows(uri, _open(uri, version)).get_add_actions(flatten=True))
     return int(sum(n or 0 for n in actions.column("num_records").to_pylist()))
+
+
+def schema(uri: str, version: int) -> StructType:
+    """The Spark schema of one snapshot, from its log (no data read)."""
+    uri = _norm(uri)
+    return _spark_schema(_open(uri, version))
 
 
 def read_columns(uri: str, version: int, columns: list[str]) -> pa.Table:

@@ -19,7 +19,7 @@ import torch
 
 from dl.models import Net, build
 from dl.train import SingleProcess, TrainConfig, fit
-from dlpipe import checkpoints, outbox
+from dlpipe import checkpoints, outbox, tensors
 from dlpipe.storage import filesystem
 
 
@@ -159,7 +159,7 @@ def load_shard(files: list[str], shape: tuple[int, ...], rank: int, size: int, m
     at = 0
     for t, where in tables:
         n = t.num_rows
-        values = pc.list_flatten(t.column(column)).to_numpy()
+        values = tensors.values(t.column(column), column)  # stored bytes or arrays
         if values.size != n * int(np.prod(shape)):
             raise ValueError(f"{where}: {column} hold {values.size} values for {n} rows, expected {int(np.prod(shape))} "
                              f"per row (input shape {shape})")

@@ -7,18 +7,19 @@ import io
 import numpy as np
 import pyarrow as pa
 
+from dlpipe import tensors
 from pipelines.sources import Parser
 
 DECODED_SCHEMA = (
-    "key string, source string, label int, label_name string, pixels array<float>, "
+    "key string, source string, label int, label_name string, pixels binary, "
     "height int, width int, channels int, error string"
 )
 
 
 def image_parser(landing_uri: str, classes: list[str], size: int, channels: int) -> Parser:
     """Decode in the Spark task that read the files; rows that cannot be used carry the reason in
-    `error`. The pixels of a batch go out as one float32 buffer (a list array over it), not as
-    one Python object per image."""
+    `error`. Pixels are stored as the decoded bytes (dlpipe.tensors: uint8, channels-first; readers
+    get floats in [0, 1]); the pixels of a batch go out as one buffer, not one object per image."""
     root = landing_uri.rstrip("/")
     label_of = {name: i for i, name in enumerate(classes)}
     mode = {1: "L", 3: "RGB"}[channels]
@@ -42,8 +43,8 @@ def image_parser(landing_uri: str, classes: list[str], size: int, channels: int)
                 try:
                     with Image.open(io.BytesIO(content)) as image:
                         image = image.convert(mode).resize((size, size))
-                        array = np.asarray(image, dtype=np.float32) / 255.0
-                    # channels-first, flattened: (C, H, W) -> C*H*W floats in [0, 1]
+                        array = np.asarray(image, dtype=np.uint8)
+                    # channels-first, flattened: (C, H, W) -> C*H*W bytes
                     pixels.append(array.reshape(size, size, channels).transpose(2, 0, 1).ravel())
                     label = label_of[folder]
                 except UnidentifiedImageError:  # its message names an in-memory buffer: say it plainly
@@ -55,14 +56,12 @@ def image_parser(landing_uri: str, classes: list[str], size: int, channels: int)
             names.append(folder or None)
             errors.append(error)
             valid.append(error is None)
-        flat = np.concatenate(pixels) if pixels else np.zeros(0, np.float32)
-        offsets = np.zeros(len(keys) + 1, np.int32)
-        offsets[1:] = np.cumsum(np.where(valid, values, 0))
+        flat = np.concatenate(pixels) if pixels else np.zeros(0, np.uint8)
         n = len(keys)
         return pa.RecordBatch.from_arrays(
             [pa.array(keys, pa.string()), pa.array(paths, pa.string()), pa.array(labels, pa.int32()),
              pa.array(names, pa.string()),
-             pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array([not ok for ok in valid])),
+             tensors.pack("pixels", flat.reshape(-1, values), np.array(valid, bool)),
              pa.array([size] * n, pa.int32()), pa.array([size] * n, pa.int32()),
              pa.array([channels] * n, pa.int32()), pa.array(errors, pa.string())],
             names=[c.split()[0] for c in DECODED_SCHEMA.split(", ")],

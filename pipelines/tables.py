@@ -1,5 +1,6 @@
 """data.kind: table. CSV / JSON lines / Parquet rows with a declared label column ->
-`key string, source string, label int, label_name string, features array<float>` (classification)
+`key string, source string, label int, label_name string, features binary` (classification;
+features are float32 bytes, dlpipe.tensors: Spark readers of lake.read_table get array<float>)
 or `key, source, label double, features` (regression) in <name>_train/_val/_test.
 
 Numeric columns are standardized and categorical columns one-hot encoded, with statistics and
@@ -19,6 +20,7 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from dlpipe import tensors
 from pipelines import records
 from pipelines.contract import record_parser
 from pipelines.sources import Parser
@@ -173,11 +175,11 @@ def to_base(accepted: DataFrame, data, state: dict) -> DataFrame:
                         "label_name": batch.column("label_name")}
             else:
                 out["label"] = batch.column("target").cast(pa.float64())
-            out["features"] = pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * width), pa.array(x.ravel()))
+            out["features"] = tensors.pack("features", x)  # float32 bytes per row (dlpipe.tensors)
             yield pa.RecordBatch.from_pydict(out)
 
-    schema = ("key string, source string, split string, label int, label_name string, features array<float>"
-              if classification else "key string, source string, split string, label double, features array<float>")
+    schema = ("key string, source string, split string, label int, label_name string, features binary"
+              if classification else "key string, source string, split string, label double, features binary")
     return accepted.mapInArrow(transform, schema)
 
 

@@ -75,11 +75,17 @@ sys.meta_path.insert(0, NoDlpipe())
 
 
 def read_table(summary, suffix):
-    """The table a prepare summary names, at the version it wrote, as pandas (delta-rs, no Spark)."""
+    """The table a prepare summary names, at the version it wrote, as pandas (delta-rs, no Spark),
+    its tensor columns unpacked to float arrays (dlpipe.tensors)."""
     import deltalake
 
+    from dlpipe import tensors
+
     table = summary["tables"][suffix]
-    return deltalake.DeltaTable(table["uri"], version=table["version"]).to_pandas()
+    arrow = deltalake.DeltaTable(table["uri"], version=table["version"]).to_pyarrow_table()
+    for name in set(tensors.STORED) & set(arrow.column_names):
+        arrow = arrow.set_column(arrow.column_names.index(name), name, tensors.unpack(arrow.column(name), name))
+    return arrow.to_pandas()
 
 
 def split_rows(summary):

@@ -28,8 +28,9 @@ def test_decode_normalizes_and_rejects_with_reasons(spark, tmp_path):
     rows = {r["key"]: r for r in _decoded(spark, str(landing)).collect()}
     assert set(rows) == {"cat/a.png", "dog/b.png", "dog/corrupt.png", "dog/empty.png", "horse/c.png"}
     assert rows["cat/a.png"]["label"] == 0 and rows["cat/a.png"]["error"] is None
-    assert np.allclose(rows["cat/a.png"]["pixels"], 1.0) and len(rows["cat/a.png"]["pixels"]) == 16
-    assert rows["dog/b.png"]["label"] == 1 and np.allclose(rows["dog/b.png"]["pixels"], 0.0)
+    # stored as the decoded bytes (dlpipe.tensors): one uint8 per pixel, 255 = white
+    assert rows["cat/a.png"]["pixels"] == bytes([255] * 16)
+    assert rows["dog/b.png"]["label"] == 1 and rows["dog/b.png"]["pixels"] == bytes(16)
     assert rows["dog/corrupt.png"]["error"].startswith("cannot decode image")
     assert rows["dog/empty.png"]["error"] == "empty file"
     assert "unknown class folder 'horse'" in rows["horse/c.png"]["error"]

@@ -190,6 +190,6 @@ def test_features_are_standardized_numbers_then_one_hot_categories(spark):
     got = {r["key"]: r for r in to_base(accepted, data, state).collect()}
     expected = {"k1": [1.0, 5.0, 0, 1, 0, 0, 1], "k2": [-1.0, 0.0, 0, 0, 1, 0, 0], "k3": [0.0, -5.0, 1, 0, 0, 0, 0]}
     for key, vector in expected.items():
-        np.testing.assert_allclose(got[key]["features"], vector)
+        np.testing.assert_allclose(np.frombuffer(got[key]["features"], "<f4"), vector)  # stored: float32 bytes
     assert [got[k]["label"] for k in ("k1", "k2", "k3")] == [1, 0, 1]
     assert got["k2"]["split"] == "val" and got["k3"]["label_name"] == "yes"

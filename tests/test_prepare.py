@@ -153,3 +153,62 @@ def test_the_table_writes_scan_the_staged_rows_in_four_tasks_per_core_and_a_give
         assert spark.conf.get(key, None) == given
     finally:
         spark.conf.unset(key)
+
+
+def _grey(key: str) -> float:
+    """The grey level _landing gave an image, in [0, 1]: img_<i> is i * 10 out of 255."""
+    return int(key.rsplit("_", 1)[1][:3]) * 10 / 255
+
+
+def test_pixels_are_stored_as_bytes_and_every_reader_gets_floats_in_0_1(spark, tmp_path):
+    """The tables hold each image as its decoded bytes (dlpipe.tensors); Spark's reader
+    (lake.read_table), the training loader and the driver's Arrow readers give the same floats."""
+    from dlpipe import tensors
+    from dlpipe.worker import load_shard
+
+    _landing(tmp_path)
+    summary = stage("prepare", spark, _config(tmp_path, "data.max_rejected_fraction=0.2"))
+    train = summary["tables"]["train"]
+    stored = lake.read_table(spark, train["uri"], train["version"], stored=True)
+    assert dict(stored.dtypes)["pixels"] == "binary"
+    assert {len(r["pixels"]) for r in stored.collect()} == {16}  # 4 x 4 x 1 bytes
+    floats = lake.read_table(spark, train["uri"], train["version"])
+    assert dict(floats.dtypes)["pixels"] == "array<float>"
+    rows = floats.select("key", "pixels").collect()
+    for r in rows:
+        assert r["pixels"] == pytest.approx([_grey(r["key"])] * 16, abs=1e-7), r["key"]
+    x, _ = load_shard(lake.table_files(train["uri"], train["version"]), (1, 4, 4), 0, 1)
+    assert sorted(x[:, 0, 0, 0].tolist()) == pytest.approx(sorted(_grey(r["key"]) for r in rows), abs=1e-7)
+    arrow = lake.read_columns(train["uri"], train["version"], ["key", "pixels"])
+    driver = tensors.matrix(arrow.column("pixels"), "pixels")
+    assert driver.shape == (len(rows), 16) and driver.dtype == "float32"
+    assert driver[:, 5].tolist() == pytest.approx([_grey(k) for k in arrow.column("key").to_pylist()], abs=1e-7)
+
+
+def test_append_to_tables_of_float_arrays_keeps_their_arrays(spark, tmp_path):
+    """A lake written before pixels were stored as bytes (pixels array<float>) takes new files in
+    append mode in its own format, and every row reads back as before."""
+    import shutil
+
+    _landing(tmp_path, good=12)
+    cfg = _config(tmp_path, "data.max_rejected_fraction=0.3")
+    first = stage("prepare", spark, cfg)
+    for split in SPLITS:  # the older format: the same rows, pixels as float arrays
+        uri = first["tables"][split]["uri"]
+        old = lake.read_table(spark, uri, first["tables"][split]["version"]).toPandas()
+        shutil.rmtree(uri)
+        lake.write_table(spark.createDataFrame(old, "key string, source string, label int, label_name string, "
+                                                    "pixels array<float>, height int, width int, channels int"), uri)
+    for i in range(12, 26):  # grey levels up to 250
+        path = tmp_path / "landing" / CLASSES[i % 2] / f"img_{i:03d}.png"
+        Image.new("L", (6, 6), color=i * 10).save(path)
+    second = stage("prepare", spark, _config(tmp_path, "data.max_rejected_fraction=0.3", "data.mode=append"))
+    assert second["input_files"] == 14 and second["accepted"] == 14
+    keys = set()
+    for split in SPLITS:
+        table = second["tables"][split]
+        assert dict(lake.read_table(spark, table["uri"], table["version"], stored=True).dtypes)["pixels"] == "array<float>"
+        for r in lake.read_table(spark, table["uri"], table["version"]).select("key", "pixels").collect():
+            assert r["pixels"] == pytest.approx([_grey(r["key"])] * 16, abs=1e-7), r["key"]
+            keys.add(r["key"])
+    assert len(keys) == 26

@@ -45,8 +45,9 @@ from types import ModuleType
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import Window
+from pyspark.sql.types import ArrayType
 
-from dlpipe import lake, storage
+from dlpipe import lake, storage, tensors
 from dlpipe.config import DataConfig, PathsConfig, table_uri
 from dlpipe.errors import DataQualityError, DlpipeError, InputNotFound
 from pipelines.sources import list_files, stage_parsed
@@ -274,7 +275,7 @@ def _losers(spark, keys: DataFrame, rows: int, uris, read, base, mode: str, uniq
         F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")")))).where(
         F.col("reason").isNotNull())] if repeats else []
     if mode == "append":
-        stored = [lake.read_table(spark, uris[s], read[s]).select("key", F.col("source").alias("_from"), F.lit(uris[s]).alias("_in"))
+        stored = [lake.read_table(spark, uris[s], read[s], stored=True).select("key", F.col("source").alias("_from"), F.lit(uris[s]).alias("_in"))
                   for s in base if read[s] is not None]
         if stored:
             known = stored[0]
@@ -296,8 +297,13 @@ def _losers(spark, keys: DataFrame, rows: int, uris, read, base, mode: str, uniq
 
 
 def _write_split(spark, rows: DataFrame, uri: str, mode: str, metadata: dict, read: int | None) -> int:
+    if mode != "overwrite" and read is not None:
+        stored = lake.schema(uri, read)
+        if any(c in rows.columns and c in stored.fieldNames() and isinstance(stored[c].dataType, ArrayType)
+               for c in tensors.STORED):
+            rows = tensors.spark_arrays(rows)  # a table written with array<float> tensors keeps them
     if mode == "merge" and read is not None:
-        old = lake.read_table(spark, uri, read)
+        old = lake.read_table(spark, uri, read, stored=True)
         rows = old.join(rows.select("key"), "key", "left_anti").unionByName(rows)
         mode = "overwrite"
     return lake.write_table(rows, uri, mode=mode, metadata=metadata, expect=read)
@@ -320,7 +326,7 @@ def _reconcile(written: dict, read: dict, mode: str, accepted: int) -> None:
 
 def _frames(spark: SparkSession, written: dict) -> dict[str, DataFrame]:
     """The tables this job wrote, each at the version it wrote, for a kind's derive and report."""
-    return {suffix: lake.read_table(spark, t["uri"], t["version"]) for suffix, t in written.items()}
+    return {suffix: lake.read_table(spark, t["uri"], t["version"], stored=True) for suffix, t in written.items()}
 
 
 def ingested_sources(sources_uri: str, version: int | None) -> set[str]:

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from dl.models import build
-from dlpipe import checkpoints, lake, modeling, outbox, tracking
+from dlpipe import checkpoints, lake, modeling, outbox, tensors, tracking
 from dlpipe.config import DataConfig, MlflowConfig, ModelConfig, TrainConfig
 from dlpipe.errors import InputNotFound
 from dlpipe.launchers import LAUNCHERS, TrainTask, launch
@@ -166,7 +166,7 @@ def run(spark: SparkSession, train: TrainConfig, model: ModelConfig, data: DataC
             mlflow.set_tag("dlpipe.model_uri", info.model_uri)
             return _summary(active, info, tables, result, train, resume_from)
         val_rows = lake.dataset(*tables["val"])  # read on the driver with delta-rs: no Spark job
-        example = np.stack(val_rows.head(2, columns=[column]).column(0).to_numpy(zero_copy_only=False))
+        example = tensors.matrix(val_rows.head(2, columns=[column]).column(0), column)
         recommender = {}
         if column == "ratings":
             recommender["items"] = modeling.rating_index(tables["train"], "item")
@@ -209,7 +209,7 @@ def _confusion(trained, val, column: str, shape, label_ids: tuple[int, ...], num
             keep = np.isin(labels, label_ids) if label_ids else np.ones(len(labels), bool)
             if not keep.any():
                 continue
-            x = np.stack(batch.column(column).to_numpy(zero_copy_only=False)[keep]).astype(np.float32)
+            x = tensors.matrix(batch.column(column), column)[keep].astype(np.float32)
             predicted = trained(torch.from_numpy(x.reshape(-1, *shape))).argmax(1).numpy()
             truth = np.array([renumber[v] for v in labels[keep]]) if label_ids else labels[keep]
             np.add.at(matrix, (truth.astype(np.int64), predicted), 1)
