@@ -26,7 +26,8 @@ def holdout(spark: SparkSession, model_uri: str, table: TableRef, *, task: str, 
     test_qe (mean quantization error); recommendation: test_rmse and test_mae over the held-out
     ratings, test_ratings (how many); embedding: test_loss and test_pair_accuracy of word2vec's
     objective (dlpipe.words.holdout). All: test_rows (users for a recommender)."""
-    rows = modeling.relabel(lake.read_table(spark, table.uri, table.version), label_ids)
+    # stored tensor columns as they are: predict unpacks them in its own batches
+    rows = modeling.relabel(lake.read_table(spark, table.uri, table.version, stored=True), label_ids)
     if task == "recommendation":  # rating vectors: the held-out ratings predicted from the known ones
         from dlpipe import recommend
 

@@ -16,6 +16,8 @@ import pyarrow.compute as pc
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from dlpipe import tensors
+
 # rows the model cannot take (wrong length, NaN or infinite, out of range) are kept: no prediction, the reason
 PREDICTION_SCHEMA = ("key string, label int, prediction long, label_name string, probabilities array<float>, "
                      "rejected_reason string")
@@ -76,7 +78,7 @@ def predict(spark: SparkSession, images: DataFrame, model_uri: str) -> DataFrame
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         model = _load(shipped)
         for batch in batches:
-            x, reasons = _checked(model, batch.column(column))
+            x, reasons = _checked(model, tensors.unpack(batch.column(column), column))  # stored bytes or lists
             good = np.array([r is None for r in reasons], dtype=bool)
             out = model.predict(None, x[good])
             columns = {"key": batch.column("key"), "label": batch.column("label")}

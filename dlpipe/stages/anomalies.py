@@ -20,7 +20,7 @@ def run(spark: SparkSession, mlflow_cfg: MlflowConfig, *, model_uri: str, table:
     tracking.setup(mlflow_cfg)
     model_uri = modeling.resolve(model_uri)
     ref = resolve(table, hint="give --table <uri> or <uri>@<version> of an image or features table")
-    predictions = predict(spark, lake.read_table(spark, ref.uri, ref.version), model_uri)
+    predictions = predict(spark, lake.read_table(spark, ref.uri, ref.version, stored=True), model_uri)
     error = next((c for c in ERROR_COLUMN.values() if c in predictions.columns), None)
     if error is None:
         raise DlpipeError(f"{model_uri} is a supervised model: anomalies ranks rows by the reconstruction error of "

@@ -56,7 +56,7 @@ def run(spark: SparkSession, score: ScoreConfig, mlflow_cfg: MlflowConfig, *, mo
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(score.batch_size))
     run_date = (datetime.date.fromisoformat(score.run_date) if score.run_date
                 else datetime.datetime.now(datetime.UTC).date())
-    predictions = predict(spark, lake.read_table(spark, table.uri, table.version), model_uri)
+    predictions = predict(spark, lake.read_table(spark, table.uri, table.version, stored=True), model_uri)
     outputs = [c for c in predictions.columns if c not in ("key", "label", "rejected_reason")]
     predictions = predictions.select(  # what the model gives: a prediction (and classes), a code, a map unit
         "key", *outputs, "rejected_reason",
