@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import deltalake
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -42,7 +43,8 @@ def test_prepare_writes_three_versioned_tables(pipeline):
         data = delta.to_pyarrow_table()
         assert data.num_rows == table["rows"] > 0
         assert set(data.column_names) >= {"key", "label", "pixels", "height", "width", "channels"}
-        assert len(data.column("pixels")[0].as_py()) == 28 * 28
+        assert str(data.schema.field("pixels").type) == "binary"  # the image's bytes (docs/pipelines.md)
+        assert {len(p) for p in data.column("pixels").to_pylist()} == {28 * 28}
         rows += table["rows"]
     assert rows == prepared["accepted"]
     assert prepared["tables"]["train"]["rows"] > 3 * prepared["tables"]["test"]["rows"]
@@ -130,7 +132,7 @@ def test_consumer_loads_champion_without_dlpipe(pipeline, tmp_path):
     script.write_text(CONSUMER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-I", str(script), cfg.mlflow.tracking_uri,
-                           json.dumps([list(map(float, p)) for p in test["pixels"]])],
+                           json.dumps([(np.frombuffer(p, np.uint8) / 255).tolist() for p in test["pixels"]])],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])

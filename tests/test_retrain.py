@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import deltalake
+import numpy as np
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -152,7 +153,7 @@ def test_consumer_loads_champion_through_server_without_dlpipe(base, tmp_path):
     script.write_text(CONSUMER)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-I", str(script), cfg().mlflow.tracking_uri, NAME,
-                           json.dumps([list(map(float, p)) for p in test["pixels"]])],
+                           json.dumps([(np.frombuffer(p, np.uint8) / 255).tolist() for p in test["pixels"]])],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
