@@ -69,9 +69,10 @@ def engine(spark: SparkSession) -> str:
 
 def write_table(
     df: DataFrame, uri: str, *, mode: str = "overwrite", metadata: dict[str, str] | None = None,
-    expect: int | None = ANY,
+    expect: int | None = ANY, properties: dict[str, str] | None = None,
 ) -> int:
-    """Write df as one atomic commit; return the version of that commit.
+    """Write df as one atomic commit; return the version of that commit. `properties`: Delta
+    table properties (delta.*) set where this commit creates the table.
 
     `expect` (a version, or None for "no table yet") makes the commit conditional: it lands only
     as the very next version after `expect`, else ConflictError and nothing is written. Both
@@ -90,6 +91,8 @@ def write_table(
         _check_schema(uri, df)
     if native:
         writer = df.write.format("delta").mode(mode).option("userMetadata", user_metadata)
+        for key, value in (properties or {}).items() if before is None else ():
+            writer = writer.option(key, value)  # delta-spark sets delta.* writer options as table properties
         if mode == "overwrite":
             writer = writer.option("overwriteSchema", "true")
         if expect != ANY:
@@ -102,7 +105,7 @@ def write_table(
             raise storage.storage_error(uri, exc) or exc from None
     else:
         _write_with_delta_rs(df, uri, mode, user_metadata, table_exists=before is not None,
-                             expect=None if expect == ANY else (expect, _next(expect)))
+                             expect=None if expect == ANY else (expect, _next(expect)), properties=properties)
     version = _find_commit(uri, commit_id, -1 if before is None else before, required=not native)
     if version is None and expect != ANY and latest_version(uri) != before:
         raise _conflict(uri, expect, latest_version(uri))  # delta-spark skipped it: that txn version was taken
@@ -232,7 +235,7 @@ def vacuum(uri: str, retain_hours: int, *, dry_run: bool = False, spark: SparkSe
 
 def _write_with_delta_rs(
     df: DataFrame, uri: str, mode: str, user_metadata: str, *, table_exists: bool,
-    expect: tuple[int | None, int] | None = None,
+    expect: tuple[int | None, int] | None = None, properties: dict[str, str] | None = None,
 ) -> None:
     """`expect` = (the version read, the txn version): commit exactly on top of it, no retries."""
     schema = Schema.from_json(df.schema.json())  # Delta's schema JSON is Spark's
@@ -248,7 +251,7 @@ def _write_with_delta_rs(
             table.create_write_transaction(actions, mode, schema, commit_properties=props)
         else:
             create_table_with_add_actions(uri, schema, actions, mode="error", storage_options=storage.delta_options(uri),
-                                          commit_properties=props)
+                                          configuration=properties, commit_properties=props)
     except (DeltaError, OSError):
         if expect is not None and latest_version(uri) != expect[0]:
             raise _conflict(uri, expect[0], latest_version(uri)) from None

@@ -67,7 +67,7 @@ def image_parser(landing_uri: str, classes: list[str], size: int, channels: int)
             names=[c.split()[0] for c in DECODED_SCHEMA.split(", ")],
         )
 
-    return Parser(DECODED_SCHEMA, decode)
+    return Parser(DECODED_SCHEMA, decode, unique_keys=True)  # keyed by path
 
 
 def relative_key(path: str, root: str) -> str:

@@ -13,18 +13,19 @@ position, plus one per class), so that scoring applies exactly the same transfor
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 
 from dlpipe import tensors
 from pipelines import records
 from pipelines.contract import record_parser
-from pipelines.sources import Parser
-from pipelines.split import hash_split
+from pipelines.sources import Parser, arrow_schema
+from pipelines.split import hash_split_arrow
 
 BASE = ("train", "val", "test")
 STATE = "stats"
@@ -50,8 +51,14 @@ def parser(data, root: str, state: dict | None) -> Parser:
         return out
 
     fast = _fast_csv(t, classes) if t.format == "csv" and t.key else None
-    return record_parser(root, t.format, "utf-8", t.key,
+    rows = record_parser(root, t.format, "utf-8", t.key,
                          "label_name string, target double, num array<double>, cat array<string>", convert, fast)
+
+    def parse(paths: list[str], contents: list) -> pa.Table:  # each row's split, in the task that parsed it
+        table = rows.parse(paths, contents)
+        return table.append_column("split", hash_split_arrow(table.column("key"), data.split_fractions))
+
+    return Parser(rows.schema + ", split string", parse, None if state else fit_part(data))
 
 
 def _fast_csv(t, classes: list[str]):
@@ -103,24 +110,59 @@ def _fast_csv(t, classes: list[str]):
 
 
 def assign_split(df: DataFrame, data) -> DataFrame:
-    return hash_split(df, data.split_fractions)
+    return df  # the parser gave every row its split (pipelines.split.hash_split_arrow)
 
 
-def fit(accepted: DataFrame, data) -> dict:
-    """Mean/std of each numeric column and the values of each categorical column, on train rows."""
+FIT_SCHEMA = "kind string, pos int, value string, n long, mean double, m2 double"
+
+
+def fit_part(data) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
+    """What one batch of staged rows gives to the fitted state (FIT_SCHEMA rows; merge_parts):
+    the count, mean and sum of squared deviations of each numeric position and the values of each
+    categorical position on its train rows, and the label names of all its rows."""
     t = data.table
-    train = accepted.where(F.col("split") == "train")
-    moments = {r["pos"]: (r["mean"], r["std"]) for r in train.select(F.posexplode("num")).groupBy("pos").agg(
-        F.mean("col").alias("mean"), F.stddev_pop("col").alias("std")).collect()}
-    values: dict[int, list[str]] = {}
-    for r in train.select(F.posexplode("cat")).distinct().collect():
-        values.setdefault(r["pos"], []).append(r["col"])
+
+    def part(batch: pa.RecordBatch) -> pa.RecordBatch:
+        train = batch.filter(pc.equal(batch.column("split"), "train"))
+        n, rows = train.num_rows, []
+        if n and t.numeric:
+            x = pc.list_flatten(train.column("num")).to_numpy(zero_copy_only=False).reshape(n, len(t.numeric))
+            mean = x.mean(0)
+            rows += [("numeric", i, None, n, float(mean[i]), float(m2)) for i, m2 in enumerate(((x - mean) ** 2).sum(0))]
+        if n and t.categorical:
+            cats = pc.list_flatten(train.column("cat"))
+            k = len(t.categorical)
+            rows += [("categorical", j, v, None, None, None) for j in range(k)
+                     for v in pc.unique(cats.take(pa.array(np.arange(j, n * k, k)))).to_pylist() if v is not None]
+        if t.task == "classification":
+            rows += [("label", None, v, None, None, None) for v in pc.unique(batch.column("label_name")).to_pylist()
+                     if v is not None]
+        return pa.RecordBatch.from_pylist([dict(zip(("kind", "pos", "value", "n", "mean", "m2"), r)) for r in rows],
+                                          schema=arrow_schema(FIT_SCHEMA))
+
+    return part
+
+
+def merge_parts(parts: pd.DataFrame, data) -> dict:
+    """The fitted state from the fit_part rows of every batch: mean and population std of each
+    numeric column (the parts' moments combined as Chan et al. do) and the sorted values of each
+    categorical column, on train rows only; the classes (config, or every label name seen)."""
+    t = data.table
+    numeric = []
+    for i, column in enumerate(t.numeric):
+        part = parts[(parts["kind"] == "numeric") & (parts["pos"] == i)]
+        if part.empty:
+            numeric.append((column, 0.0, 1.0))
+            continue
+        n, means, m2 = part["n"].to_numpy(np.float64), part["mean"].to_numpy(), part["m2"].to_numpy()
+        mean = float((n * means).sum() / n.sum())
+        numeric.append((column, mean, float(np.sqrt((m2 + n * (means - mean) ** 2).sum() / n.sum()))))
+    cats = parts[parts["kind"] == "categorical"]
+    categorical = [(c, sorted(set(cats.loc[cats["pos"] == j, "value"]))) for j, c in enumerate(t.categorical)]
     classes = list(t.classes)
     if t.task == "classification" and not classes:
-        classes = sorted(r["label_name"] for r in accepted.select("label_name").distinct().collect())
-    return {"numeric": [(c, *moments.get(i, (0.0, 1.0))) for i, c in enumerate(t.numeric)],
-            "categorical": [(c, sorted(values.get(i, []))) for i, c in enumerate(t.categorical)],
-            "classes": classes}
+        classes = sorted(set(parts.loc[parts["kind"] == "label", "value"]))
+    return {"numeric": numeric, "categorical": categorical, "classes": classes}
 
 
 def state_rows(state: dict) -> pd.DataFrame:
@@ -145,42 +187,46 @@ def state_from_rows(pdf: pd.DataFrame) -> dict:
             "classes": list(pdf.loc[pdf["kind"] == "label", "value"])}
 
 
-def to_base(accepted: DataFrame, data, state: dict) -> DataFrame:
-    """Standardized numbers and one-hot categories as one `features` vector per row, in Arrow
-    batches: whole columns at a time (a row's categories are looked up per column with
-    `index_in`, never row by row in Python)."""
+def base_schema(data) -> str:
+    return ("key string, source string, split string, label int, label_name string, features binary"
+            if data.table.task == "classification" else "key string, source string, split string, label double, features binary")
+
+
+def transform(data, state: dict) -> Callable[[pa.RecordBatch], pa.RecordBatch]:
+    """Staged rows -> table rows (base_schema): standardized numbers and one-hot categories as one
+    `features` vector per row, whole columns at a time (a row's categories are looked up per
+    column with `index_in`, never row by row in Python). Prepare runs it on the staged files in
+    Python (pipelines.sources.map_staged)."""
     classification = data.table.task == "classification"
     mean = np.array([m for _, m, _ in state["numeric"]], dtype=np.float64)
     std = np.array([s if s and s > 0 else 1.0 for _, _, s in state["numeric"]], dtype=np.float64)
     vocabularies = [pa.array(values, pa.string()) for _, values in state["categorical"]]
     width = len(mean) + sum(len(v) for v in vocabularies)
     classes = pa.array(state["classes"], pa.string())
+    schema = arrow_schema(base_schema(data))
 
-    def transform(batches):
-        for batch in batches:
-            n, k = batch.num_rows, len(vocabularies)
-            x = np.zeros((n, width), dtype=np.float32)
-            if len(mean):
-                num = pc.list_flatten(batch.column("num")).to_numpy(zero_copy_only=False).reshape(n, len(mean))
-                x[:, : len(mean)] = (num - mean) / std
-            cats, offset, rows = pc.list_flatten(batch.column("cat")), len(mean), np.arange(n)
-            for j, vocab in enumerate(vocabularies):  # column j of every row: values j, j + k, ...
-                hit = pc.fill_null(pc.index_in(cats.take(pa.array(np.arange(j, n * k, k))), value_set=vocab), -1)
-                hit = hit.to_numpy(zero_copy_only=False)
-                x[rows[hit >= 0], offset + hit[hit >= 0]] = 1.0  # a value train never had: all zeros
-                offset += len(vocab)
-            out = {"key": batch.column("key"), "source": batch.column("source"), "split": batch.column("split")}
-            if classification:
-                out |= {"label": pc.index_in(batch.column("label_name"), value_set=classes).cast(pa.int32()),
-                        "label_name": batch.column("label_name")}
-            else:
-                out["label"] = batch.column("target").cast(pa.float64())
-            out["features"] = tensors.pack("features", x)  # float32 bytes per row (dlpipe.tensors)
-            yield pa.RecordBatch.from_pydict(out)
+    def one(batch: pa.RecordBatch) -> pa.RecordBatch:
+        n, k = batch.num_rows, len(vocabularies)
+        x = np.zeros((n, width), dtype=np.float32)
+        if len(mean):
+            num = pc.list_flatten(batch.column("num")).to_numpy(zero_copy_only=False).reshape(n, len(mean))
+            x[:, : len(mean)] = (num - mean) / std
+        cats, offset, rows = pc.list_flatten(batch.column("cat")), len(mean), np.arange(n)
+        for j, vocab in enumerate(vocabularies):  # column j of every row: values j, j + k, ...
+            hit = pc.fill_null(pc.index_in(cats.take(pa.array(np.arange(j, n * k, k))), value_set=vocab), -1)
+            hit = hit.to_numpy(zero_copy_only=False)
+            x[rows[hit >= 0], offset + hit[hit >= 0]] = 1.0  # a value train never had: all zeros
+            offset += len(vocab)
+        out = {"key": batch.column("key"), "source": batch.column("source"), "split": batch.column("split")}
+        if classification:
+            out |= {"label": pc.index_in(batch.column("label_name"), value_set=classes).cast(pa.int32()),
+                    "label_name": batch.column("label_name")}
+        else:
+            out["label"] = batch.column("target").cast(pa.float64())
+        out["features"] = tensors.pack("features", x)  # float32 bytes per row (dlpipe.tensors)
+        return pa.RecordBatch.from_pydict(out, schema=schema)
 
-    schema = ("key string, source string, split string, label int, label_name string, features binary"
-              if classification else "key string, source string, split string, label double, features binary")
-    return accepted.mapInArrow(transform, schema)
+    return one
 
 
 def derive(tables: dict, data, state) -> dict:

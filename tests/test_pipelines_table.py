@@ -173,23 +173,73 @@ def test_regression_label_is_a_double(spark, tmp_path):
     assert summary["features"] == 2 + 3  # two standardized columns, three cultivars one-hot
 
 
-def test_features_are_standardized_numbers_then_one_hot_categories(spark):
-    """to_base on a few rows, against the same vector built by hand: a value train never saw (and a
-    null) is all zeros in its column's block."""
+def test_features_are_standardized_numbers_then_one_hot_categories():
+    """transform on a few staged rows, against the same vector built by hand: a value train never
+    saw (and a null) is all zeros in its column's block."""
     from types import SimpleNamespace
 
-    from pipelines.tables import to_base
+    import pyarrow as pa
+
+    from pipelines.tables import transform
 
     state = {"numeric": [("age", 40.0, 10.0), ("hours", 35.0, 0.0)],
              "categorical": [("color", ["blue", "red"]), ("size", ["L", "M", "S"])], "classes": ["no", "yes"]}
-    rows = [("k1", "f", "train", [50.0, 40.0], ["red", "S"], "yes"), ("k2", "f", "val", [30.0, 35.0], ["green", "L"], "no"),
-            ("k3", "f", "test", [40.0, 30.0], ["blue", None], "yes")]
-    accepted = spark.createDataFrame(rows, "key string, source string, split string, num array<double>, "
-                                           "cat array<string>, label_name string")
+    staged = pa.record_batch({"key": ["k1", "k2", "k3"], "source": ["f"] * 3, "split": ["train", "val", "test"],
+                              "num": [[50.0, 40.0], [30.0, 35.0], [40.0, 30.0]],
+                              "cat": [["red", "S"], ["green", "L"], ["blue", None]], "label_name": ["yes", "no", "yes"]})
     data = SimpleNamespace(table=SimpleNamespace(task="classification"))
-    got = {r["key"]: r for r in to_base(accepted, data, state).collect()}
+    got = {r["key"]: r for r in transform(data, state)(staged).to_pylist()}
     expected = {"k1": [1.0, 5.0, 0, 1, 0, 0, 1], "k2": [-1.0, 0.0, 0, 0, 1, 0, 0], "k3": [0.0, -5.0, 1, 0, 0, 0, 0]}
     for key, vector in expected.items():
         np.testing.assert_allclose(np.frombuffer(got[key]["features"], "<f4"), vector)  # stored: float32 bytes
     assert [got[k]["label"] for k in ("k1", "k2", "k3")] == [1, 0, 1]
     assert got["k2"]["split"] == "val" and got["k3"]["label_name"] == "yes"
+
+
+def test_the_split_made_in_python_is_the_split_spark_makes(spark):
+    """The table kind's parser gives each row its split in Python (pipelines.split.hash_split_arrow);
+    it must be the one Spark's hash_split gives every other kind and every table written before."""
+    import pyarrow as pa
+
+    from pipelines.split import hash_split, hash_split_arrow
+
+    keys = [str(i) for i in range(3000)] + ["", "ümlaut", "键", "x" * 300, "part-00001.csv:17"]
+    fractions = {"train": 0.7, "val": 0.2, "test": 0.1}
+    spark_split = {r["key"]: r["split"] for r in hash_split(spark.createDataFrame([(k,) for k in keys], "key string"),
+                                                             fractions).collect()}
+    python_split = hash_split_arrow(pa.array(keys), fractions).to_pylist()
+    assert python_split == [spark_split[k] for k in keys]
+    assert set(python_split) == {"train", "val", "test"}
+
+
+def test_the_state_merged_from_batches_is_the_state_of_all_train_rows():
+    """fit_part on uneven batches, merged: the mean and population std of every numeric column, the
+    sorted values of every categorical column (train rows only) and every label seen, as numpy
+    gives them on all the rows at once."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import pyarrow as pa
+
+    from pipelines.tables import fit_part, merge_parts
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    num = np.column_stack([rng.normal(1e5, 3e4, n), rng.integers(0, 90, n)]).astype(np.float64)
+    cat = np.column_stack([rng.choice(["a", "b", "c"], n), rng.choice(["x", "y"], n)])
+    split = rng.choice(["train", "val", "test"], n, p=[0.8, 0.1, 0.1])
+    cat[split != "train", 0] = "only-outside-train"
+    label = rng.choice(["<=50K", ">50K"], n)
+    data = SimpleNamespace(table=SimpleNamespace(task="classification", numeric=["fnlwgt", "age"],
+                                                 categorical=["color", "size"], classes=[]))
+    part, parts = fit_part(data), []
+    for lo, hi in [(0, 1), (1, 700), (700, 701), (701, n)]:
+        batch = pa.record_batch({"split": split[lo:hi], "num": num[lo:hi].tolist(), "cat": cat[lo:hi].tolist(),
+                                 "label_name": label[lo:hi]})
+        parts.append(part(batch).to_pandas())
+    state = merge_parts(pd.concat(parts), data)
+    train = split == "train"
+    np.testing.assert_allclose([m for _, m, _ in state["numeric"]], num[train].mean(0), rtol=1e-12)
+    np.testing.assert_allclose([s for _, _, s in state["numeric"]], num[train].std(0), rtol=1e-12)
+    assert state["categorical"] == [("color", ["a", "b", "c"]), ("size", ["x", "y"])]
+    assert state["classes"] == ["<=50K", ">50K"]

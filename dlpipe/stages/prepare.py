@@ -27,9 +27,13 @@ A kind is a module with: BASE (tables the accepted rows go to, named by their `s
 STATE (suffix of the fitted-state table or None), UNIT, parser(data, root, state) ->
 pipelines.sources.Parser, assign_split(df, data), fit(accepted, data), state_rows(state),
 state_from_rows(pdf), to_base(accepted, data, state), derive(tables, data, state) -> {suffix:
-DataFrame}, optionally report(tables, data, state, written) -> dict and UNIQUE_KEYS (one row per
-file). The kinds (pipelines/*) are pure transforms; every Delta read and write is here, through
-dlpipe.lake.
+DataFrame}, optionally report(tables, data, state, written) -> dict, UNIQUE_KEYS (one row per
+file). A kind whose staged columns are costly for Spark's row format (arrays: the table kind) has
+instead of fit and to_base: FIT_SCHEMA, fit_part(data) (one Arrow batch of staged rows -> its part
+of the state), merge_parts(parts, data), base_schema(data) and transform(data, state) (one Arrow
+batch of staged rows -> table rows); prepare runs them in Python on the staged files
+(pipelines.sources.scan_staged, map_staged), without the rows a job must not store. The kinds
+(pipelines/*) are pure transforms; every Delta read and write is here, through dlpipe.lake.
 """
 
 from __future__ import annotations
@@ -42,15 +46,17 @@ import time
 import uuid
 from types import ModuleType
 
+import numpy as np
+
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import Window
-from pyspark.sql.types import ArrayType
+from pyspark.sql.types import ArrayType, BooleanType, DateType, NumericType, StringType, TimestampType
 
 from dlpipe import lake, storage, tensors
 from dlpipe.config import DataConfig, PathsConfig, table_uri
 from dlpipe.errors import DataQualityError, DlpipeError, InputNotFound
-from pipelines.sources import list_files, stage_parsed
+from pipelines.sources import list_files, map_staged, read_staged, scan_staged, stage_parsed
 
 REJECTED_SCHEMA = "key string, source string, row long, reason string, job_id string"
 REJECTED = "rejected"  # the staging split of rows with a reason
@@ -108,11 +114,12 @@ def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
     root = paths.lake if "://" in paths.lake else os.path.abspath(paths.lake)
     staging = storage.join(root, "_staging", job_id)
     try:
-        staged, per_file = _stage(spark, stage_parsed(spark, files, parser, staging), parser.schema, kind, data)
+        parts = stage_parsed(spark, files, parser, staging)
+        staged, per_file = _stage(spark, parts, parser.schema, kind, data)
         say(f"read and parsed every file once, rows staged in {staging}")
         with _even_scans(spark):
             summary.update(_write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table,
-                                  uris, read))
+                                  uris, read, (staging, parts["accepted"], parts["parts"], parts["keys"])))
     finally:
         _remove(staging)
     return summary | {"seconds": round(time.perf_counter() - started, 3)}
@@ -158,12 +165,15 @@ def _remove(uri: str) -> None:
         say(f"could not remove the staging folder {uri}: {exc}")
 
 
-def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table, uris, read) -> dict:
+def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table, uris, read,
+           staging: tuple[str, list[str], list[str], list[str]]) -> dict:
+    """`staging`: the staging folder and its files of accepted rows, of the parser's parts and of
+    the accepted keys' hashes (pipelines.sources.stage_parsed)."""
     base = list(kind.BASE)
     keys = staged.where(F.col("split") != REJECTED).select("key", "source", "row", "split")
     counts = {r["split"]: r["count"] for r in staged.groupBy("split").count().collect()}
     losers = _losers(spark, keys, sum(n for s, n in counts.items() if s != REJECTED), uris, read, base, data.mode,
-                     getattr(kind, "UNIQUE_KEYS", False))
+                     getattr(kind, "UNIQUE_KEYS", False), staging[3])
     if per_file.count() != len(files):  # the parser gives every file at least one row, readable or not
         seen = {r["source"] for r in per_file.select("source").collect()}
         lost = sorted({path for path, _ in files} - seen)
@@ -222,8 +232,16 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
     if any(to_write.get(s, 0) != counts.get(s, 0) for s in base) or set(to_write) - set(base):
         raise ReconciliationError(f"rows to write per table {to_write} differ from the rows accepted {counts}; "
                                   "nothing but the rejects was written")
+    python = hasattr(kind, "transform")  # the kind fits and makes its rows in Python, from the staged files
+    dropped = _dropped(losers, staging[0]) if python and losers is not None else None
     if state is None and kind.STATE:
-        state = kind.fit(good, data)
+        if not python:
+            state = kind.fit(good, data)
+        elif dropped is None:  # the parts the staging tasks gave
+            state = kind.merge_parts(read_staged(staging[2], kind.FIT_SCHEMA), data)
+        else:  # the parts again, without the rows not to store
+            state = kind.merge_parts(scan_staged(spark, staging[1], kind.fit_part(data), kind.FIT_SCHEMA, dropped).toPandas(),
+                                     data)
         rows = spark.createDataFrame(kind.state_rows(state), kind.STATE_SCHEMA)
         state_table = {"uri": uris[kind.STATE], "version": lake.write_table(rows, uris[kind.STATE], metadata=metadata,
                                                                             expect=read[kind.STATE]),
@@ -231,9 +249,20 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
     if state_table:
         out["tables"][kind.STATE] = state_table
         metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
+    made = None
+    if python:  # the staged columns never take Spark's row format (pipelines.sources.map_staged)
+        made, made_rows = map_staged(spark, staging[1], kind.transform(data, state), storage.join(staging[0], "base"),
+                                     dropped)
+        if any(made_rows.get(s, 0) != counts.get(s, 0) for s in base) or set(made_rows) - set(base):
+            raise ReconciliationError(f"rows made per table {made_rows} differ from the rows accepted {counts}; "
+                                      "nothing but the rejects was written")
     written = {}
     for suffix in base:
-        part = kind.to_base(good.where(F.col("split") == suffix), data, state).drop("split")
+        if made is not None:
+            part = lake.read_parquet(spark, made.get(suffix, []), spark.createDataFrame([], kind.base_schema(data)).schema)
+        else:
+            part = kind.to_base(good.where(F.col("split") == suffix), data, state)
+        part = part.drop("split")
         version = _write_split(spark, part, uris[suffix], data.mode, metadata, read[suffix])
         written[suffix] = {"uri": uris[suffix], "version": version, "rows_written": counts.get(suffix, 0)}
         say(f"{data.mode} {uris[suffix]} version {version}: {written[suffix]['rows_written']} rows from this job")
@@ -258,19 +287,20 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
     return out
 
 
-def _losers(spark, keys: DataFrame, rows: int, uris, read, base, mode: str, unique: bool) -> DataFrame | None:
+def _losers(spark, keys: DataFrame, rows: int, uris, read, base, mode: str, unique: bool,
+            hashes: list[str]) -> DataFrame | None:
     """Rows that must not be stored: (key, source, row, split, reason). Every repeat of a key
     after its first (by source file and row) gets a reason; in append mode so does a key already
     in the tables from another file, while a key already stored from the same file gets reason
     null (stored before, not again). Reads only the key columns; None when there is none.
     `rows`: how many `keys` holds. `unique`: the kind's keys cannot repeat within a job (one row
-    per file), no check needed."""
+    per file), no check needed. `hashes`: the staged files of the keys' hashes."""
     window = Window.partitionBy("key").orderBy("source", "row")
     first = F.first(F.struct("source", "row")).over(window)
     where = F.concat(first["source"], F.when(first["row"].isNotNull(), F.concat(F.lit(" line "), first["row"])).otherwise(F.lit("")))
-    # a repeat is rare: counting the distinct keys (one key-only aggregate) rules it out, and only
-    # then are the rows ranked per key (a shuffle and sort of every key with its source)
-    repeats = not unique and keys.select("key").distinct().count() < rows
+    # a repeat is rare: the keys' hashes rule it out, and only then are the rows ranked per key
+    # (a shuffle and sort of every key with its source)
+    repeats = not unique and _may_repeat(keys, rows, hashes)
     frames = [keys.withColumn("reason", F.when(F.row_number().over(window) > 1, F.concat(
         F.lit("duplicate key "), F.col("key"), F.lit(" (first seen in "), where, F.lit(")")))).where(
         F.col("reason").isNotNull())] if repeats else []
@@ -296,6 +326,25 @@ def _losers(spark, keys: DataFrame, rows: int, uris, read, base, mode: str, uniq
     return losers
 
 
+DRIVER_KEY_CHECK = 20_000_000  # up to this many keys, their 8-byte hashes are checked on the driver
+
+
+def _may_repeat(keys: DataFrame, rows: int, hashes: list[str]) -> bool:
+    """Whether some key may repeat: the hashes the staging tasks took of the `rows` keys, sorted on
+    the driver (a repeated hash is a repeated key or, rarely, two keys with one hash: the exact
+    check follows either way). Above DRIVER_KEY_CHECK keys Spark counts the distinct keys."""
+    if rows > DRIVER_KEY_CHECK:
+        return keys.select("key").distinct().count() < rows
+    values = np.sort(read_staged(hashes, "hash long")["hash"].to_numpy())
+    if len(values) != rows:
+        raise ReconciliationError(f"the staging tasks hashed {len(values)} keys, but {rows} rows were accepted; "
+                                  "nothing was written")
+    return bool((values[1:] == values[:-1]).any())
+
+
+STATS_TYPES = (StringType, NumericType, BooleanType, DateType, TimestampType)
+
+
 def _write_split(spark, rows: DataFrame, uri: str, mode: str, metadata: dict, read: int | None) -> int:
     if mode != "overwrite" and read is not None:
         stored = lake.schema(uri, read)
@@ -306,7 +355,23 @@ def _write_split(spark, rows: DataFrame, uri: str, mode: str, metadata: dict, re
         old = lake.read_table(spark, uri, read, stored=True)
         rows = old.join(rows.select("key"), "key", "left_anti").unionByName(rows)
         mode = "overwrite"
-    return lake.write_table(rows, uri, mode=mode, metadata=metadata, expect=read)
+    # Delta's per-file statistics (data skipping) on the plain columns a reader filters on: not
+    # on tensors and other arrays or bytes (no min/max), nor on the source paths, which cost a fifth
+    # of a table write (docs/performance.md)
+    stats = [f.name for f in rows.schema.fields if f.name != "source" and isinstance(f.dataType, STATS_TYPES)]
+    return lake.write_table(rows, uri, mode=mode, metadata=metadata, expect=read,
+                            properties={"delta.dataSkippingStatsColumns": ",".join(stats)})
+
+
+def _dropped(losers: DataFrame, staging: str) -> str:
+    """The rows not to store (key, source, row) as one Parquet file under `staging`, for the
+    kind's Python passes over the staged files."""
+    import pyarrow.parquet as pq
+
+    uri = storage.join(staging, "dropped.parquet")
+    filesystem, path = storage.filesystem(uri)
+    pq.write_table(losers.select("key", "source", F.col("row").cast("long")).toArrow(), path, filesystem=filesystem)
+    return uri
 
 
 def _reconcile(written: dict, read: dict, mode: str, accepted: int) -> None:
