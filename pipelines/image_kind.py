@@ -6,8 +6,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 
 from pipelines.images import image_parser
-from pipelines.sources import Parser
-from pipelines.split import hash_split
+from pipelines.sources import Parser, split_by_key
 
 BASE = ("train", "val", "test")
 STATE = None
@@ -16,11 +15,11 @@ UNIQUE_KEYS = True  # one row per file, keyed by its path: no key can repeat wit
 
 
 def parser(data, root: str, state) -> Parser:
-    return image_parser(root, data.classes, data.image_size, data.channels)
+    return split_by_key(image_parser(root, data.classes, data.image_size, data.channels), data.split_fractions)
 
 
 def assign_split(df: DataFrame, data) -> DataFrame:
-    return hash_split(df, data.split_fractions)
+    return df  # the parser gave every row its split (pipelines.sources.split_by_key)
 
 
 def to_base(accepted: DataFrame, data, state) -> DataFrame:

@@ -12,6 +12,7 @@ with the reason, never a silent loss.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import pyarrow as pa
 from pyarrow import fs
 
 from dlpipe import storage
-from pipelines.split import key_hashes
+from pipelines.split import hash_split_arrow, key_hashes
 
 FILE_COST = 16 << 10  # a file costs at least this many bytes when slicing (Spark's openCostInBytes idea)
 SLICE_BYTES = 64 << 20
@@ -42,6 +43,18 @@ class Parser:
     parse: Callable[[list[str], list], pa.RecordBatch | pa.Table]
     part: Callable[[pa.RecordBatch], pa.RecordBatch] | None = None
     unique_keys: bool = False
+
+
+def split_by_key(parser: Parser, fractions: dict[str, float]) -> Parser:
+    """The parser, with each row's split (pipelines.split.hash_split_arrow of its key) given in the
+    task that parsed it: the staging tasks then write each split's accepted rows apart."""
+    def parse(paths: list[str], contents: list) -> pa.Table:
+        table = parser.parse(paths, contents)
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        return table.append_column("split", hash_split_arrow(table.column("key"), fractions))
+
+    return dataclasses.replace(parser, schema=parser.schema + ", split string", parse=parse)
 
 
 def list_files(uri: str) -> list[tuple[str, int]]:
@@ -93,13 +106,18 @@ def read_parsed(spark, files: list[tuple[str, int]], parser: Parser):
 def stage_parsed(spark, files: list[tuple[str, int]], parser: Parser, staging: str) -> dict[str, list[str]]:
     """The one pass over the raw data: Spark tasks read and parse their slice of the listing and
     write the rows with pyarrow under `staging`, in `accepted/` (error is null) and `rejected/`,
-    plus `sources/` (rows per source file), `keys/` (pipelines.split.key_hashes of the accepted
+    (`accepted/<split>/` where the parser gives each row its split: split_by_key), plus `sources/`
+    (rows per source file), `keys/` (pipelines.split.key_hashes of the accepted
     rows' keys) and `parts/` (the parser's `part` of each batch of accepted rows). Returns the files written, by folder: only those of tasks that finished, so a
     retried task's files are never read."""
     written: dict[str, list[str]] = {"accepted": [], "rejected": [], "sources": [], "keys": [], "parts": []}
     stage = functools.partial(_stage_slices, parser, arrow_schema(parser.schema), staging)
     for row in _listing(spark, files).mapInArrow(stage, PARTS_SCHEMA).collect():
-        written[row["folder"]].append(row["path"])
+        if row["folder"].startswith("accepted/"):  # accepted/<split>: also under accepted
+            written.setdefault(row["folder"], []).append(row["path"])
+            written["accepted"].append(row["path"])
+        else:
+            written[row["folder"]].append(row["path"])
     return written
 
 
@@ -198,7 +216,11 @@ def _stage_slices(parser: Parser, schema: pa.Schema, staging: str, batches: Iter
         for part in _read_and_parse(parser.parse, schema, batches):
             ok = pc.is_null(part.column("error"))
             accepted = part.filter(ok)
-            parts.write("accepted", accepted)
+            if "split" in accepted.column_names:  # each split apart: a table write reads only its own
+                for split in pc.unique(accepted.column("split")).to_pylist():
+                    parts.write(f"accepted/{split}", accepted.filter(pc.equal(accepted.column("split"), split)))
+            else:
+                parts.write("accepted", accepted)
             parts.write("rejected", part.filter(pc.invert(ok)))
             if accepted.num_rows and not parser.unique_keys:  # for prepare's check for repeated keys
                 parts.write("keys", pa.record_batch({"hash": key_hashes(accepted.column("key"))}))

@@ -13,6 +13,7 @@ position, plus one per class), so that scoring applies exactly the same transfor
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import numpy as np
@@ -24,8 +25,7 @@ from pyspark.sql import DataFrame
 from dlpipe import tensors
 from pipelines import records
 from pipelines.contract import record_parser
-from pipelines.sources import Parser, arrow_schema
-from pipelines.split import hash_split_arrow
+from pipelines.sources import Parser, arrow_schema, split_by_key
 
 BASE = ("train", "val", "test")
 STATE = "stats"
@@ -53,12 +53,7 @@ def parser(data, root: str, state: dict | None) -> Parser:
     fast = _fast_csv(t, classes) if t.format == "csv" and t.key else None
     rows = record_parser(root, t.format, "utf-8", t.key,
                          "label_name string, target double, num array<double>, cat array<string>", convert, fast)
-
-    def parse(paths: list[str], contents: list) -> pa.Table:  # each row's split, in the task that parsed it
-        table = rows.parse(paths, contents)
-        return table.append_column("split", hash_split_arrow(table.column("key"), data.split_fractions))
-
-    return Parser(rows.schema + ", split string", parse, None if state else fit_part(data))
+    return split_by_key(dataclasses.replace(rows, part=None if state else fit_part(data)), data.split_fractions)
 
 
 def _fast_csv(t, classes: list[str]):
@@ -110,7 +105,7 @@ def _fast_csv(t, classes: list[str]):
 
 
 def assign_split(df: DataFrame, data) -> DataFrame:
-    return df  # the parser gave every row its split (pipelines.split.hash_split_arrow)
+    return df  # the parser gave every row its split (pipelines.sources.split_by_key)
 
 
 FIT_SCHEMA = "kind string, pos int, value string, n long, mean double, m2 double"

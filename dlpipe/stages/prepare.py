@@ -115,26 +115,30 @@ def run(spark: SparkSession, data: DataConfig, paths: PathsConfig) -> dict:
     staging = storage.join(root, "_staging", job_id)
     try:
         parts = stage_parsed(spark, files, parser, staging)
-        staged, per_file = _stage(spark, parts, parser.schema, kind, data)
+        staged, per_file, accepted_in = _stage(spark, parts, parser.schema, kind, data)
         say(f"read and parsed every file once, rows staged in {staging}")
         with _even_scans(spark):
             summary.update(_write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table,
-                                  uris, read, (staging, parts["accepted"], parts["parts"], parts["keys"])))
+                                  uris, read, (staging, parts, accepted_in)))
     finally:
         _remove(staging)
     return summary | {"seconds": round(time.perf_counter() - started, 3)}
 
 
-def _stage(spark: SparkSession, written: dict[str, list[str]], schema: str, kind, data) -> tuple[DataFrame, DataFrame]:
-    """(every staged row with its `split`, or REJECTED with its error; rows per source file)."""
+def _stage(spark: SparkSession, written: dict[str, list[str]], schema: str, kind, data):
+    """(every staged row with its `split`, or REJECTED with its error; rows per source file; the
+    accepted rows of some staged files, with their split)."""
     def read(files: list[str], ddl: str) -> DataFrame:
-        return lake.read_parquet(spark, files, spark.createDataFrame([], ddl).schema)
+        df = lake.read_parquet(spark, files, spark.createDataFrame([], ddl).schema)
+        return df if "row" in df.columns else df.withColumn("row", F.lit(None).cast("long"))
 
-    accepted, rejected = read(written["accepted"], schema), read(written["rejected"], schema)
-    if "row" not in accepted.columns:
-        accepted, rejected = (df.withColumn("row", F.lit(None).cast("long")) for df in (accepted, rejected))
-    staged = kind.assign_split(accepted, data).unionByName(rejected.withColumn("split", F.lit(REJECTED)))
-    return staged, read(written["sources"], "source string, rows long")
+    def accepted_in(files: list[str]) -> DataFrame:
+        return kind.assign_split(read(files, schema), data)
+
+    rejected = read(written["rejected"], schema)
+    staged = accepted_in(written["accepted"]).unionByName(rejected.withColumn("split", F.lit(REJECTED)))
+    return staged, lake.read_parquet(spark, written["sources"], spark.createDataFrame([], "source string, rows long").schema), \
+        accepted_in
 
 
 SCAN_TASKS_PER_CORE = 4
@@ -166,14 +170,15 @@ def _remove(uri: str) -> None:
 
 
 def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, state_table, uris, read,
-           staging: tuple[str, list[str], list[str], list[str]]) -> dict:
-    """`staging`: the staging folder and its files of accepted rows, of the parser's parts and of
-    the accepted keys' hashes (pipelines.sources.stage_parsed)."""
+           staging: tuple) -> dict:
+    """`staging`: the staging folder, its files by folder (pipelines.sources.stage_parsed) and
+    _stage's reader of accepted rows."""
+    folder, parts, accepted_in = staging
     base = list(kind.BASE)
     keys = staged.where(F.col("split") != REJECTED).select("key", "source", "row", "split")
     counts = {r["split"]: r["count"] for r in staged.groupBy("split").count().collect()}
     losers = _losers(spark, keys, sum(n for s, n in counts.items() if s != REJECTED), uris, read, base, data.mode,
-                     getattr(kind, "UNIQUE_KEYS", False), staging[3])
+                     getattr(kind, "UNIQUE_KEYS", False), parts["keys"])
     if per_file.count() != len(files):  # the parser gives every file at least one row, readable or not
         seen = {r["source"] for r in per_file.select("source").collect()}
         lost = sorted({path for path, _ in files} - seen)
@@ -222,25 +227,29 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
             + "; ".join(f"{r['count']} x {r['reason']}" for r in reasons)
         )
 
-    good = staged.where(F.col("split") != REJECTED).drop("error")
-    if losers is not None:
+    def kept(rows: DataFrame) -> DataFrame:  # accepted rows, less those not to store
+        rows = rows.drop("error")
+        if losers is None:
+            return rows
         drop = F.broadcast(losers.select(*[F.col(c).alias(f"_{c}") for c in ("key", "source", "row")]))
-        good = good.join(drop, (good["key"] == drop["_key"]) & (good["source"] == drop["_source"])
-                         & good["row"].eqNullSafe(drop["_row"]), "left_anti")  # images have no row: null
+        return rows.join(drop, (rows["key"] == drop["_key"]) & (rows["source"] == drop["_source"])
+                         & rows["row"].eqNullSafe(drop["_row"]), "left_anti")  # images have no row: null
+
+    good = kept(staged.where(F.col("split") != REJECTED))
     # with nothing dropped, the rows to write are the staged counts already taken: no second scan
     to_write = dict(counts) if losers is None else {r["split"]: r["count"] for r in good.groupBy("split").count().collect()}
     if any(to_write.get(s, 0) != counts.get(s, 0) for s in base) or set(to_write) - set(base):
         raise ReconciliationError(f"rows to write per table {to_write} differ from the rows accepted {counts}; "
                                   "nothing but the rejects was written")
     python = hasattr(kind, "transform")  # the kind fits and makes its rows in Python, from the staged files
-    dropped = _dropped(losers, staging[0]) if python and losers is not None else None
+    dropped = _dropped(losers, folder) if python and losers is not None else None
     if state is None and kind.STATE:
         if not python:
             state = kind.fit(good, data)
         elif dropped is None:  # the parts the staging tasks gave
-            state = kind.merge_parts(read_staged(staging[2], kind.FIT_SCHEMA), data)
+            state = kind.merge_parts(read_staged(parts["parts"], kind.FIT_SCHEMA), data)
         else:  # the parts again, without the rows not to store
-            state = kind.merge_parts(scan_staged(spark, staging[1], kind.fit_part(data), kind.FIT_SCHEMA, dropped).toPandas(),
+            state = kind.merge_parts(scan_staged(spark, parts["accepted"], kind.fit_part(data), kind.FIT_SCHEMA, dropped).toPandas(),
                                      data)
         rows = spark.createDataFrame(kind.state_rows(state), kind.STATE_SCHEMA)
         state_table = {"uri": uris[kind.STATE], "version": lake.write_table(rows, uris[kind.STATE], metadata=metadata,
@@ -251,7 +260,7 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
         metadata["dlpipe.state"] = f"{state_table['uri']}@{state_table['version']}"
     made = None
     if python:  # the staged columns never take Spark's row format (pipelines.sources.map_staged)
-        made, made_rows = map_staged(spark, staging[1], kind.transform(data, state), storage.join(staging[0], "base"),
+        made, made_rows = map_staged(spark, parts["accepted"], kind.transform(data, state), storage.join(folder, "base"),
                                      dropped)
         if any(made_rows.get(s, 0) != counts.get(s, 0) for s in base) or set(made_rows) - set(base):
             raise ReconciliationError(f"rows made per table {made_rows} differ from the rows accepted {counts}; "
@@ -260,8 +269,9 @@ def _write(spark, data, landing, kind, job_id, files, staged, per_file, state, s
     for suffix in base:
         if made is not None:
             part = lake.read_parquet(spark, made.get(suffix, []), spark.createDataFrame([], kind.base_schema(data)).schema)
-        else:
-            part = kind.to_base(good.where(F.col("split") == suffix), data, state)
+        else:  # where the staging tasks wrote each split apart, only this table's files are read
+            rows = kept(accepted_in(parts[f"accepted/{suffix}"])) if f"accepted/{suffix}" in parts else good
+            part = kind.to_base(rows.where(F.col("split") == suffix), data, state)
         part = part.drop("split")
         version = _write_split(spark, part, uris[suffix], data.mode, metadata, read[suffix])
         written[suffix] = {"uri": uris[suffix], "version": version, "rows_written": counts.get(suffix, 0)}
