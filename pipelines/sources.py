@@ -170,8 +170,13 @@ def _read_and_parse(parse, schema: pa.Schema, batches: Iterator[pa.RecordBatch])
                     yield part if part.schema.equals(schema) else part.cast(schema)
 
 
+ROW_GROUP_BYTES = 16 << 20  # staged rows are buffered into row groups of about this size
+
+
 class _Parts:
-    """This task's Parquet files under `staging`: one per folder, part-<task>-<uuid>.parquet."""
+    """This task's Parquet files under `staging`: one per folder, part-<task>-<uuid>.parquet, its
+    rows buffered into row groups of about ROW_GROUP_BYTES (a parser's batches are small: a few
+    hundred images, and a split's share of them fewer; tiny row groups are slow to read back)."""
 
     def __init__(self, staging: str):
         import uuid
@@ -180,25 +185,40 @@ class _Parts:
 
         self.staging, (self.filesystem, self.base) = staging.rstrip("/"), storage.filesystem(staging)
         self.tag = f"{TaskContext.get().partitionId():05d}-{uuid.uuid4().hex}"
-        self.writers, self.rows = {}, {}
+        self.writers, self.rows, self.pending = {}, {}, {}
 
     def write(self, folder: str, part) -> None:
-        import pyarrow.parquet as pq
-
         if part.num_rows == 0:
             return
+        pending = self.pending.setdefault(folder, [0, []])
+        pending[0] += part.nbytes
+        pending[1].append(pa.Table.from_batches([part]) if isinstance(part, pa.RecordBatch) else part)
+        self.rows[folder] = self.rows.get(folder, 0) + part.num_rows
+        if pending[0] >= ROW_GROUP_BYTES:
+            self._flush(folder)
+
+    def _flush(self, folder: str) -> None:
+        import pyarrow.parquet as pq
+
+        _, tables = self.pending.pop(folder, (0, []))
+        if not tables:
+            return
+        table = pa.concat_tables(tables)
         if folder not in self.writers:
             if storage.scheme(self.staging) not in storage.S3_SCHEMES:  # object stores have no folders
                 self.filesystem.create_dir(f"{self.base}/{folder}", recursive=True)
-            self.writers[folder] = pq.ParquetWriter(f"{self.base}/{folder}/part-{self.tag}.parquet", part.schema,
+            self.writers[folder] = pq.ParquetWriter(f"{self.base}/{folder}/part-{self.tag}.parquet", table.schema,
                                                     filesystem=self.filesystem)
-        self.writers[folder].write_batch(part)
-        self.rows[folder] = self.rows.get(folder, 0) + part.num_rows
+        self.writers[folder].write_table(table, row_group_size=table.num_rows)
 
     def close(self) -> pa.RecordBatch:
-        """Closes the files; (folder, path, rows) of each."""
-        for writer in self.writers.values():
-            writer.close()
+        """Writes what is buffered and closes the files; (folder, path, rows) of each."""
+        try:
+            for folder in list(self.pending):
+                self._flush(folder)
+        finally:
+            for writer in self.writers.values():
+                writer.close()
         folders = list(self.writers)
         return pa.record_batch({"folder": pa.array(folders, pa.string()),
                                 "path": pa.array([f"{self.staging}/{f}/part-{self.tag}.parquet" for f in folders], pa.string()),

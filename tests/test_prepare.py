@@ -212,3 +212,27 @@ def test_append_to_tables_of_float_arrays_keeps_their_arrays(spark, tmp_path):
             assert r["pixels"] == pytest.approx([_grey(r["key"])] * 16, abs=1e-7), r["key"]
             keys.add(r["key"])
     assert len(keys) == 26
+
+
+def test_the_staging_tasks_write_each_split_apart_and_each_table_reads_only_its_own(spark, tmp_path, monkeypatch):
+    """The images parser gives each row its split: the staging tasks write accepted/<split>/, every
+    row there is of that split, and each table write reads only its own split's files."""
+    import pyarrow.parquet as pq
+
+    from dlpipe.stages import prepare
+    from pipelines import sources
+
+    _landing(tmp_path, good=40)
+    staged, reads = {}, []
+    stage_parsed, read_parquet = sources.stage_parsed, lake.read_parquet
+    monkeypatch.setattr(prepare, "stage_parsed", lambda *a: staged.update(stage_parsed(*a)) or staged)
+    monkeypatch.setattr(lake, "read_parquet", lambda spark, files, schema: reads.append(list(files)) or read_parquet(spark, files, schema))
+    monkeypatch.setattr(prepare, "_remove", lambda uri: None)  # keep the staged files to look at
+    summary = stage("prepare", spark, _config(tmp_path, "data.max_rejected_fraction=0.2"))
+    for split in SPLITS:
+        files = staged[f"accepted/{split}"]
+        assert files and all(f in staged["accepted"] for f in files)
+        assert {v for f in files for v in pq.read_table(f.removeprefix("file:"), columns=["split"]).column("split").to_pylist()} == {split}
+        assert files in reads  # the table write read this split's files alone
+        assert summary["tables"][split]["rows"] == sum(pq.ParquetFile(f.removeprefix("file:")).metadata.num_rows for f in files)
+    assert sorted(f for s in SPLITS for f in staged[f"accepted/{s}"]) == sorted(staged["accepted"])
