@@ -107,9 +107,9 @@ def stage_parsed(spark, files: list[tuple[str, int]], parser: Parser, staging: s
     """The one pass over the raw data: Spark tasks read and parse their slice of the listing and
     write the rows with pyarrow under `staging`, in `accepted/` (error is null) and `rejected/`,
     (`accepted/<split>/` where the parser gives each row its split: split_by_key), plus `sources/`
-    (rows per source file), `keys/` (pipelines.split.key_hashes of the accepted
-    rows' keys) and `parts/` (the parser's `part` of each batch of accepted rows). Returns the files written, by folder: only those of tasks that finished, so a
-    retried task's files are never read."""
+    (rows per source file), `keys/` (pipelines.split.key_hashes of the accepted rows' keys) and
+    `parts/` (the parser's `part` of each batch of accepted rows). Returns the files written, by
+    folder: only those of tasks that finished, so a retried task's files are never read."""
     written: dict[str, list[str]] = {"accepted": [], "rejected": [], "sources": [], "keys": [], "parts": []}
     stage = functools.partial(_stage_slices, parser, arrow_schema(parser.schema), staging)
     for row in _listing(spark, files).mapInArrow(stage, PARTS_SCHEMA).collect():
