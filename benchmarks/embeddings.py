@@ -23,6 +23,7 @@ from benchmarks.common import dlpipe_run, say
 from benchmarks.embeddings_baselines import analogy_accuracy, gensim_word2vec, mllib_word2vec, shared_vocab, similarity_spearman
 from benchmarks.rntn import rntn_case
 from dl.models import Net
+from dl.models.word2vec_sgd import MIN_RATE
 from dlpipe import lake, modeling
 from dlpipe.config import Config, load_config
 from dlpipe.launchers import TrainTask
@@ -66,9 +67,11 @@ def word2vec_case(spark, c: Config, t, threads: int) -> dict:
     models = {"dlpipe": {"words": vocab[2:], "vectors": r["state_dict"]["embed.weight"].numpy()[2:],
                          "seconds": r["train_wall_s"]}}
     say(f"word2vec: dlpipe {r['train_wall_s']:.0f} s ({t.backend}, {r['world_size']} worker(s))")
+    # the same schedule as dlpipe's own SGD (update: pairs): the rate from train.lr down to lr * 1e-4
+    alpha = t.lr if p.update == "pairs" else 0.025
     models["gensim"] = gensim_word2vec(sentences, dim=p.dim, window=p.window, negatives=p.negatives, epochs=t.epochs,
                                        min_count=1, sample=p.subsample, sg=p.architecture == "skipgram",
-                                       threads=threads, seed=t.seed)
+                                       threads=threads, seed=t.seed, alpha=alpha, min_alpha=alpha * MIN_RATE)
     say(f"word2vec: gensim {models['gensim']['seconds']:.0f} s")
     models["mllib"] = mllib_word2vec(spark, sentences, dim=p.dim, window=p.window, epochs=t.epochs, min_count=1,
                                      partitions=threads, seed=t.seed)
@@ -87,7 +90,7 @@ def word2vec_case(spark, c: Config, t, threads: int) -> dict:
             "dlpipe_samples_per_s": r["samples_per_sec"]}
     out["setup"] = {"model": {k: v for k, v in dc.asdict(p).items() if k not in ("counts", "vocab_size")},
                     "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr,
-                    "sync": t.sync, "backend": t.backend, "world_size": r["world_size"], "gensim_threads": threads,
+                    "sync": t.sync, "backend": t.backend, "world_size": r["world_size"], "gensim_threads": threads, "gensim_alpha": alpha,
                     "mllib_partitions": threads}
     out["wall_ratio_dlpipe_to_gensim"] = out["dlpipe_s"] / out["gensim_s"]
     out["goal"] = "dlpipe_analogy >= gensim_analogy and dlpipe_wordsim >= gensim_wordsim at dlpipe_s <= 2 x gensim_s"

@@ -18,12 +18,15 @@ CHUNK = 1024  # analogy questions scored per matrix product
 
 
 def gensim_word2vec(sentences: list[list[str]], *, dim: int, window: int, negatives: int, epochs: int,
-                    min_count: int, sample: float, sg: bool, threads: int, seed: int, alpha: float = 0.025) -> dict:
-    """gensim's Word2Vec with negative sampling (no hierarchical softmax); seconds: build_vocab + train."""
+                    min_count: int, sample: float, sg: bool, threads: int, seed: int, alpha: float = 0.025,
+                    min_alpha: float = 0.0001) -> dict:
+    """gensim's Word2Vec with negative sampling (no hierarchical softmax), its rate falling linearly
+    from alpha to min_alpha; seconds: build_vocab + train."""
     from gensim.models import Word2Vec
 
     model = Word2Vec(vector_size=dim, window=window, negative=negatives, hs=0, epochs=epochs, min_count=min_count,
-                     sample=sample, sg=int(sg), workers=threads, seed=seed, alpha=alpha)
+                     sample=sample, sg=int(sg), workers=threads, seed=seed, alpha=alpha,
+                     min_alpha=min_alpha)
     t0 = time.perf_counter()
     model.build_vocab(sentences)
     model.train(sentences, total_examples=model.corpus_count, epochs=model.epochs)

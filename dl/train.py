@@ -150,6 +150,10 @@ def fit(
     summing statistics over workers); everything else here is the same for every model. With
     `train.pretrain: greedy` a model with `pretrain_layers` is told which layer each of the first
     pretrain_layers * pretrain_epochs epochs pretrains (`set_pretraining`), then None.
+    A model with `train_epoch` takes its epochs unless its `trains_itself` is False; it is given
+    train.lr, the rows between syncs (batch_size, times average_every under sync: average), a seed
+    per (epoch, rank) and train.shuffle, and may return a third figure, what the loss is averaged
+    over (word2vec: its pairs).
 
     Elastic training passes `commit`: then `train` holds every training row on every worker, each
     epoch is one permutation of all rows dealt out in global batches of batch_size * dist.size, and
@@ -169,7 +173,8 @@ def fit(
     steps = len(x_train) // (cfg.batch_size * cfg.num_workers) if elastic else dist.min(len(x_train) // cfg.batch_size)
     if steps == 0:
         raise ValueError(f"a worker's shard holds {len(x_train)} rows, fewer than one batch of {cfg.batch_size}")
-    learner = _OwnEpochs(model, cfg, dist) if hasattr(model, "train_epoch") else _Gradient(model, cfg, dist, device, steps, task)
+    own = getattr(model, "trains_itself", hasattr(model, "train_epoch"))
+    learner = _OwnEpochs(model, cfg, dist) if own else _Gradient(model, cfg, dist, device, steps, task)
     if elastic and isinstance(learner, _OwnEpochs):
         raise ValueError(f"train.elastic: {type(model).__name__} trains whole epochs itself; elastic training needs "
                          "a model trained by gradient steps")
@@ -369,9 +374,12 @@ class _OwnEpochs:
         return float(getattr(self.model, "rate", 0.0))
 
     def epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int) -> tuple[float, float, int, int]:
+        cfg = self.cfg
         self.model.train()
-        loss_sum, figure_sum = self.model.train_epoch(x_train, epoch, self.cfg.epochs, self.dist)
-        return loss_sum, figure_sum, len(x_train), len(x_train)
+        out = self.model.train_epoch(x_train, epoch, cfg.epochs, self.dist, lr=cfg.lr, seed=_seed(cfg.seed, epoch, self.dist.rank),
+                                     sync_rows=cfg.batch_size * (cfg.average_every if cfg.sync == "average" else 1),
+                                     shuffle=cfg.shuffle)
+        return out[0], out[1], out[2] if len(out) > 2 else len(x_train), len(x_train)
 
 
 def _counted(out: tuple, rows: int) -> tuple[torch.Tensor, float, float]:

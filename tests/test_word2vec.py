@@ -16,7 +16,7 @@ import torch
 
 from dl.models import Net, build
 from dl.models.word2vec import Word2Vec, Word2VecConfig, keep_probability
-from dl.train import TrainConfig, fit
+from dl.train import SingleProcess, TrainConfig, fit
 from dlpipe.errors import ConfigError
 from tests.conftest import WITHOUT_DLPIPE, make_config, stage, with_run
 
@@ -62,13 +62,16 @@ def test_subsampling_and_noise_follow_word2vecs_formulas():
     assert float((centre == 2).double().mean()) == pytest.approx(float(keep_probability(counts, 1e-3)[2]), abs=0.01)
 
 
+@pytest.mark.parametrize("update", ["pairs", "batches"])
 @pytest.mark.parametrize("architecture", ["skipgram", "cbow"])
-def test_words_that_occur_together_end_nearest(architecture):
+def test_words_that_occur_together_end_nearest(architecture, update):
     torch.manual_seed(0)
-    model = _model(architecture=architecture, subsample=0)
+    model = _model(architecture=architecture, subsample=0, update=update)
     x = _corpus()
-    fit(model, (x, np.zeros(len(x))), (x[:64], np.zeros(64)), TrainConfig(epochs=3, batch_size=32, lr=0.01,
-        checkpoint_every=0), task="embedding", log=lambda _: None)
+    history = fit(model, (x, np.zeros(len(x))), (x[:64], np.zeros(64)), TrainConfig(
+        epochs=3, batch_size=32, lr=0.025 if update == "pairs" else 0.01, checkpoint_every=0), task="embedding",
+        log=lambda _: None)
+    assert history[-1]["val_pair_accuracy"] > 0.7 and history[-1]["loss"] < history[0]["loss"]
     v = torch.nn.functional.normalize(model.vectors()[2:], dim=1)
     similarity = v @ v.t()
     same = similarity[:6, :6].fill_diagonal_(float("nan")).nanmean()
@@ -78,12 +81,36 @@ def test_words_that_occur_together_end_nearest(architecture):
     assert ((nearest < 6) == (torch.arange(12) < 6)).all()  # every word's nearest is of its own topic
 
 
+def test_the_pairs_update_is_word2vecs_sgd_step_on_each_pair():
+    # one sentence of two words, window 1, no subsampling; the only noise word is word 2 itself, which
+    # is skipped as noise for itself: the pairs are (input 3 -> output 2) and then (input 2 -> output 3,
+    # noise 2), each one SGD step of -log s(u . v) (true) and -log s(-u . v) (noise) at the rate
+    model = _model(window=1, subsample=0, dynamic_window=False, negatives=1, counts=(0, 0, 100) + (0,) * 11)
+    with torch.no_grad():
+        model.embed.weight.normal_(0, 0.3)
+        model.context.weight.normal_(0, 0.3)
+    v, u = model.embed.weight.detach().clone().double(), model.context.weight.detach().clone().double()
+    lr = 0.1
+    model.train_epoch(torch.tensor([[2, 3, 0]]), 1, 1, SingleProcess(), lr=lr, sync_rows=1, seed=0, shuffle=False)
+    rate = lr  # the rate falls linearly over the run's words from lr: the first row's pairs take lr itself
+    sig = torch.sigmoid
+    g = rate * (1 - sig(v[3] @ u[2]))  # input 3, true output 2
+    u2, v3 = u[2] + g * v[3], v[3] + g * u[2]
+    g_true, g_noise = rate * (1 - sig(v[2] @ u[3])), -rate * sig(v[2] @ u2)  # input 2: true 3, noise 2
+    u3, u2 = u[3] + g_true * v[2], u2 + g_noise * v[2]
+    v2 = v[2] + g_true * u[3] + g_noise * (u[2] + g * v[3])
+    new_v, new_u = model.embed.weight.detach().double(), model.context.weight.detach().double()
+    for got, want in ((new_v[2], v2), (new_v[3], v3), (new_u[2], u2), (new_u[3], u3)):
+        assert torch.allclose(got, want, atol=2e-3 * rate), (got, want)  # the table's sigmoid: 0.012 wide steps
+    assert torch.equal(new_v[4:], v[4:].float()) and torch.equal(new_u[4:], u[4:].float())  # no other row moved
+
+
 def test_the_reported_loss_is_the_mean_and_the_sum_gradient_moves_each_example_by_the_full_rate():
     x = torch.from_numpy(_corpus(rows=8))
     grads = {}
     for gradient in ("mean", "sum"):
         torch.manual_seed(0)  # the same start and the same noise words
-        model = _model(subsample=0, gradient=gradient).eval()
+        model = _model(subsample=0, gradient=gradient, update="batches").eval()
         loss, _, n = model.objective(x)
         loss.backward()
         grads[gradient] = (float(loss.detach()), model.context.weight.grad.clone(), n)  # input vectors' is 0 at the start
@@ -112,7 +139,7 @@ def test_parameter_averaging_every_step_equals_allreduce_for_the_embedding_table
         x = _corpus(rows, seed=len(split))
         files[split] = [str(tmp_path / f"{split}.parquet")]
         pq.write_table(pa.table({"ids": pa.array(list(x), pa.list_(pa.int32()))}), files[split][0])
-    net = Net(name="word2vec", params=_model().cfg, input_shape=(12,), num_outputs=1, task="embedding")
+    net = Net(name="word2vec", params=_model(update="batches").cfg, input_shape=(12,), num_outputs=1, task="embedding")
     base = dict(epochs=1, batch_size=16, lr=0.5, optimizer="sgd", seed=5, checkpoint_every=0)
     results = [launch(spark, TrainTask(net=net, train=TrainConfig(**base, **sync), train_files=files["train"],
                                        val_files=files["val"], threads=1), "horovod", 2)
@@ -123,6 +150,47 @@ def test_parameter_averaging_every_step_equals_allreduce_for_the_embedding_table
     assert allreduce["context.weight"].abs().sum() > 0  # it trained (the output vectors start at 0)
     for table in ("embed.weight", "context.weight"):
         assert torch.allclose(allreduce[table], averaged[table], atol=1e-6), table
+
+
+@pytest.mark.slow
+def test_two_horovod_workers_add_up_their_changes_to_the_tables(spark, tmp_path):
+    """update: pairs: after each sync both tables are the start plus every worker's change since it, each
+    worker's change being what its own SGD on its shard makes of the start (here one sync per epoch)."""
+    import copy
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dl.train import _seed
+    from dlpipe.launchers import TrainTask, launch
+    from dlpipe.worker import load_shard
+
+    files = {}
+    for split, rows in (("train", 256), ("val", 32)):
+        files[split] = [str(tmp_path / f"{split}.parquet")]
+        pq.write_table(pa.table({"ids": pa.array(list(_corpus(rows, seed=len(split))), pa.list_(pa.int32()))}), files[split][0])
+    net = Net(name="word2vec", params=_model().cfg, input_shape=(12,), num_outputs=1, task="embedding")
+    cfg = TrainConfig(epochs=2, batch_size=64, average_every=2, sync="average", lr=0.05, seed=5, checkpoint_every=0)
+    result = launch(spark, TrainTask(net=net, train=cfg, train_files=files["train"], val_files=files["val"], threads=1),
+                    "horovod", 2)
+    assert (result["backend"], result["world_size"]) == ("horovod", 2)
+
+    torch.manual_seed(cfg.seed)  # what each worker did, one at a time in this process
+    model = build(net)
+    for epoch in (1, 2):
+        start = copy.deepcopy(model.state_dict())
+        for rank in (0, 1):  # each worker's 128 rows: one chunk of 64 x 2 rows, then the sync
+            alone = copy.deepcopy(model)
+            alone.load_state_dict(start)
+            shard = load_shard(files["train"], (12,), rank, 2, task="embedding")[0]
+            alone.train_epoch(torch.from_numpy(shard), epoch, 2, SingleProcess(), lr=cfg.lr, sync_rows=128,
+                              seed=_seed(cfg.seed, epoch, rank), shuffle=True)
+            for name, value in alone.state_dict().items():
+                model.state_dict()[name] += value - start[name]
+    assert result["state_dict"]["context.weight"].abs().sum() > 0
+    for table in ("embed.weight", "context.weight"):
+        assert torch.allclose(result["state_dict"][table], model.state_dict()[table], atol=1e-6), table
+    assert result["history"][-1]["val_pair_accuracy"] > 0.7
 
 
 CONSUMER = WITHOUT_DLPIPE + textwrap.dedent("""
@@ -153,7 +221,7 @@ def test_a_corpus_through_prepare_train_evaluate_words_and_embed(spark, tmp_path
     (landing / "part-00000.txt").write_text("\n".join(lines) + "\n")
     cfg = make_config(tmp_path, f"paths.landing={landing}", "data.name=topics", "data.text.min_count=1",
                       "data.text.max_length=12", "train.epochs=2", "train.batch_size=32", "train.backend=local",
-                      "train.lr=0.01", "model.word2vec.dim=16", "model.word2vec.window=2", "model.word2vec.subsample=0",
+                      "train.lr=0.025", "model.word2vec.dim=16", "model.word2vec.window=2", "model.word2vec.subsample=0",
                       "registry.model_name=topics_w2v", conf="conf/gutenberg_word2vec.yaml")
     stage("prepare", spark, cfg)
     trained = stage("train", spark, cfg)

@@ -95,7 +95,7 @@ class SOM(nn.Module):
         return qe.mean(), te.sum()
 
     @torch.no_grad()
-    def train_epoch(self, x: torch.Tensor, epoch: int, epochs: int, dist, batch_size: int = 1024) -> tuple[float, float]:
+    def train_epoch(self, x: torch.Tensor, epoch: int, epochs: int, dist, batch_size: int = 1024, **_) -> tuple[float, float]:
         """One batch-SOM epoch on this worker's rows, combined with the other workers' by one
         dist.sum of the per-unit sums and counts; returns this worker's (QE sum, TE sum) of the
         rows against the prototypes the epoch started from."""

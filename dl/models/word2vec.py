@@ -7,15 +7,23 @@ drawn uniformly from 1..`window` (`dynamic_window`), and the noise words come fr
 counts raised to 3/4. min count is the vocabulary's (data.text.min_count).
 
 One example is a row of a text table: its token ids, padded with 0 (<pad>); 1 (<unk>, a word
-below min count) is dropped like padding. The objective is the mean negative-sampling loss over
-the pairs of the batch, so the same allreduce or parameter-averaging trainer applies. Served, the
-net maps token ids to their input vectors (`forward`); the output vectors only serve training."""
+below min count) is dropped like padding. Two ways to train (`update`):
+- `pairs` (the default): word2vec's own SGD, one step per (word, neighbour) pair, in a compiled
+  loop (dl/models/word2vec_sgd.py) that takes the epoch itself (`train_epoch`). The rate falls
+  linearly from train.lr (word2vec's 0.025) over all epochs. With N workers, each trains on its
+  shard and every `sync_rows` rows the workers' changes since the last sync are added up (what
+  word2vec's threads do in one shared table); averaging them instead would take 1/N of each step.
+- `batches`: the mean negative-sampling loss over the pairs of a batch (`objective`), trained by
+  train.optimizer with the same allreduce or parameter-averaging trainer as every other model.
+The validation figures use `objective` either way. Served, the net maps token ids to their input
+vectors (`forward`); the output vectors only serve training."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,7 +43,9 @@ class Word2VecConfig:
     negatives: int = 5  # noise words per example
     subsample: float = 1e-3  # t of the frequent-word subsampling; 0 = keep every word
     vocab_size: int = 0  # set by train from the vocabulary table (<data.name>_vocab)
-    # mean: the gradient of the batch's mean loss (for adam, train.optimizer's default); sum: each example
+    # pairs: word2vec's per-pair SGD, compiled; batches: the batched objective and train.optimizer
+    update: Literal["pairs", "batches"] = "pairs"
+    # batches only. mean: the gradient of the batch's mean loss (for adam, train.optimizer's default); sum: each example
     # moves its vectors by the full train.lr, as word2vec's own SGD does (optimizer sgd, small batches)
     gradient: Literal["mean", "sum"] = "mean"
     counts: tuple[int, ...] = ()  # corpus counts by token id (set with vocab_size): subsampling and the noise
@@ -78,13 +88,15 @@ class Word2Vec(nn.Module):
         # word2vec's table: each word's share of NOISE_TABLE slots is its noise probability, so a noise
         # word is one uniform draw (torch.multinomial over the vocabulary costs several times more)
         slots = (noise_distribution(counts).double().cumsum(0) * NOISE_TABLE).round().long()
-        self.register_buffer("noise_table", torch.repeat_interleave(torch.arange(len(counts)), slots.diff(prepend=slots.new_zeros(1))),
-                             persistent=False)
+        self.register_buffer("noise_table", torch.repeat_interleave(torch.arange(len(counts), dtype=torch.int32),
+                                                                    slots.diff(prepend=slots.new_zeros(1))), persistent=False)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)  # the word vectors
         self.context = nn.Embedding(cfg.vocab_size, cfg.dim)  # output vectors, for training only
         nn.init.uniform_(self.embed.weight, -0.5 / cfg.dim, 0.5 / cfg.dim)  # as word2vec: input small, output 0
         nn.init.zeros_(self.context.weight)
         self.embedding_size = cfg.dim
+        self.trains_itself = cfg.update == "pairs"  # dl.train: this model takes its epochs (train_epoch)
+        self.rate = 0.0  # pairs: the rate at the last epoch's end (logged as lr)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """The vectors of token ids (any shape) -> (*shape, dim)."""
@@ -121,6 +133,8 @@ class Word2Vec(nn.Module):
         neighbour) pair for skip-gram, a word with its window for CBOW; its loss is
         -log s(u_true . h) - sum over the noise words of log s(-u_noise . h), and its pair accuracy the
         share of its 1 + negatives yes/no decisions (true neighbour or noise) the model gets right."""
+        if self.trains_itself and not self.training:
+            return self._score(x)
         centre, neighbours, mask = self.windows(x)
         k = self.cfg.negatives
         pairs = mask.sum(-1)
@@ -150,9 +164,73 @@ class Word2Vec(nn.Module):
             mean = mean + (total - mean) - (total - mean).detach()
         return mean, float(right.sum()), examples
 
+    @torch.no_grad()
+    def _score(self, x: torch.Tensor):
+        """`update: pairs`, evaluating: the same figures from the compiled loop with the rate at 0,
+        every word kept and full windows (a noise word per pair, as in training)."""
+        from dl.models.word2vec_sgd import train_rows
+
+        rows = x.cpu().numpy().astype(np.int32, copy=False)
+        vectors, outputs = self.embed.weight.detach().numpy(), self.context.weight.detach().numpy()
+        loss, right, examples, _, _ = train_rows(rows, vectors, outputs, np.ones(len(self.keep), np.float32),
+                                                 self.noise_table.numpy(), self.cfg.architecture == "skipgram",
+                                                 self.cfg.window, False, self.cfg.negatives, 0.0, 0, 1, 0)
+        return torch.tensor(loss / max(examples, 1)), right, int(examples)
+
+    @torch.no_grad()
+    def train_epoch(self, x: torch.Tensor, epoch: int, epochs: int, dist, *, lr: float, sync_rows: int, seed: int,
+                    shuffle: bool = True) -> tuple[float, float, int]:
+        """`update: pairs`: one epoch of word2vec's SGD over this worker's rows, the workers' changes
+        added up every `sync_rows` rows (and at the end, so every worker ends with the same tables).
+        Returns this worker's (loss sum, pair-accuracy sum, examples)."""
+        from dl.models.word2vec_sgd import train_rows  # numba: only where training runs
+
+        if self.embed.weight.device.type != "cpu":
+            raise ValueError("model.word2vec.update: pairs trains on the CPU; use update: batches on a GPU")
+        rows = x.numpy().astype(np.int32, copy=False)
+        if shuffle:
+            rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+        words = int((rows >= FIRST_WORD).sum())
+        # every worker syncs as often as the one with the most rows: the same number of collectives
+        chunks = -dist.min(-max(1, -(-len(rows) // sync_rows))) if dist.size > 1 else 1
+        vectors, outputs = self.embed.weight.detach().numpy(), self.context.weight.detach().numpy()
+        keep, noise = self.keep.numpy(), self.noise_table.numpy()
+        done = (epoch - 1) * words
+        loss = right = examples = 0.0
+        sync = _Changes(vectors, outputs, dist) if dist.size > 1 else None
+        for i, part in enumerate(np.array_split(rows, chunks)):
+            out = train_rows(part, vectors, outputs, keep, noise, self.cfg.architecture == "skipgram", self.cfg.window,
+                             self.cfg.dynamic_window, self.cfg.negatives, lr, done, max(words * epochs, 1), seed + i)
+            loss, right, examples, done, self.rate = loss + out[0], right + out[1], examples + out[2], done + out[3], out[4]
+            if sync is not None:
+                sync.add_up()
+        return loss, right, int(examples)
+
     def vectors(self) -> torch.Tensor:
         """Every token's vector by id (rows 0 and 1: <pad>, <unk>, never trained)."""
         return self.embed.weight.detach()
+
+
+class _Changes:
+    """Both tables' values at the last sync, as one flat buffer; `add_up` makes both tables that
+    plus the sum of every worker's change since, in one collective (buffers reused: the tables
+    are 11 MB at 14 k words x 100, synced every few thousand rows)."""
+
+    def __init__(self, vectors: np.ndarray, outputs: np.ndarray, dist):
+        self.tables, self.dist = (vectors.reshape(-1), outputs.reshape(-1)), dist
+        self.start = np.concatenate(self.tables)
+        self.now = np.empty_like(self.start)
+
+    def add_up(self) -> None:
+        now, split = self.now, len(self.tables[0])
+        np.concatenate(self.tables, out=now)
+        now -= self.start
+        self.dist.average_(torch.from_numpy(now))
+        now *= self.dist.size
+        now += self.start
+        self.tables[0][:] = now[:split]
+        self.tables[1][:] = now[split:]
+        self.start, self.now = now, self.start
 
 
 SPEC = ModelSpec(name="word2vec", config=Word2VecConfig, build=Word2Vec, tasks=("embedding",), inputs=("text",))
