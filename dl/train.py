@@ -145,9 +145,10 @@ def fit(
     A model may own its objective, `objective(x, y) -> (loss, sum of the epoch figure[, count])` (an
     autoencoder's reconstruction loss; count: what the figure is averaged over when it is not the
     rows, a recommender's rated entries), and report more epoch figures, `epoch_metrics(val x) ->
-    {name: sum over rows}` (logged as val_<name>, averaged over every worker's rows); a model not trained by gradient descent takes its
-    epoch itself, `train_epoch(x, epoch, epochs, dist) -> (loss sum, figure sum)` (a batch SOM
-    summing statistics over workers); everything else here is the same for every model. With
+    {name: sum over rows}` (logged as val_<name>, averaged over every worker's rows); a model not
+    trained by this loop's optimizer takes its epoch itself, `train_epoch(x, epoch, epochs, dist,
+    **settings) -> (loss sum, figure sum[, count])` (a batch SOM summing statistics over workers,
+    word2vec's own SGD); everything else here is the same for every model. With
     `train.pretrain: greedy` a model with `pretrain_layers` is told which layer each of the first
     pretrain_layers * pretrain_epochs epochs pretrains (`set_pretraining`), then None.
     A model with `train_epoch` takes its epochs unless its `trains_itself` is False; it is given
@@ -358,7 +359,7 @@ class _Gradient:
 
 
 class _OwnEpochs:
-    """A model not trained by gradient descent: its `train_epoch` on the whole shard, its state
+    """A model that takes its epochs itself: its `train_epoch` on the whole shard, its state
     entirely in its state dict, its `rate` the reported lr."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, dist: Dist):

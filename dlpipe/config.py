@@ -316,9 +316,16 @@ def _validate(cfg: Config) -> None:
     if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs:
         raise ConfigError(f"config key 'train.warmup_epochs': expected fewer than train.epochs={cfg.train.epochs}, got {cfg.train.warmup_epochs}")
     _validate_elastic(cfg.train)
-    if cfg.train.elastic and hasattr(REGISTRY[cfg.model.name].build, "train_epoch"):
+    # a model with train_epoch takes its epochs itself (word2vec unless model.word2vec.update is batches)
+    own_epochs = (hasattr(REGISTRY[cfg.model.name].build, "train_epoch")
+                  and getattr(getattr(cfg.model, cfg.model.name, None), "update", "") != "batches")
+    if cfg.train.elastic and own_epochs:
         raise ConfigError(f"config key 'train.elastic': model {cfg.model.name} trains whole epochs itself; elastic "
-                          "training needs a model trained by gradient steps")
+                          "training needs a model trained by gradient steps" +
+                          (" (model.word2vec.update: batches)" if cfg.model.name == "word2vec" else ""))
+    if cfg.model.name == "word2vec" and own_epochs and cfg.train.use_gpu is True:
+        raise ConfigError("config key 'train.use_gpu': model.word2vec.update: pairs trains on the CPU; "
+                          "use update: batches on a GPU")
     if cfg.train.lr <= 0:
         raise ConfigError(f"config key 'train.lr': expected a positive number, got {cfg.train.lr}")
     if cfg.train.clip_grad_norm < 0:

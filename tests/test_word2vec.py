@@ -118,6 +118,15 @@ def test_the_reported_loss_is_the_mean_and_the_sum_gradient_moves_each_example_b
     assert torch.allclose(grads["sum"][1], grads["mean"][1] * grads["mean"][2], atol=1e-5)
 
 
+def test_config_refuses_what_the_pairs_update_cannot_do(tmp_path):
+    base = ["model.name=word2vec", "model.task=embedding"]
+    with pytest.raises(ConfigError, match="train.elastic.*model.word2vec.update: batches"):
+        make_config(tmp_path, *base, "train.elastic=true", conf="conf/gutenberg_word2vec.yaml")
+    with pytest.raises(ConfigError, match="train.use_gpu.*update: pairs trains on the CPU"):
+        make_config(tmp_path, *base, "train.use_gpu=true", conf="conf/gutenberg_word2vec.yaml")
+    make_config(tmp_path, *base, "train.elastic=true", "model.word2vec.update=batches", conf="conf/gutenberg_word2vec.yaml")
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="negatives: expected positive integers"):
         Word2VecConfig(negatives=0)
