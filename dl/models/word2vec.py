@@ -8,14 +8,15 @@ counts raised to 3/4. min count is the vocabulary's (data.text.min_count).
 
 One example is a row of a text table: its token ids, padded with 0 (<pad>); 1 (<unk>, a word
 below min count) is dropped like padding. Two ways to train (`update`):
-- `pairs` (the default): word2vec's own SGD, one step per (word, neighbour) pair, in a compiled
-  loop (dl/models/word2vec_sgd.py) that takes the epoch itself (`train_epoch`). The rate falls
+- `pairs` (the default): word2vec's own SGD, one step per (word, neighbour) pair (CBOW: per word
+  and its window), in a compiled loop (dl/models/word2vec_sgd.py) that takes the epoch itself
+  (`train_epoch`). The rate falls
   linearly from train.lr (word2vec's 0.025) over all epochs. With N workers, each trains on its
   shard and every `sync_rows` rows the workers' changes since the last sync are added up (what
   word2vec's threads do in one shared table); averaging them instead would take 1/N of each step.
 - `batches`: the mean negative-sampling loss over the pairs of a batch (`objective`), trained by
   train.optimizer with the same allreduce or parameter-averaging trainer as every other model.
-The validation figures use `objective` either way. Served, the net maps token ids to their input
+The validation figures come from `objective` either way (under `pairs`, the compiled loop at rate 0). Served, the net maps token ids to their input
 vectors (`forward`); the output vectors only serve training."""
 
 from __future__ import annotations
