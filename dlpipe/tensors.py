@@ -29,8 +29,12 @@ def pack(name: str, values: np.ndarray, valid: np.ndarray | None = None) -> pa.A
     n = len(valid) if valid is not None else len(values)
     size = raw.size // max(len(values), 1)  # bytes per row
     lengths = np.full(n, size, np.int64) if valid is None else np.where(valid, size, 0)
-    offsets = np.zeros(n + 1, np.int32)
+    offsets = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:  # Arrow's binary type counts its bytes in int32
+        raise ValueError(f"{name}: {offsets[-1]:,} bytes in one batch of {n} rows ({size:,} per row), over the "
+                         "2 GiB one Arrow binary column holds per batch")
+    offsets = offsets.astype(np.int32)
     validity = None if valid is None or valid.all() else pa.array(valid, pa.bool_()).buffers()[1]
     return pa.Array.from_buffers(pa.binary(), n, [validity, pa.py_buffer(offsets), pa.py_buffer(raw.ravel())],
                                  null_count=-1)
