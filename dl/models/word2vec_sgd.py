@@ -51,6 +51,22 @@ def _pair(a, out, target, label, g_scale, neu):
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
+def _example(a, out, word, noise, negatives, rate, neu, state):
+    """One example: input vector `a` against the true word and `negatives` noise words (a draw of
+    the word itself is skipped). `neu` receives the input's step. Returns (loss, right, state)."""
+    neu[:] = 0.0
+    loss, right = _pair(a, out, word, True, rate, neu)
+    for k in range(negatives):
+        state = _next(state)
+        target = noise[np.int64((state >> np.uint64(16)) % np.uint64(noise.shape[0]))]
+        if target != word:
+            nl, nr = _pair(a, out, target, False, rate, neu)
+            loss += nl
+            right += nr
+    return loss, right, state
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def train_rows(rows, vectors, outputs, keep, noise, skipgram, window, dynamic_window, negatives, lr,
                words_done, words_total, seed):
     """Trains on `rows` (token ids, padded with 0; 1 = <unk>, dropped) in place; with lr 0 it only
@@ -93,15 +109,7 @@ def train_rows(rows, vectors, outputs, keep, noise, skipgram, window, dynamic_wi
                     if c == pos:
                         continue
                     a = vectors[kept[c]]
-                    neu[:] = 0.0
-                    pl, pr = _pair(a, outputs, word, True, rate, neu)
-                    for k in range(negatives):
-                        state = _next(state)
-                        target = noise[np.int64((state >> np.uint64(16)) % np.uint64(noise.shape[0]))]
-                        if target != word:
-                            nl, nr = _pair(a, outputs, target, False, rate, neu)
-                            pl += nl
-                            pr += nr
+                    pl, pr, state = _example(a, outputs, word, noise, negatives, rate, neu, state)
                     for d in range(dim):
                         a[d] += neu[d]
                     loss += pl
@@ -113,15 +121,7 @@ def train_rows(rows, vectors, outputs, keep, noise, skipgram, window, dynamic_wi
                     if c != pos:
                         h += vectors[kept[c]]
                 h /= np.float32(hi - lo - 1)
-                neu[:] = 0.0
-                pl, pr = _pair(h, outputs, word, True, rate, neu)
-                for k in range(negatives):
-                    state = _next(state)
-                    target = noise[np.int64((state >> np.uint64(16)) % np.uint64(noise.shape[0]))]
-                    if target != word:
-                        nl, nr = _pair(h, outputs, target, False, rate, neu)
-                        pl += nl
-                        pr += nr
+                pl, pr, state = _example(h, outputs, word, noise, negatives, rate, neu, state)
                 for c in range(lo, hi):
                     if c != pos:
                         vectors[kept[c]] += neu
