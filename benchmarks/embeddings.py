@@ -90,8 +90,8 @@ def word2vec_case(spark, c: Config, t, threads: int) -> dict:
             "dlpipe_samples_per_s": r["samples_per_sec"]}
     out["setup"] = {"model": {k: v for k, v in dc.asdict(p).items() if k not in ("counts", "vocab_size")},
                     "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr,
-                    "sync": t.sync, "backend": t.backend, "world_size": r["world_size"], "gensim_threads": threads, "gensim_alpha": alpha,
-                    "mllib_partitions": threads}
+                    "sync": t.sync, "backend": t.backend, "world_size": r["world_size"], "gensim_threads": threads,
+                    "gensim_alpha": alpha, "mllib_partitions": threads}
     out["wall_ratio_dlpipe_to_gensim"] = out["dlpipe_s"] / out["gensim_s"]
     out["goal"] = "dlpipe_analogy >= gensim_analogy and dlpipe_wordsim >= gensim_wordsim at dlpipe_s <= 2 x gensim_s"
     out["goal_met"] = bool(out["dlpipe_analogy"] >= out["gensim_analogy"] and out["dlpipe_wordsim"] >= out["gensim_wordsim"]

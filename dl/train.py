@@ -377,9 +377,9 @@ class _OwnEpochs:
     def epoch(self, x_train: torch.Tensor, y_train: torch.Tensor, epoch: int) -> tuple[float, float, int, int]:
         cfg = self.cfg
         self.model.train()
-        out = self.model.train_epoch(x_train, epoch, cfg.epochs, self.dist, lr=cfg.lr, seed=_seed(cfg.seed, epoch, self.dist.rank),
-                                     sync_rows=cfg.batch_size * (cfg.average_every if cfg.sync == "average" else 1),
-                                     shuffle=cfg.shuffle)
+        out = self.model.train_epoch(x_train, epoch, cfg.epochs, self.dist, lr=cfg.lr, shuffle=cfg.shuffle,
+                                     seed=_seed(cfg.seed, epoch, self.dist.rank),
+                                     sync_rows=cfg.batch_size * (cfg.average_every if cfg.sync == "average" else 1))
         return out[0], out[1], out[2] if len(out) > 2 else len(x_train), len(x_train)
 
 

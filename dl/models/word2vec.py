@@ -16,7 +16,8 @@ below min count) is dropped like padding. Two ways to train (`update`):
   word2vec's threads do in one shared table); averaging them instead would take 1/N of each step.
 - `batches`: the mean negative-sampling loss over the pairs of a batch (`objective`), trained by
   train.optimizer with the same allreduce or parameter-averaging trainer as every other model.
-The validation figures come from `objective` either way (under `pairs`, the compiled loop at rate 0). Served, the net maps token ids to their input
+The validation figures come from `objective` either way (under `pairs`, the compiled loop at
+rate 0). Served, the net maps token ids to their input
 vectors (`forward`); the output vectors only serve training."""
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ class Word2Vec(nn.Module):
         for i, part in enumerate(np.array_split(rows, chunks)):
             out = train_rows(part, vectors, outputs, keep, noise, self.cfg.architecture == "skipgram", self.cfg.window,
                              self.cfg.dynamic_window, self.cfg.negatives, lr, done, max(words * epochs, 1), seed + i)
-            loss, right, examples, done, self.rate = loss + out[0], right + out[1], examples + out[2], done + out[3], out[4]
+            loss, right, examples, done = loss + out[0], right + out[1], examples + out[2], done + out[3]
+            self.rate = out[4]
             if sync is not None:
                 sync.add_up()
         return loss, right, int(examples)
