@@ -62,6 +62,27 @@ def test_subsampling_and_noise_follow_word2vecs_formulas():
     assert float((centre == 2).double().mean()) == pytest.approx(float(keep_probability(counts, 1e-3)[2]), abs=0.01)
 
 
+def test_the_compiled_loops_draws_follow_the_same_distributions():
+    from dl.models.word2vec_sgd import draw_kept, draw_noise
+
+    counts = torch.tensor([0, 0, 9000, 900, 90, 10], dtype=torch.float64)
+    model = Word2Vec(Word2VecConfig(vocab_size=6, counts=tuple(int(c) for c in counts), dim=4, subsample=1e-3))
+    state, drawn = np.uint64(3), []
+    for _ in range(200_000):
+        word, state = draw_noise(state, model.noise_table.numpy())
+        drawn.append(word)
+    p = counts[2:] ** 0.75 / (counts[2:] ** 0.75).sum()
+    share = np.bincount(drawn, minlength=6) / len(drawn)
+    assert share[:2].sum() == 0 and np.allclose(share[2:], p.numpy(), atol=0.005)
+    for word in (2, 3, 4):  # kept with probability 0.034, 0.116 and 0.444 by the formula
+        keep, kept = float(model.keep[word]), 0
+        for _ in range(20_000):
+            stays, state = draw_kept(state, keep)
+            kept += stays
+        assert kept / 20_000 == pytest.approx(keep, abs=0.01) and keep < 0.5
+    assert all(draw_kept(np.uint64(s), float(model.keep[5]))[0] for s in range(100))  # a rare word: always kept
+
+
 @pytest.mark.parametrize("update", ["pairs", "batches"])
 @pytest.mark.parametrize("architecture", ["skipgram", "cbow"])
 def test_words_that_occur_together_end_nearest(architecture, update):

@@ -32,6 +32,20 @@ def _next(state):
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
+def draw_kept(state, keep_probability):
+    """Subsampling: (whether the word stays, the next state), from 16 bits of the generator."""
+    state = _next(state)
+    return keep_probability >= 1.0 or keep_probability >= ((state >> np.uint64(16)) & np.uint64(0xFFFF)) / 65536.0, state
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
+def draw_noise(state, noise):
+    """A noise word from the table (ids, each word's share of the slots its probability) and the next state."""
+    state = _next(state)
+    return noise[np.int64((state >> np.uint64(16)) % np.uint64(noise.shape[0]))], state
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _pair(a, out, target, label, g_scale, neu):
     """One yes/no decision: the score of input vector `a` against output row `target`; updates
     `out[target]` and adds the input vector's step to `neu`. Returns (loss, right)."""
@@ -57,8 +71,7 @@ def _example(a, out, word, noise, negatives, rate, neu, state):
     neu[:] = 0.0
     loss, right = _pair(a, out, word, True, rate, neu)
     for k in range(negatives):
-        state = _next(state)
-        target = noise[np.int64((state >> np.uint64(16)) % np.uint64(noise.shape[0]))]
+        target, state = draw_noise(state, noise)
         if target != word:
             nl, nr = _pair(a, out, target, False, rate, neu)
             loss += nl
@@ -90,8 +103,8 @@ def train_rows(rows, vectors, outputs, keep, noise, skipgram, window, dynamic_wi
             if w < 2:
                 continue
             seen += 1
-            state = _next(state)
-            if keep[w] < 1.0 and keep[w] < ((state >> np.uint64(16)) & np.uint64(0xFFFF)) / 65536.0:
+            stays, state = draw_kept(state, keep[w])
+            if not stays:
                 continue
             kept[n] = w
             n += 1
