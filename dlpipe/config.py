@@ -316,9 +316,9 @@ def _validate(cfg: Config) -> None:
     if cfg.train.warmup_epochs >= cfg.train.epochs and cfg.train.warmup_epochs:
         raise ConfigError(f"config key 'train.warmup_epochs': expected fewer than train.epochs={cfg.train.epochs}, got {cfg.train.warmup_epochs}")
     _validate_elastic(cfg.train)
-    # a model with train_epoch takes its epochs itself (word2vec unless model.word2vec.update is batches)
-    own_epochs = (hasattr(REGISTRY[cfg.model.name].build, "train_epoch")
-                  and getattr(getattr(cfg.model, cfg.model.name, None), "update", "") != "batches")
+    # a model with train_epoch takes its epochs itself, unless its config says otherwise (word2vec's update)
+    own_epochs = getattr(getattr(cfg.model, cfg.model.name, None), "trains_itself",
+                         hasattr(REGISTRY[cfg.model.name].build, "train_epoch"))
     if cfg.train.elastic and own_epochs:
         raise ConfigError(f"config key 'train.elastic': model {cfg.model.name} trains whole epochs itself; elastic "
                           "training needs a model trained by gradient steps" +

@@ -146,6 +146,8 @@ def test_config_refuses_what_the_pairs_update_cannot_do(tmp_path):
     with pytest.raises(ConfigError, match="train.use_gpu.*update: pairs trains on the CPU"):
         make_config(tmp_path, *base, "train.use_gpu=true", conf="conf/gutenberg_word2vec.yaml")
     make_config(tmp_path, *base, "train.elastic=true", "model.word2vec.update=batches", conf="conf/gutenberg_word2vec.yaml")
+    with pytest.raises(ConfigError, match="train.elastic': model som trains whole epochs itself"):  # no update field
+        make_config(tmp_path, "model.name=som", "model.task=clustering", "train.elastic=true")
 
 
 def test_config_errors_name_the_field():

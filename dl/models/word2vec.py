@@ -52,6 +52,11 @@ class Word2VecConfig:
     gradient: Literal["mean", "sum"] = "mean"
     counts: tuple[int, ...] = ()  # corpus counts by token id (set with vocab_size): subsampling and the noise
 
+    @property
+    def trains_itself(self) -> bool:
+        """update: pairs: the model takes its epochs itself (dl.train calls its train_epoch)."""
+        return self.update == "pairs"
+
     def __post_init__(self):
         check_positive("dim", self.dim)
         check_positive("window", self.window)
@@ -97,7 +102,7 @@ class Word2Vec(nn.Module):
         nn.init.uniform_(self.embed.weight, -0.5 / cfg.dim, 0.5 / cfg.dim)  # as word2vec: input small, output 0
         nn.init.zeros_(self.context.weight)
         self.embedding_size = cfg.dim
-        self.trains_itself = cfg.update == "pairs"  # dl.train: this model takes its epochs (train_epoch)
+        self.trains_itself = cfg.trains_itself
         self.rate = 0.0  # pairs: the rate at the last epoch's end (logged as lr)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
