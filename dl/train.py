@@ -145,16 +145,15 @@ def fit(
     A model may own its objective, `objective(x, y) -> (loss, sum of the epoch figure[, count])` (an
     autoencoder's reconstruction loss; count: what the figure is averaged over when it is not the
     rows, a recommender's rated entries), and report more epoch figures, `epoch_metrics(val x) ->
-    {name: sum over rows}` (logged as val_<name>, averaged over every worker's rows); a model not
-    trained by this loop's optimizer takes its epoch itself, `train_epoch(x, epoch, epochs, dist,
-    **settings) -> (loss sum, figure sum[, count])` (a batch SOM summing statistics over workers,
-    word2vec's own SGD); everything else here is the same for every model. With
-    `train.pretrain: greedy` a model with `pretrain_layers` is told which layer each of the first
-    pretrain_layers * pretrain_epochs epochs pretrains (`set_pretraining`), then None.
-    A model with `train_epoch` takes its epochs unless its `trains_itself` is False; it is given
-    train.lr, the rows between syncs (batch_size, times average_every under sync: average), a seed
-    per (epoch, rank) and train.shuffle, and may return a third figure, what the loss is averaged
-    over (word2vec: its pairs).
+    {name: sum over rows}` (logged as val_<name>, averaged over every worker's rows); a model with
+    `train_epoch` takes its epochs itself (a batch SOM summing statistics over workers, word2vec's own
+    SGD) unless its `trains_itself` is False: `train_epoch(x, epoch, epochs, dist, lr=, sync_rows=,
+    seed=, shuffle=) -> (loss sum, figure sum[, count])`, given train.lr, the rows between syncs
+    (batch_size, times average_every under sync: average), a seed per (epoch, rank) and
+    train.shuffle; count is what the loss is averaged over (word2vec: its pairs), the rows by
+    default. Everything else here is the same for every model. With `train.pretrain: greedy` a
+    model with `pretrain_layers` is told which layer each of the first pretrain_layers *
+    pretrain_epochs epochs pretrains (`set_pretraining`), then None.
 
     Elastic training passes `commit`: then `train` holds every training row on every worker, each
     epoch is one permutation of all rows dealt out in global batches of batch_size * dist.size, and

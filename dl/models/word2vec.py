@@ -171,17 +171,21 @@ class Word2Vec(nn.Module):
             mean = mean + (total - mean) - (total - mean).detach()
         return mean, float(right.sum()), examples
 
+    def _loop(self, rows: np.ndarray, keep: np.ndarray, dynamic_window: bool, lr: float, done: int, total: int,
+              seed: int):
+        """The compiled loop (dl/models/word2vec_sgd.train_rows) over `rows`, in place on both tables."""
+        from dl.models.word2vec_sgd import train_rows  # numba: only where training or scoring runs
+
+        return train_rows(rows, self.embed.weight.detach().numpy(), self.context.weight.detach().numpy(), keep,
+                          self.noise_table.numpy(), self.cfg.architecture == "skipgram", self.cfg.window, dynamic_window,
+                          self.cfg.negatives, lr, done, total, seed)
+
     @torch.no_grad()
     def _score(self, x: torch.Tensor):
         """`update: pairs`, evaluating: the same figures from the compiled loop with the rate at 0,
         every word kept and full windows (a noise word per pair, as in training)."""
-        from dl.models.word2vec_sgd import train_rows
-
         rows = x.cpu().numpy().astype(np.int32, copy=False)
-        vectors, outputs = self.embed.weight.detach().numpy(), self.context.weight.detach().numpy()
-        loss, right, examples, _, _ = train_rows(rows, vectors, outputs, np.ones(len(self.keep), np.float32),
-                                                 self.noise_table.numpy(), self.cfg.architecture == "skipgram",
-                                                 self.cfg.window, False, self.cfg.negatives, 0.0, 0, 1, 0)
+        loss, right, examples, _, _ = self._loop(rows, np.ones(len(self.keep), np.float32), False, 0.0, 0, 1, 0)
         return torch.tensor(loss / max(examples, 1)), right, int(examples)
 
     @torch.no_grad()
@@ -190,8 +194,6 @@ class Word2Vec(nn.Module):
         """`update: pairs`: one epoch of word2vec's SGD over this worker's rows, the workers' changes
         added up every `sync_rows` rows (and at the end, so every worker ends with the same tables).
         Returns this worker's (loss sum, pair-accuracy sum, examples)."""
-        from dl.models.word2vec_sgd import train_rows  # numba: only where training runs
-
         if self.embed.weight.device.type != "cpu":
             raise ValueError("model.word2vec.update: pairs trains on the CPU; use update: batches on a GPU")
         rows = x.numpy().astype(np.int32, copy=False)
@@ -200,14 +202,12 @@ class Word2Vec(nn.Module):
         words = int((rows >= FIRST_WORD).sum())
         # every worker syncs as often as the one with the most rows: the same number of collectives
         chunks = -dist.min(-max(1, -(-len(rows) // sync_rows))) if dist.size > 1 else 1
-        vectors, outputs = self.embed.weight.detach().numpy(), self.context.weight.detach().numpy()
-        keep, noise = self.keep.numpy(), self.noise_table.numpy()
         done = (epoch - 1) * words
         loss = right = examples = 0.0
-        sync = _Changes(vectors, outputs, dist) if dist.size > 1 else None
+        tables = self.embed.weight.detach().numpy(), self.context.weight.detach().numpy()
+        sync = _Changes(*tables, dist) if dist.size > 1 else None
         for i, part in enumerate(np.array_split(rows, chunks)):
-            out = train_rows(part, vectors, outputs, keep, noise, self.cfg.architecture == "skipgram", self.cfg.window,
-                             self.cfg.dynamic_window, self.cfg.negatives, lr, done, max(words * epochs, 1), seed + i)
+            out = self._loop(part, self.keep.numpy(), self.cfg.dynamic_window, lr, done, max(words * epochs, 1), seed + i)
             loss, right, examples, done = loss + out[0], right + out[1], examples + out[2], done + out[3]
             self.rate = out[4]
             if sync is not None:
